@@ -1,0 +1,328 @@
+"""Typed, validated configuration loaded from YAML in ``eval_configs/``.
+
+Every architecture dimension is a field whose default is the real XrayGPT value, so a tiny
+test model runs through exactly the same code path as the real one. Unknown keys are errors
+that name the file and the key (the reference's ``cfg.get(key, default)`` silently ignores
+typos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "eval_configs" / "xraygpt_eval.yaml"
+
+
+@dataclass
+class WeightSpec:
+    """Where one weights file (or folder) can be found.
+
+    ``sources`` are tried in order; each is a local path, ``hf-hub:org/repo[/file]`` or an
+    https URL. ``how_to_get`` is shown when none of them is available.
+    """
+
+    sources: list[str] = field(default_factory=list)
+    sha256: str | None = None
+    how_to_get: str = ""
+
+
+@dataclass
+class VisionConfig:
+    """EVA ViT-g as LAVIS builds it for XrayGPT (``create_eva_vit_g``)."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    embed_dim: int = 1408
+    depth: int = 39  # LAVIS drops the 40th block of EVA-g
+    num_heads: int = 16
+    mlp_ratio: float = 4.3637
+    norm_eps: float = 1e-6
+    ln_vision_eps: float = 1e-5
+    precision: str = "fp16"  # XrayGPT's vit_precision; "fp32" keeps it float32 everywhere
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class QFormerConfig:
+    """BLIP-2 Q-Former (BERT-base) with 32 query tokens."""
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    layer_norm_eps: float = 1e-12
+    cross_attention_freq: int = 2
+    num_query_tokens: int = 32
+    max_position_embeddings: int = 512
+    vocab_size: int = 30522
+
+
+@dataclass
+class LLMConfig:
+    """The language model; its own dims come from the Hugging Face folder's config.json."""
+
+    hidden_size: int = 4096  # checked against the folder's config.json at load time
+    max_length: int = 2000  # XrayGPT's max_length: prompt + new tokens
+    use_fast_tokenizer: bool = False
+
+
+@dataclass
+class GenerationConfig:
+    """Defaults of XrayGPT's ``Chat.answer`` in the demo."""
+
+    max_new_tokens: int = 300
+    num_beams: int = 1
+    do_sample: bool = True
+    top_p: float = 0.9
+    temperature: float = 1.0
+    min_length: int = 1
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    stop_string: str = "###"
+    seed: int | None = None
+
+
+@dataclass
+class RuntimeConfig:
+    """Precision and placement; ``llm.placement.plan_placement`` turns this into dtypes/devices.
+
+    mode: ``auto`` (fp16 on CUDA, fp32 on CPU), ``fp16``, ``8bit``, ``4bit``, ``low_resource``,
+    ``fp32``, ``bf16``.
+    """
+
+    mode: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class WeightsConfig:
+    """The files a user of XrayGPT already has, under XrayGPT's own names."""
+
+    ckpt: WeightSpec = field(default_factory=WeightSpec)
+    llama_model: WeightSpec = field(default_factory=WeightSpec)
+    eva_vit_g: WeightSpec = field(default_factory=WeightSpec)
+    blip2_qformer: WeightSpec = field(default_factory=WeightSpec)
+    cache_dir: str | None = None  # for URL downloads; the Hub uses huggingface_hub's cache
+
+
+@dataclass
+class ImageConfig:
+    """Limits for uploaded radiographs (checked before decoding)."""
+
+    max_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 60_000_000
+    min_side: int = 64
+
+
+@dataclass
+class ZeroShotModelConfig:
+    """One zero-shot model: MedCLIP (``medclip-vit``/``medclip-resnet``) or BiomedCLIP."""
+
+    kind: str = ""  # medclip-vit | medclip-resnet | biomedclip
+    weights: WeightSpec = field(default_factory=WeightSpec)
+    vision_config: str | None = None  # MedCLIP ViT: folder with the Swin config.json
+    text_config: str | None = None  # MedCLIP: folder with the BERT config + tokenizer
+
+
+@dataclass
+class ZeroShotConfig:
+    models: dict[str, ZeroShotModelConfig] = field(default_factory=dict)
+    default_model: str = "medclip-vit"
+    preset: str = "chexpert5"
+    ensemble: str = "mean"  # mean | max
+    prompts_per_class: int | None = None  # None: every combination
+    seed: int = 42
+    batch_size: int = 16
+
+
+@dataclass
+class AppConfig:
+    """The web app's serving options."""
+
+    host: str = "127.0.0.1"
+    port: int = 7860
+    share: bool = False
+    max_file_size: str = "50mb"
+    generation_concurrency: int = 1
+    queue_max_size: int = 32
+
+
+@dataclass
+class Config:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    app: AppConfig = field(default_factory=AppConfig)
+    source: str = ""  # the file this config was read from (set by load_config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply ``key.path=value`` overrides, validate, and return it.
+
+    Relative local weight paths are resolved against the config file's folder.
+    """
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"Config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        _apply_override(raw, item, path)
+    config = _build(Config, raw, str(path), "")
+    config.source = str(path)
+    _resolve_relative_sources(config, path.parent)
+    _validate(config, str(path))
+    return config
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and a YAML-parsed value."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key.strip().split("."), value
+
+
+def _apply_override(raw: dict, item: str, path: Path) -> None:
+    keys, value = parse_override(item)
+    node = raw
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {key!r} is not a section (in {path})")
+        node = child
+    node[keys[-1]] = value
+
+
+def _build(cls: type, data: Any, source: str, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys by name."""
+    if data is None:
+        data = {}
+    if cls is WeightSpec and isinstance(data, (str, list)):
+        data = {"sources": [data] if isinstance(data, str) else data}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where or 'top level'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {where + '.' if where else ''}{unknown[0]}"
+            f" (known keys{' in ' + where if where else ''}: {', '.join(sorted(known))})"
+        )
+    values = {name: _coerce(hints[name], value, source, f"{where}.{name}" if where else name)
+              for name, value in data.items()}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, source: str, where: str) -> Any:
+    """Check ``value`` against a field's type hint, converting where YAML is looser."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, source, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where} must be a mapping")
+        return {str(k): _coerce(args[1], v, source, f"{where}.{k}") for k, v in value.items()}
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {where} must be a list, got {value!r}")
+        items = [_coerce(args[0], v, source, where) for v in value]
+        return tuple(items) if origin is tuple else items
+    return _coerce_scalar(hint, value, source, where)
+
+
+def _coerce_scalar(hint: Any, value: Any, source: str, where: str) -> Any:
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-6" as a string
+        except ValueError:
+            pass
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ConfigError(f"{source}: {where} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _resolve_relative_sources(config: Config, base: Path) -> None:
+    """Make relative local weight paths relative to the config file, not the working dir."""
+    for spec in iter_weight_specs(config).values():
+        spec.sources = [_absolute(s, base) for s in spec.sources]
+    for model in config.zeroshot.models.values():
+        model.vision_config = _absolute(model.vision_config, base) if model.vision_config else None
+        model.text_config = _absolute(model.text_config, base) if model.text_config else None
+
+
+def _absolute(source: str, base: Path) -> str:
+    if ":" in source.split("/")[0] or Path(source).expanduser().is_absolute():
+        return str(Path(source).expanduser()) if source.startswith(("~", "/")) else source
+    return str((base / source).resolve())
+
+
+def iter_weight_specs(config: Config) -> dict[str, WeightSpec]:
+    """Every weights entry of a config by a readable name (for fetch/check)."""
+    specs = {f"weights.{name}": getattr(config.weights, name)
+             for name in ("ckpt", "llama_model", "eva_vit_g", "blip2_qformer")}
+    for name, model in config.zeroshot.models.items():
+        specs[f"zeroshot.models.{name}.weights"] = model.weights
+    return specs
+
+
+RUNTIME_MODES = ("auto", "fp16", "8bit", "4bit", "low_resource", "fp32", "bf16")
+
+
+def _validate(config: Config, source: str) -> None:
+    """Cross-field checks that a type hint cannot express."""
+    if config.runtime.mode not in RUNTIME_MODES:
+        raise ConfigError(f"{source}: runtime.mode must be one of {', '.join(RUNTIME_MODES)},"
+                          f" got {config.runtime.mode!r}")
+    if config.vision.precision not in ("fp16", "fp32"):
+        raise ConfigError(f"{source}: vision.precision must be fp16 or fp32")
+    if config.vision.embed_dim % config.vision.num_heads:
+        raise ConfigError(f"{source}: vision.embed_dim must be divisible by vision.num_heads")
+    if config.qformer.hidden_size % config.qformer.num_attention_heads:
+        raise ConfigError(f"{source}: qformer.hidden_size must be divisible by qformer.num_attention_heads")
+    gen = config.generation
+    if gen.max_new_tokens < 1 or gen.num_beams < 1:
+        raise ConfigError(f"{source}: generation.max_new_tokens and num_beams must be at least 1")
+    if not 0 < gen.top_p <= 1 or gen.temperature <= 0:
+        raise ConfigError(f"{source}: generation.top_p must be in (0, 1] and temperature > 0")
+    if not gen.stop_string:
+        raise ConfigError(f"{source}: generation.stop_string must not be empty")
