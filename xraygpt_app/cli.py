@@ -15,6 +15,7 @@ from .errors import XrayGPTError
 # Each module defines register(subparsers), adding its commands with set_defaults(func=...).
 COMMAND_MODULES = (
     "xraygpt_app.cli_core",
+    "xraygpt_app.cli_weights",
 )
 
 

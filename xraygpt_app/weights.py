@@ -113,23 +113,23 @@ def resolve_weights(spec: WeightSpec, name: str, *, download: bool = False,
     ``name`` (e.g. ``weights.eva_vit_g``) only labels the error. Raises MissingWeightsError with
     every place looked when no source yields the weights.
     """
-    looked: list[str] = []
+    looked: dict[str, str] = {}  # source -> why it was not usable
     for source in spec.sources:
         try:
             found = _find_offline(source, spec.sha256, cache_dir)
         except _SourceUnusable as exc:
-            looked.append(f"{source} ({exc})")
+            looked[source] = str(exc)
             continue
         if found is not None:
             return found
-        looked.append(f"{source} ({_why_absent(source, download, cache_dir)})")
+        looked[source] = _why_absent(source, download, cache_dir)
     if download:
         for source in filter(is_remote, spec.sources):
             try:
                 return _download(source, spec.sha256, cache_dir)
             except Exception as exc:  # noqa: BLE001 - any failure is reported, then the next source is tried
                 log.info("download failed: %s", type(exc).__name__)
-                looked.append(f"{source} (download failed: {_brief(exc)})")
+                looked[source] += f"; download failed: {_brief(exc)}"
     raise MissingWeightsError(_missing_message(spec, name, looked))
 
 
@@ -169,10 +169,10 @@ def _why_absent(source: str, download: bool, cache_dir: str | None) -> str:
     return "no such file or folder"
 
 
-def _missing_message(spec: WeightSpec, name: str, looked: list[str]) -> str:
-    places = "\n".join(f"  - {entry}" for entry in looked) or "  (no sources configured)"
+def _missing_message(spec: WeightSpec, name: str, looked: dict[str, str]) -> str:
+    places = "\n".join(f"  - {source} ({why})" for source, why in looked.items()) or "  (no sources configured)"
     how = spec.how_to_get.strip() or f"set {name} in the config to a local path, hf-hub:org/repo or an https URL"
-    return f"missing weights for {name}. Looked in:\n{places}\nHow to get them: {how}"
+    return f"Missing weights for {name}. Looked in:\n{places}\nHow to get them: {how}"
 
 
 def _brief(exc: Exception) -> str:

@@ -1,0 +1,132 @@
+"""Weights commands: ``xraygpt fetch`` (download what can be downloaded) and ``xraygpt check``.
+
+Exit codes: 0 every weight present; 2 invalid config; 3 some weights missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import textwrap
+from typing import Any
+
+from .cli import add_config_options
+from .config import Config, iter_weight_specs, load_config
+from .errors import MissingWeightsError, XrayGPTError
+from .weights import WeightStatus, is_remote, resolve_weights, weights_status
+
+EXIT_MISSING = MissingWeightsError.exit_code
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``fetch`` and ``check``."""
+    fetch = subparsers.add_parser(
+        "fetch", help="download every weights file of a config that can be downloaded",
+        description="Download the config's weights that have a Hub or https source; for the others "
+                    "(manual downloads such as XrayGPT's checkpoint) print how to get them.")
+    add_config_options(fetch)
+    fetch.set_defaults(func=run_fetch)
+    check = subparsers.add_parser(
+        "check", help="validate a config, list present/missing weights, estimate peak memory",
+        description="Validate the config, say which weights are present (and where) or missing, "
+                    "and estimate peak memory per device for the config's runtime mode.")
+    add_config_options(check)
+    check.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    check.set_defaults(func=run_check)
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    """Resolve every spec, downloading remote sources; print where each one is or how to get it."""
+    config = load_config(args.config, args.overrides)
+    missing = 0
+    for name, spec in iter_weight_specs(config).items():
+        try:
+            path = resolve_weights(spec, name, cache_dir=config.weights.cache_dir)
+            print(f"present     {name}: {path}")
+            continue
+        except MissingWeightsError as exc:
+            offline_error = exc
+        if not any(is_remote(source) for source in spec.sources):
+            missing += 1
+            print(f"manual      {name}: cannot be downloaded automatically\n{_indent(str(offline_error))}")
+            continue
+        print(f"downloading {name} ...", flush=True)
+        try:
+            path = resolve_weights(spec, name, download=True, cache_dir=config.weights.cache_dir)
+            print(f"downloaded  {name}: {path}")
+        except MissingWeightsError as exc:
+            missing += 1
+            print(f"failed      {name}\n{_indent(str(exc))}")
+    return _summary(missing)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Validate the config (ConfigError -> exit 2), report weights and the memory estimate."""
+    config = load_config(args.config, args.overrides)
+    statuses = weights_status(config)
+    memory, memory_note = memory_estimate(config)
+    if args.json:
+        print(json.dumps(_check_json(config, statuses, memory, memory_note), indent=2))
+    else:
+        _print_check(config, statuses, memory, memory_note)
+    return _summary(sum(status.path is None for status in statuses))
+
+
+def memory_estimate(config: Config) -> tuple[dict[str, int] | None, str]:
+    """Peak bytes per device from ``xraygpt_app.memory`` if that module exists, else (None, reason)."""
+    try:
+        module = importlib.import_module("xraygpt_app.memory")
+    except ModuleNotFoundError as exc:
+        if exc.name != "xraygpt_app.memory":
+            raise  # a dependency of the module is missing: a real bug, not "not built yet"
+        return None, "not available"
+    estimate = getattr(module, "estimate_peak_memory", None)
+    if estimate is None:
+        return None, "not available"
+    try:
+        return dict(estimate(config)), ""
+    except XrayGPTError as exc:  # e.g. the LLM's config.json is needed and its folder is missing
+        return None, f"not available ({str(exc).splitlines()[0]})"
+
+
+def _print_check(config: Config, statuses: list[WeightStatus], memory: dict[str, int] | None, note: str) -> None:
+    print(f"config: {config.source} (valid)")
+    print("weights:")
+    for status in statuses:
+        if status.path is not None:
+            print(f"  present  {status.name}: {status.path}")
+        else:
+            print(f"  MISSING  {status.name}\n{_indent(status.message, 4)}")
+    if memory is None:
+        print(f"memory estimate: {note}")
+        return
+    print(f"memory estimate (runtime.mode {config.runtime.mode}), peak per device:")
+    for device, size in memory.items():
+        print(f"  {device}: {size / 2**30:.2f} GiB")
+
+
+def _check_json(config: Config, statuses: list[WeightStatus], memory: dict[str, int] | None,
+                note: str) -> dict[str, Any]:
+    return {
+        "config": config.source,
+        "valid": True,
+        "mode": config.runtime.mode,
+        "weights": [{"name": s.name, "present": s.path is not None, "path": str(s.path) if s.path else None,
+                     "message": s.message} for s in statuses],
+        "memory_bytes": memory,
+        "memory_note": note,
+    }
+
+
+def _summary(missing: int) -> int:
+    if not missing:
+        return 0
+    print(f"xraygpt: {missing} weights entr{'y is' if missing == 1 else 'ies are'} missing (see above)",
+          file=sys.stderr)
+    return EXIT_MISSING
+
+
+def _indent(text: str, width: int = 2) -> str:
+    return textwrap.indent(text, " " * width)
