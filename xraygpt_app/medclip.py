@@ -1,0 +1,232 @@
+"""MedCLIP (Wang et al., EMNLP 2022) rebuilt from library classes, loading its released ``pytorch_model.bin``.
+
+Towers: transformers ``SwinModel`` (ViT variant) or torchvision ``resnet50`` (ResNet variant) for images,
+transformers ``BertModel`` (Bio_ClinicalBERT) for text, each with MedCLIP's bias-free projection head.
+Module names mirror MedCLIP's (``vision_model.model``, ``text_model.projection_head``...), so the only
+remap needed is transformers 4.24 -> 5.x Swin naming.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, BertModel, SwinModel
+
+from .errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE = 224
+IMAGE_MEAN = 0.5862785803043838  # MedCLIP constants.IMG_MEAN (one grey channel)
+IMAGE_STD = 0.27950088968644304
+MAX_TEXT_LENGTH = 77
+LOGIT_SCALE_MAX = 4.6052  # MedCLIP clamps log(scale) to [0, 4.6052] before exp(): scale <= 100
+WEIGHTS_NAME = "pytorch_model.bin"
+HF_PREFIX = "hf-hub:"
+
+# transformers 4.24 SwinModel block names -> 5.x names (suffix after "...blocks.{i}.").
+# None drops the key on purpose: relative_position_index is a non-persistent buffer in 5.x.
+SWIN_BLOCK_RENAMES: dict[str, str | None] = {
+    "attention.self.query.": "attention.q_proj.",
+    "attention.self.key.": "attention.k_proj.",
+    "attention.self.value.": "attention.v_proj.",
+    "attention.output.dense.": "attention.o_proj.",
+    "attention.self.relative_position_bias_table": "attention.relative_position_bias.relative_position_bias_table",
+    "attention.self.relative_position_index": None,
+    "intermediate.dense.": "mlp.fc1.",
+    "output.dense.": "mlp.fc2.",
+}
+# Buffers the released file stores but today's modules recompute.
+DROPPED_KEYS = re.compile(r"^text_model\.model\.embeddings\.position_ids$")
+KNOWN_PREFIXES = ("logit_scale", "vision_model.model.", "vision_model.projection_head.",
+                  "text_model.model.", "text_model.projection_head.")
+_BLOCK = re.compile(r"^(vision_model\.model\.encoder\.layers\.\d+\.blocks\.\d+\.)(.*)$")
+
+
+def remap_medclip_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a released MedCLIP state dict to this module's names (pure; the input is not changed).
+
+    Accepts both the transformers-4.24 Swin names of the released files and 5.x names. Raises
+    BadInputError naming any key that is not part of MedCLIP's layout.
+    """
+    unknown = sorted(k for k in state_dict if not k.startswith(KNOWN_PREFIXES))
+    if unknown:
+        raise BadInputError(f"not a MedCLIP checkpoint: unexpected keys {unknown[:5]}"
+                            f"{' ...' if len(unknown) > 5 else ''}")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        new_key = _rename_key(key)
+        if new_key is not None:
+            out[new_key] = value
+    return out
+
+
+def _rename_key(key: str) -> str | None:
+    if DROPPED_KEYS.match(key):
+        return None
+    match = _BLOCK.match(key)
+    if not match:
+        return key
+    prefix, rest = match.groups()
+    for old, new in SWIN_BLOCK_RENAMES.items():
+        if rest.startswith(old):
+            return None if new is None else prefix + new + rest[len(old):]
+    return key
+
+
+def detect_variant(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """``vit`` or ``resnet`` from sentinel keys of the released file."""
+    if "vision_model.projection_head.weight" in state_dict:
+        return "vit"
+    if "vision_model.model.fc.weight" in state_dict:
+        return "resnet"
+    raise BadInputError("not a MedCLIP checkpoint: no vision projection (projection_head or fc) found")
+
+
+class MedCLIPVision(nn.Module):
+    """Image tower: Swin pooled output -> projection, or resnet50 whose ``fc`` is the projection."""
+
+    def __init__(self, variant: str, projection_dim: int, swin_config=None) -> None:
+        super().__init__()
+        self.variant = variant
+        if variant == "vit":
+            self.model = SwinModel(swin_config)
+            self.projection_head = nn.Linear(swin_config.hidden_size, projection_dim, bias=False)
+        elif variant == "resnet":
+            self.model = torchvision.models.resnet50(weights=None)
+            self.model.fc = nn.Linear(self.model.fc.in_features, projection_dim, bias=False)
+        else:
+            raise BadInputError(f"unknown MedCLIP variant {variant!r} (vit or resnet)")
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.shape[1] == 1:  # MedCLIP feeds one grey channel, repeated for the RGB stem
+            pixel_values = pixel_values.repeat(1, 3, 1, 1)
+        if self.variant == "resnet":
+            return self.model(pixel_values)
+        return self.projection_head(self.model(pixel_values).pooler_output)
+
+
+class MedCLIPText(nn.Module):
+    """BERT -> mean over positions (padding included) of hidden states 1, 2 and last -> projection."""
+
+    def __init__(self, bert_config, projection_dim: int) -> None:
+        super().__init__()
+        self.model = BertModel(bert_config)
+        self.projection_head = nn.Linear(bert_config.hidden_size, projection_dim, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        hidden = torch.stack([out.hidden_states[1], out.hidden_states[2], out.hidden_states[-1]], dim=1)
+        # MedCLIP averages over every position, padding too: embeddings depend on the batch's longest prompt.
+        return self.projection_head(hidden.mean(dim=2).mean(dim=1))
+
+
+class MedCLIP(nn.Module):
+    """The dual encoder with MedCLIP's state-dict layout and its clamped logit scale."""
+
+    def __init__(self, variant: str, bert_config, projection_dim: int, swin_config=None) -> None:
+        super().__init__()
+        self.vision_model = MedCLIPVision(variant, projection_dim, swin_config)
+        self.text_model = MedCLIPText(bert_config, projection_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings."""
+        return nn.functional.normalize(self.vision_model(pixel_values), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text embeddings."""
+        return nn.functional.normalize(self.text_model(input_ids, attention_mask), dim=-1)
+
+    def scale(self) -> float:
+        """exp of the logit scale clamped to [0, 4.6052], as MedCLIP applies it."""
+        return float(self.logit_scale.detach().clamp(0, LOGIT_SCALE_MAX).exp())
+
+
+def medclip_preprocess(image: Image.Image) -> torch.Tensor:
+    """MedCLIPFeatureExtractor: grey square pad (black, centred, side >= 224) -> 224 bicubic -> normalise.
+
+    Pasting onto a mode-L canvas converts RGB to grey with PIL's luma weights, as MedCLIP does.
+    Returns a (1, 224, 224) float tensor.
+    """
+    width, height = image.size
+    side = max(IMAGE_SIZE, width, height)
+    canvas = Image.new("L", (side, side), 0)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    resized = canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)  # already square: the centre crop is a no-op
+    array = np.asarray(resized, dtype=np.float32) / 255.0
+    array = (array - np.float32(IMAGE_MEAN)) / np.float32(IMAGE_STD)
+    return torch.from_numpy(array).unsqueeze(0)
+
+
+def read_medclip_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict from ``pytorch_model.bin``, a folder holding it, or the released zip."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if path.suffix == ".zip":  # the released archive (torch's own format is a zip too: go by the suffix)
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith(WEIGHTS_NAME)]
+            if not names:
+                raise BadInputError(f"{path.name}: the zip holds no {WEIGHTS_NAME}")
+            data = io.BytesIO(archive.read(names[0]))
+        return torch.load(data, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Load after asserting that the key sets match exactly (the error names the differences)."""
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state_dict))
+    unexpected = sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise BadInputError(f"MedCLIP checkpoint does not fit the configured architecture: "
+                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _pretrained_name(source: str) -> str:
+    return source[len(HF_PREFIX):] if source.startswith(HF_PREFIX) else source
+
+
+def build_medclip(weights_path: str | Path, text_config: str, vision_config: str | None = None,
+                  variant: str | None = None) -> MedCLIP:
+    """Build MedCLIP from a released weights file and the Swin/BERT config folders (or ``hf-hub:`` ids)."""
+    released = read_medclip_file(weights_path)
+    found = detect_variant(released)
+    if variant is not None and variant != found:
+        raise BadInputError(f"the weights file is a MedCLIP-{found} checkpoint, but medclip-{variant} was asked for")
+    state_dict = remap_medclip_state_dict(released)
+    projection_dim = state_dict["text_model.projection_head.weight"].shape[0]
+    bert_config = AutoConfig.from_pretrained(_pretrained_name(text_config))
+    swin_config = None
+    if found == "vit":
+        if not vision_config:
+            raise BadInputError("medclip-vit needs vision_config (the Swin config folder or hf-hub id)")
+        swin_config = AutoConfig.from_pretrained(_pretrained_name(vision_config))
+    model = MedCLIP(found, bert_config, projection_dim, swin_config)
+    load_strict(model, state_dict)
+    log.info("MedCLIP-%s loaded: %d tensors, projection %d", found, len(state_dict), projection_dim)
+    return model.eval()
+
+
+class MedCLIPTokenizer:
+    """Bio_ClinicalBERT tokenizer used as MedCLIP does: one batch, padding to its longest, max 77."""
+
+    def __init__(self, text_config: str) -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(_pretrained_name(text_config))
+
+    def __call__(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=MAX_TEXT_LENGTH,
+                               return_tensors="pt")
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
