@@ -1,0 +1,140 @@
+"""``xraygpt fetch`` / ``xraygpt check``: exit codes and messages, no network (a 127.0.0.1 server)."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import sys
+import threading
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xraygpt_app.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "eval_configs" / "tiny_fixture.yaml"
+FIXTURE = REPO.parent / "shared" / "fixtures" / "xraygpt_tiny"
+MANUAL_HOW_TO = "Download it by hand from the XrayGPT README into checkpoints/"
+
+
+@pytest.fixture()
+def server(tmp_path):
+    """Serve tmp_path/www over http on 127.0.0.1; yields (base URL, folder)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", root
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture()
+def no_memory_module(monkeypatch):
+    """Make ``import xraygpt_app.memory`` fail as if the module did not exist (None in sys.modules)."""
+    monkeypatch.setitem(sys.modules, "xraygpt_app.memory", None)
+
+
+def _config(tmp_path: Path, weights: dict) -> Path:
+    """A config with the tiny fixture's architecture and the given weights section."""
+    raw = yaml.safe_load(TINY_CONFIG.read_text())
+    raw["weights"].update(weights)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _absolute_fixture_weights() -> dict:
+    return {name: str(FIXTURE / file) for name, file in (
+        ("ckpt", "xraygpt_tiny.pth"), ("llama_model", "vicuna_tiny"),
+        ("eva_vit_g", "eva_vit_tiny.pth"), ("blip2_qformer", "blip2_tiny.pth"))}
+
+
+def test_check_all_present(capsys, no_memory_module):
+    assert main(["check", "--config", str(TINY_CONFIG)]) == 0
+    out = capsys.readouterr().out
+    assert "(valid)" in out and "MISSING" not in out
+    for file in ("xraygpt_tiny.pth", "vicuna_tiny", "eva_vit_tiny.pth", "blip2_tiny.pth"):
+        assert str((FIXTURE / file).resolve()) in out
+    assert "memory estimate: not available" in out
+
+
+def test_check_missing_file_exit_3_with_message(tmp_path, capsys, no_memory_module):
+    absent = tmp_path / "checkpoints" / "xraygpt_pretrained.pth"
+    config = _config(tmp_path, {**_absolute_fixture_weights(),
+                                "ckpt": {"sources": [str(absent)], "how_to_get": MANUAL_HOW_TO}})
+    assert main(["check", "--config", str(config)]) == 3
+    captured = capsys.readouterr()
+    assert "MISSING  weights.ckpt" in captured.out and str(absent) in captured.out
+    assert MANUAL_HOW_TO in captured.out
+    assert captured.out.count("present  ") == 3
+    assert "1 weights entry is missing" in captured.err
+
+
+def test_check_json_and_set_override(tmp_path, capsys, no_memory_module):
+    absent = tmp_path / "nothing_here.pth"
+    code = main(["check", "-c", str(TINY_CONFIG), "--set", f"weights.eva_vit_g={absent}", "--json"])
+    assert code == 3
+    report = json.loads(capsys.readouterr().out)
+    by_name = {entry["name"]: entry for entry in report["weights"]}
+    assert by_name["weights.eva_vit_g"]["present"] is False and by_name["weights.eva_vit_g"]["path"] is None
+    assert str(absent) in by_name["weights.eva_vit_g"]["message"]
+    assert by_name["weights.ckpt"]["path"] == str((FIXTURE / "xraygpt_tiny.pth").resolve())
+    assert report["valid"] is True and report["memory_bytes"] is None
+
+
+def test_check_bad_config_exit_2(tmp_path, capsys):
+    assert main(["check", "-c", str(TINY_CONFIG), "--set", "weights.ckpts=/x.pth"]) == 2
+    assert "unknown key weights.ckpts" in capsys.readouterr().err
+    assert main(["check", "-c", str(tmp_path / "no_such.yaml")]) == 2
+
+
+def test_check_prints_memory_estimate_from_memory_module(capsys, monkeypatch):
+    # Stands in for the lead's estimator (a function of the config, not a model) to test the wiring.
+    module = types.ModuleType("xraygpt_app.memory")
+    module.estimate_peak_memory = lambda config: {"cpu": 3 * 2**30 * (config.vision.depth == 3), "cuda:0": 2**29}
+    monkeypatch.setitem(sys.modules, "xraygpt_app.memory", module)
+    assert main(["check", "-c", str(TINY_CONFIG)]) == 0
+    out = capsys.readouterr().out
+    assert "cpu: 3.00 GiB" in out and "cuda:0: 0.50 GiB" in out and "runtime.mode fp32" in out
+
+
+def test_fetch_downloads_url_and_explains_manual(server, tmp_path, capsys):
+    base, root = server
+    data = (FIXTURE / "eva_vit_tiny.pth").read_bytes()
+    (root / "eva_vit_tiny.pth").write_bytes(data)
+    cache = tmp_path / "cache"
+    weights = {**_absolute_fixture_weights(),
+               "eva_vit_g": {"sources": [str(tmp_path / "absent.pth"), f"{base}/eva_vit_tiny.pth"],
+                             "sha256": hashlib.sha256(data).hexdigest()},
+               "ckpt": {"sources": [str(tmp_path / "xraygpt_pretrained.pth")], "how_to_get": MANUAL_HOW_TO},
+               "cache_dir": str(cache)}
+    config = _config(tmp_path, weights)
+    assert main(["fetch", "--config", str(config)]) == 3  # the manual checkpoint is still missing
+    out = capsys.readouterr().out
+    assert "downloaded  weights.eva_vit_g" in out and str(cache) in out
+    assert "manual      weights.ckpt" in out and MANUAL_HOW_TO in out
+    assert "present     weights.blip2_qformer" in out
+
+    (tmp_path / "xraygpt_pretrained.pth").write_bytes(b"stand-in checkpoint")
+    assert main(["fetch", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "present     weights.eva_vit_g" in out and "downloaded" not in out
+
+
+def test_fetch_reports_failed_download(server, tmp_path, capsys):
+    base, _ = server
+    config = _config(tmp_path, {**_absolute_fixture_weights(),
+                                "blip2_qformer": {"sources": [f"{base}/gone.pth"], "how_to_get": "see README"},
+                                "cache_dir": str(tmp_path / "cache")})
+    assert main(["fetch", "-c", str(config)]) == 3
+    out = capsys.readouterr().out
+    assert "failed      weights.blip2_qformer" in out and "download failed: HTTPError" in out
+    assert "see README" in out
