@@ -126,23 +126,37 @@ class ImageConfig:
 
 @dataclass
 class ZeroShotModelConfig:
-    """One zero-shot model: MedCLIP (``medclip-vit``/``medclip-resnet``) or BiomedCLIP."""
+    """One zero-shot model: MedCLIP (``medclip-vit``/``medclip-resnet``) or BiomedCLIP.
+
+    ``weights``: MedCLIP's ``pytorch_model.bin`` (the file, its folder or the released zip); for
+    BiomedCLIP an open_clip folder (``open_clip_config.json`` + weights) or ``hf-hub:org/repo``.
+    ``vision_config``/``text_config``: MedCLIP's Swin and BERT config folders (or ``hf-hub:`` ids);
+    for BiomedCLIP, ``text_config`` optionally replaces the text tower's Hub config with a local folder.
+    ``templates``: prompt templates for typed labels (empty: the model's own default).
+    """
 
     kind: str = ""  # medclip-vit | medclip-resnet | biomedclip
     weights: WeightSpec = field(default_factory=WeightSpec)
-    vision_config: str | None = None  # MedCLIP ViT: folder with the Swin config.json
-    text_config: str | None = None  # MedCLIP: folder with the BERT config + tokenizer
+    vision_config: str | None = None
+    text_config: str | None = None
+    templates: list[str] = field(default_factory=list)
+
+
+ZEROSHOT_KINDS = ("medclip-vit", "medclip-resnet", "biomedclip")
 
 
 @dataclass
 class ZeroShotConfig:
+    """Zero-shot classification defaults shared by the CLI, the app and evaluation."""
+
     models: dict[str, ZeroShotModelConfig] = field(default_factory=dict)
     default_model: str = "medclip-vit"
-    preset: str = "chexpert5"
-    ensemble: str = "mean"  # mean | max
+    preset: str = "chexpert5"  # chexpert5 | covid | rsna
+    ensemble: str = "mean"  # mean (MedCLIP) | max
     prompts_per_class: int | None = None  # None: every combination
-    seed: int = 42
+    seed: int = 42  # for sampled prompts
     batch_size: int = 16
+    text_cache_size: int = 32  # prompt sets whose text embeddings are kept per model
 
 
 @dataclass
@@ -326,3 +340,15 @@ def _validate(config: Config, source: str) -> None:
         raise ConfigError(f"{source}: generation.top_p must be in (0, 1] and temperature > 0")
     if not gen.stop_string:
         raise ConfigError(f"{source}: generation.stop_string must not be empty")
+    _validate_zeroshot(config.zeroshot, source)
+
+
+def _validate_zeroshot(zs: ZeroShotConfig, source: str) -> None:
+    if zs.ensemble not in ("mean", "max"):
+        raise ConfigError(f"{source}: zeroshot.ensemble must be mean or max, got {zs.ensemble!r}")
+    if zs.batch_size < 1 or (zs.prompts_per_class is not None and zs.prompts_per_class < 1):
+        raise ConfigError(f"{source}: zeroshot.batch_size and zeroshot.prompts_per_class must be at least 1")
+    for name, model in zs.models.items():
+        if model.kind not in ZEROSHOT_KINDS:
+            raise ConfigError(f"{source}: zeroshot.models.{name}.kind must be one of {', '.join(ZEROSHOT_KINDS)},"
+                              f" got {model.kind!r}")

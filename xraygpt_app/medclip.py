@@ -22,6 +22,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, BertModel, SwinModel
 
+from .checkpoints import CheckpointKeyError, load_exact
 from .errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def remap_medclip_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str
     """
     unknown = sorted(k for k in state_dict if not k.startswith(KNOWN_PREFIXES))
     if unknown:
-        raise BadInputError(f"not a MedCLIP checkpoint: unexpected keys {unknown[:5]}"
+        raise CheckpointKeyError(f"not a MedCLIP checkpoint: unexpected keys {unknown[:5]}"
                             f"{' ...' if len(unknown) > 5 else ''}")
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
@@ -184,17 +185,6 @@ def read_medclip_file(path: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Load after asserting that the key sets match exactly (the error names the differences)."""
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(state_dict))
-    unexpected = sorted(set(state_dict) - expected)
-    if missing or unexpected:
-        raise BadInputError(f"MedCLIP checkpoint does not fit the configured architecture: "
-                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.load_state_dict(state_dict, strict=True)
-
-
 def _pretrained_name(source: str) -> str:
     return source[len(HF_PREFIX):] if source.startswith(HF_PREFIX) else source
 
@@ -215,7 +205,11 @@ def build_medclip(weights_path: str | Path, text_config: str, vision_config: str
             raise BadInputError("medclip-vit needs vision_config (the Swin config folder or hf-hub id)")
         swin_config = AutoConfig.from_pretrained(_pretrained_name(vision_config))
     model = MedCLIP(found, bert_config, projection_dim, swin_config)
-    load_strict(model, state_dict)
+    try:
+        load_exact(model, state_dict, f"MedCLIP-{found} checkpoint")  # strict: any missing/unexpected key raises
+    except RuntimeError as exc:  # shape mismatch: the Swin/BERT config does not match the weights
+        raise CheckpointKeyError(f"MedCLIP-{found} checkpoint does not fit the configured towers: "
+                                 f"{str(exc).splitlines()[-1].strip()}") from None
     log.info("MedCLIP-%s loaded: %d tensors, projection %d", found, len(state_dict), projection_dim)
     return model.eval()
 
