@@ -1,0 +1,100 @@
+"""Load the LLaMA-family LLM and its tokenizer, and derive stop-token sequences."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from .checkpoints import CheckpointKeyError
+from .config import LLMConfig
+from .errors import ConfigError
+from .placement import Placement
+
+log = logging.getLogger(__name__)
+
+# Old LLaMA checkpoints (transformers <= 4.30, like Vicuna_Radiology_fp16) store the rotary
+# inv_freq buffer; current transformers recomputes it and reports it as unexpected.
+IGNORED_LLM_KEYS = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The folder's tokenizer; LLaMA's has no pad token, so pad = eos as XrayGPT sets it."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(placement: Placement) -> BitsAndBytesConfig | None:
+    if placement.llm_quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if placement.llm_quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_compute_dtype=placement.llm_dtype)
+    return None
+
+
+def check_llm_config(folder: Path, config: LLMConfig) -> None:
+    """The projection's width must match the LLM folder's hidden size."""
+    hidden = AutoConfig.from_pretrained(folder).hidden_size
+    if hidden != config.hidden_size:
+        raise ConfigError(f"llm.hidden_size is {config.hidden_size} but the LLM in {folder} has hidden size"
+                          f" {hidden}; set llm.hidden_size: {hidden}")
+
+
+def load_llm(folder: Path, config: LLMConfig, placement: Placement) -> torch.nn.Module:
+    """Load a Hugging Face causal-LM folder (sharded .bin or safetensors) for ``placement``."""
+    check_llm_config(folder, config)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=placement.llm_dtype, device_map=placement.llm_device_map,
+        quantization_config=quantization_config(placement), output_loading_info=True)
+    unexpected = [k for k in info["unexpected_keys"] if not any(re.fullmatch(p, k) for p in IGNORED_LLM_KEYS)]
+    if info["missing_keys"] or unexpected or info.get("mismatched_keys"):
+        raise CheckpointKeyError(f"LLM in {folder}: missing {sorted(info['missing_keys'])[:8]},"
+                                 f" unexpected {unexpected[:8]}, mismatched {info.get('mismatched_keys', [])[:8]}")
+    model.eval().requires_grad_(False)
+    log.info("LLM loaded: %s layers, dtype %s, quantization %s", model.config.num_hidden_layers,
+             placement.llm_dtype, placement.llm_quantization)
+    return model
+
+
+def stop_token_sequences(tokenizer: PreTrainedTokenizerBase, stop: str) -> list[list[int]]:
+    """Every token sequence whose text is exactly ``stop`` (a word-start marker allowed first).
+
+    For Vicuna and ``###`` this finds XrayGPT's hard-coded ``[835]`` and ``[2277, 29937]`` among
+    the others, for any tokenizer, instead of hard-coding ids.
+    """
+    pieces: dict[str, list[tuple[int, bool]]] = {}
+    for token, token_id in tokenizer.get_vocab().items():
+        text, leading_space = _piece_text(token)
+        if text and text in stop:
+            pieces.setdefault(text, []).append((token_id, leading_space))
+    sequences: list[list[int]] = []
+
+    def extend(done: str, ids: list[int]) -> None:
+        if done == stop:
+            sequences.append(ids)
+            return
+        rest = stop[len(done):]
+        for text, options in pieces.items():
+            if rest.startswith(text):
+                for token_id, leading_space in options:
+                    if not leading_space or not ids:  # a word-start marker only on the first piece
+                        extend(done + text, ids + [token_id])
+
+    extend("", [])
+    return sorted(sequences, key=lambda s: (len(s), s))
+
+
+def _piece_text(token: str) -> tuple[str, bool]:
+    """A vocabulary piece as plain text, and whether it starts with a word-start marker."""
+    if m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", token):  # SentencePiece byte fallback
+        return chr(int(m.group(1), 16)), False
+    for marker in ("\u2581", "\u0120"):  # SentencePiece '▁', byte-level BPE 'Ġ'
+        if token.startswith(marker):
+            return token[len(marker):], True
+    return token, False

@@ -1,0 +1,140 @@
+"""Compose vision -> Q-Former -> LLM embeddings from the four native weight sources."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from .checkpoints import CheckpointKeyError, load_exact, read_state_dict, remap_blip2, remap_eva_vit, remap_xraygpt
+from .config import Config
+from .llm import load_llm, load_tokenizer
+from .placement import Placement, plan_placement
+from .qformer import VisionLanguageBridge
+from .vision import VisionTower, place_vision, preprocess
+from .weights import resolve_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageEncoding:
+    """One image, encoded once: the LLM input embeddings plus the intermediates for checks."""
+
+    llm_embeds: torch.Tensor  # (1, num_query_tokens, llm_hidden) on the LLM device, LLM dtype
+    pixel_values: torch.Tensor
+    vit_after_ln_vision: torch.Tensor
+    qformer_last_hidden_state: torch.Tensor
+    llama_proj_output: torch.Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class WeightPaths:
+    ckpt: Path
+    llama_model: Path
+    eva_vit_g: Path
+    blip2_qformer: Path
+
+
+def resolve_model_weights(config: Config, download: bool = False) -> WeightPaths:
+    """Find every file the model needs, or raise one MissingWeightsError per file."""
+    w = config.weights
+    return WeightPaths(*(resolve_weights(getattr(w, name), f"weights.{name}", download=download,
+                                         cache_dir=w.cache_dir)
+                         for name in ("ckpt", "llama_model", "eva_vit_g", "blip2_qformer")))
+
+
+def build_parts(config: Config) -> tuple[VisionTower, VisionLanguageBridge]:
+    """The vision tower and bridge with random weights (use the meta device to size them)."""
+    vision = VisionTower(config.vision)
+    bridge = VisionLanguageBridge(config.qformer, config.vision.embed_dim, config.llm.hidden_size)
+    return vision, bridge
+
+
+def load_vision_and_bridge(config: Config, paths: WeightPaths) -> tuple[VisionTower, VisionLanguageBridge, dict]:
+    """Load EVA, then BLIP-2, then XrayGPT's checkpoint on top (the reference's order)."""
+    with torch.device("meta"):
+        vision, bridge = build_parts(config)
+    blip2 = remap_blip2(read_state_dict(paths.blip2_qformer, container_key="model"))
+    xraygpt = remap_xraygpt(read_state_dict(paths.ckpt, container_key="model"))
+    eva = {**remap_eva_vit(read_state_dict(paths.eva_vit_g)), **xraygpt["vision"]}
+    vision_sd = {**{f"eva.{k}": v for k, v in eva.items()},
+                 **{f"ln_vision.{k}": v for k, v in {**blip2["ln_vision"], **xraygpt["ln_vision"]}.items()}}
+    load_exact(vision, vision_sd, "EVA ViT + ln_vision", allowed_missing=(r"eva\.blocks\.\d+\.attn\.k_bias",))
+    bridge_sd = {**{f"qformer.{k}": v for k, v in {**blip2["qformer"], **xraygpt["qformer"]}.items()},
+                 **blip2["bridge"], **xraygpt["bridge"]}
+    load_exact(bridge, bridge_sd, "Q-Former + query tokens + llama_proj")
+    _init_zero_k_bias(vision)
+    return vision, bridge, xraygpt["inv_freq"]
+
+
+def _init_zero_k_bias(vision: VisionTower) -> None:
+    # timm keeps EVA's zero k bias as a non-persistent buffer; after a meta-device build it
+    # must be materialised (the reference's qkv bias is [q_bias, 0, v_bias]).
+    for block in vision.eva.blocks:
+        attn = block.attn
+        if getattr(attn, "k_bias", None) is not None and attn.k_bias.is_meta:
+            attn.k_bias = torch.zeros_like(attn.q_bias, device="cpu")
+
+
+def check_rotary_buffers(llm: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """XrayGPT's checkpoint stores rotary inv_freq; it must equal what transformers computes.
+
+    The saved copy was rounded to float16 in training. The reference loads it over its own, but
+    transformers 4.29 had already cached cos/sin from the exact values for 2048 positions, so
+    the exact values are what the reference computes with: we check, and keep ours.
+    """
+    ours = llm.model.rotary_emb.inv_freq.float().cpu()
+    for key, value in saved.items():
+        layer = int(re.search(r"layers\.(\d+)\.", key).group(1))
+        if layer >= llm.config.num_hidden_layers or not torch.allclose(value.float(), ours, rtol=1e-3, atol=0):
+            raise CheckpointKeyError(f"XrayGPT checkpoint: {key} does not match the LLM's rotary embedding")
+
+
+class XrayGPTModel:
+    """The loaded model: encode an image once, embed text, and expose the LLM."""
+
+    def __init__(self, config: Config, vision: VisionTower, bridge: VisionLanguageBridge,
+                 llm: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, placement: Placement):
+        self.config, self.vision, self.bridge = config, vision, bridge
+        self.llm, self.tokenizer, self.placement = llm, tokenizer, placement
+
+    @classmethod
+    def load(cls, config: Config, download: bool = False) -> XrayGPTModel:
+        placement = plan_placement(config.runtime, config.vision)
+        paths = resolve_model_weights(config, download=download)
+        started = time.perf_counter()
+        vision, bridge, inv_freq = load_vision_and_bridge(config, paths)
+        llm = load_llm(paths.llama_model, config.llm, placement)
+        check_rotary_buffers(llm, inv_freq)
+        vision = place_vision(vision, placement)
+        # The Q-Former and projection stay float32 next to the LLM, as in the reference.
+        bridge = bridge.float().to(placement.llm_device).eval().requires_grad_(False)
+        log.info("model loaded in %.1f s (mode %s)", time.perf_counter() - started, placement.mode)
+        return cls(config, vision, bridge, llm, load_tokenizer(paths.llama_model), placement)
+
+    @torch.inference_mode()
+    def encode_image(self, image: Image.Image) -> ImageEncoding:
+        """Preprocess, run the ViT and Q-Former, project into the LLM's embedding space."""
+        t0 = time.perf_counter()
+        pixel_values = preprocess(image, self.config.vision)
+        t1 = time.perf_counter()
+        vit = self.vision(pixel_values.to(self.placement.vision_device))
+        t2 = time.perf_counter()
+        hidden, projected = self.bridge(vit.float().to(self.placement.llm_device))
+        t3 = time.perf_counter()
+        timings = {"preprocess_s": t1 - t0, "vision_s": t2 - t1, "qformer_s": t3 - t2}
+        return ImageEncoding(projected.to(self.placement.llm_dtype), pixel_values, vit, hidden, projected, timings)
+
+    @torch.inference_mode()
+    def embed_ids(self, ids: list[int]) -> torch.Tensor:
+        """Token ids -> (1, n, hidden) input embeddings on the LLM device."""
+        tensor = torch.tensor([ids], dtype=torch.long, device=self.placement.llm_device)
+        return self.llm.get_input_embeddings()(tensor)

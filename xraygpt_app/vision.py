@@ -1,0 +1,80 @@
+"""EVA ViT-g from timm plus BLIP-2's ``ln_vision``, and XrayGPT's image preprocessing."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import timm.models.eva
+import torch
+from PIL import Image
+from torch import nn
+from torchvision import transforms
+
+from .config import VisionConfig
+from .placement import Placement
+
+
+def build_preprocess(config: VisionConfig) -> transforms.Compose:
+    """BLIP-2's eval transform: bicubic resize to a square (aspect not kept), CLIP mean/std."""
+    return transforms.Compose([
+        transforms.Resize((config.image_size, config.image_size), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize(config.mean, config.std),
+    ])
+
+
+def preprocess(image: Image.Image, config: VisionConfig) -> torch.Tensor:
+    """PIL image (any mode) -> ``(1, 3, S, S)`` float32 tensor, as XrayGPT's ``upload_img``."""
+    return build_preprocess(config)(image.convert("RGB")).unsqueeze(0)
+
+
+def build_eva(config: VisionConfig) -> timm.models.eva.Eva:
+    """timm's ``Eva`` with LAVIS's EVA ViT-g settings; LAVIS has no final norm."""
+    model = timm.models.eva.Eva(
+        img_size=config.image_size, patch_size=config.patch_size, embed_dim=config.embed_dim,
+        depth=config.depth, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio, qkv_bias=True,
+        use_rot_pos_emb=False, use_abs_pos_emb=True, num_classes=0, global_pool="",
+        norm_layer=functools.partial(nn.LayerNorm, eps=config.norm_eps),
+    )
+    model.norm = nn.Identity()  # LAVIS comments the final norm out; its output is the last block's
+    return model
+
+
+class VisionTower(nn.Module):
+    """EVA ViT followed by ``ln_vision`` (computed in float32, as LAVIS's LayerNorm does)."""
+
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.eva = build_eva(config)
+        self.ln_vision = nn.LayerNorm(config.embed_dim, eps=config.ln_vision_eps)
+        self.autocast_dtype: torch.dtype | None = None
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.autocast_dtype is None:
+            pixel_values = pixel_values.to(self.eva.patch_embed.proj.weight.dtype)
+        with self._autocast(pixel_values.device):
+            tokens = self.eva.forward_features(pixel_values)
+        return self.ln_vision(tokens.float())
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
+
+
+def place_vision(tower: VisionTower, placement: Placement) -> VisionTower:
+    """Apply XrayGPT's ViT precision: Conv/Linear weights rounded to float16, the rest float32."""
+    tower.float()
+    if placement.vision_half_weights:
+        for module in tower.eva.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                module.half()
+        if placement.vision_device.type == "cuda":
+            tower.autocast_dtype = torch.float16  # the reference ViT only runs under autocast
+        else:
+            tower.eva.float()  # low-resource path: fp16-rounded weights computed in float32
+    elif placement.vision_dtype != torch.float32:
+        tower.eva.to(placement.vision_dtype)
+        tower.autocast_dtype = placement.vision_dtype if placement.vision_device.type == "cuda" else None
+    return tower.to(placement.vision_device).eval().requires_grad_(False)
