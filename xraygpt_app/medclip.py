@@ -224,3 +224,35 @@ class MedCLIPTokenizer:
         batch = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=MAX_TEXT_LENGTH,
                                return_tensors="pt")
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+class MedCLIPEncoder:
+    """Adapter with the zero-shot encoder interface: normalised image/text embeddings and a logit scale."""
+
+    default_template = "chest x-ray showing {}"
+
+    def __init__(self, model: MedCLIP, tokenizer: MedCLIPTokenizer, device: str = "cpu") -> None:
+        self.model, self.tokenizer, self.device = model.to(device), tokenizer, device
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(N, D) L2-normalised embeddings after MedCLIP's preprocessing."""
+        pixels = torch.stack([medclip_preprocess(image) for image in images]).to(self.device)
+        return self.model.encode_image(pixels).cpu()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(P, D) L2-normalised embeddings; the prompts are one tokenizer batch, as MedCLIP does per class."""
+        batch = {k: v.to(self.device) for k, v in self.tokenizer(prompts).items()}
+        return self.model.encode_text(**batch).cpu()
+
+    def logit_scale(self) -> float:
+        """MedCLIP's clamped, exponentiated logit scale."""
+        return self.model.scale()
+
+
+def load_encoder(weights_path: str | Path, text_config: str, vision_config: str | None = None,
+                 variant: str | None = None, device: str = "cpu") -> MedCLIPEncoder:
+    """A ready MedCLIPEncoder from the released weights and the tower configs."""
+    model = build_medclip(weights_path, text_config, vision_config, variant)
+    return MedCLIPEncoder(model, MedCLIPTokenizer(text_config), device)

@@ -1,0 +1,88 @@
+"""BiomedCLIP (Zhang et al. 2023) through open_clip's own loaders: no re-implementation.
+
+The weights spec resolves (``weights.resolve_weights``) to a local folder holding
+``open_clip_config.json`` and ``open_clip_pytorch_model.bin`` -- a copy of the Hub repo
+``microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224`` or its huggingface_hub snapshot --
+which open_clip loads as ``local-dir:`` (strict load, its tokenizer, context length 256 and
+preprocessing as released).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+HUB_ID = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+DEFAULT_TEMPLATE = "this is a photo of {}"  # the model card's zero-shot template
+CONFIG_NAME = "open_clip_config.json"
+
+
+def _text_cfg_override(folder: Path, text_config: str | None) -> dict:
+    """Replace the text tower's Hub name by a local BERT config folder (offline use), if given."""
+    if not text_config:
+        return {}
+    text_cfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))["model_cfg"]["text_cfg"]
+    return {"text_cfg": {**text_cfg, "hf_model_name": text_config}}
+
+
+def load_biomedclip(folder: str | Path, text_config: str | None = None, device: str = "cpu"):
+    """Load an open_clip model folder; returns ``(model, preprocess, tokenizer)``.
+
+    ``text_config``: optional local folder with the text tower's ``config.json`` (otherwise open_clip
+    reads the Hub name in the folder's config, i.e. needs it in the huggingface_hub cache).
+    """
+    import open_clip  # deferred: heavy import, only needed for this model
+
+    folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file():
+        raise BadInputError(f"{folder} is not an open_clip model folder: it has no {CONFIG_NAME}")
+    name = f"local-dir:{folder}"
+    overrides = _text_cfg_override(folder, text_config)
+    try:
+        # create_model_from_pretrained loads the checkpoint strictly (open_clip's load_checkpoint).
+        model, preprocess = open_clip.create_model_from_pretrained(name, device=device, **overrides)
+        tokenizer = open_clip.get_tokenizer(name)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise BadInputError(f"cannot load the open_clip model in {folder}: {str(exc).splitlines()[0]}") from None
+    log.info("BiomedCLIP loaded (context length %d)", tokenizer.context_length)
+    return model.eval(), preprocess, tokenizer
+
+
+class BiomedCLIPEncoder:
+    """Adapter with the zero-shot encoder interface: normalised image/text embeddings and a logit scale."""
+
+    default_template = DEFAULT_TEMPLATE
+
+    def __init__(self, model, preprocess, tokenizer, device: str = "cpu") -> None:
+        self.model, self.preprocess, self.tokenizer, self.device = model, preprocess, tokenizer, device
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(N, D) L2-normalised embeddings; images are converted to RGB as open_clip's transform expects."""
+        pixels = torch.stack([self.preprocess(image.convert("RGB")) for image in images]).to(self.device)
+        return self.model.encode_image(pixels, normalize=True).float().cpu()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(P, D) L2-normalised embeddings of one class's prompts."""
+        tokens = self.tokenizer(list(prompts)).to(self.device)
+        return self.model.encode_text(tokens, normalize=True).float().cpu()
+
+    def logit_scale(self) -> float:
+        """exp(logit_scale), as in the model card's zero-shot example."""
+        return float(self.model.logit_scale.detach().exp())
+
+
+def load_encoder(folder: str | Path, text_config: str | None = None, device: str = "cpu") -> BiomedCLIPEncoder:
+    """A ready BiomedCLIPEncoder from an open_clip folder."""
+    model, preprocess, tokenizer = load_biomedclip(folder, text_config, device)
+    return BiomedCLIPEncoder(model, preprocess, tokenizer, device)
