@@ -15,7 +15,9 @@ from .errors import XrayGPTError
 # Each module defines register(subparsers), adding its commands with set_defaults(func=...).
 COMMAND_MODULES = (
     "xraygpt_app.cli_core",
+    "xraygpt_app.cli_serve",
     "xraygpt_app.cli_weights",
+    "xraygpt_app.cli_inspect",
 )
 
 
