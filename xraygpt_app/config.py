@@ -169,6 +169,7 @@ class AppConfig:
     max_file_size: str = "50mb"
     generation_concurrency: int = 1
     queue_max_size: int = 32
+    delete_cache_seconds: int = 600  # Gradio's delete_cache (frequency, age); uploads are deleted at once anyway
 
 
 @dataclass

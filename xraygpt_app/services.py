@@ -1,0 +1,97 @@
+"""The model services of the web app, built once at start-up and shared by every session.
+
+A component whose weights are missing does not stop the app: it is recorded as unavailable
+with the weights layer's message (what is missing, where we looked, how to get it), and its
+tab shows that message instead of controls.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Config
+from .errors import MissingWeightsError, XrayGPTError
+
+logger = logging.getLogger(__name__)
+
+ZEROSHOT_MODEL_NAMES = ("medclip-vit", "medclip-resnet", "biomedclip")
+ZEROSHOT_TITLES = {"medclip-vit": "MedCLIP ViT", "medclip-resnet": "MedCLIP ResNet", "biomedclip": "BiomedCLIP"}
+
+
+@dataclass
+class Services:
+    """What the UI handlers call: the XrayGPT model and the loaded zero-shot classifiers.
+
+    ``xraygpt`` is None when it could not be loaded; ``xraygpt_missing`` then says why.
+    ``zeroshot_missing`` maps each zero-shot model that is not loaded to the reason.
+    """
+
+    config: Config
+    xraygpt: Any = None
+    xraygpt_missing: str | None = None
+    classifiers: dict[str, Any] = field(default_factory=dict)
+    zeroshot_missing: dict[str, str] = field(default_factory=dict)
+
+    def classifier(self, name: str) -> Any:
+        """The loaded classifier called ``name``; raises KeyError with the reason if unavailable."""
+        if name not in self.classifiers:
+            raise KeyError(self.zeroshot_missing.get(name, f"Unknown zero-shot model {name!r}."))
+        return self.classifiers[name]
+
+
+def build_services(config: Config, *, progress: Callable[[str], None] | None = None,
+                   with_xraygpt: bool = True, with_zeroshot: bool = True) -> Services:
+    """Load every model the config names, reporting progress through ``progress``."""
+    say = progress or logger.info
+    services = Services(config=config)
+    if with_xraygpt:
+        services.xraygpt, services.xraygpt_missing = _load_xraygpt(config, say)
+    if with_zeroshot:
+        services.classifiers, services.zeroshot_missing = _load_zeroshot(config, say)
+    return services
+
+
+def _load_xraygpt(config: Config, say: Callable[[str], None]) -> tuple[Any, str | None]:
+    say("Loading XrayGPT (vision encoder, Q-Former, language model)...")
+    start = time.perf_counter()
+    try:
+        from .api import XrayGPT
+
+        model = XrayGPT.from_config(config)
+    except MissingWeightsError as exc:
+        say(f"XrayGPT is unavailable: {exc}")
+        return None, str(exc)
+    except ImportError as exc:  # an optional dependency missing on this install
+        say(f"XrayGPT is unavailable: {exc}")
+        return None, f"XrayGPT could not be imported on this install: {exc}"
+    say(f"XrayGPT loaded in {time.perf_counter() - start:.1f} s.")
+    return model, None
+
+
+def _load_zeroshot(config: Config, say: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, str]]:
+    try:
+        from . import zeroshot
+    except ImportError as exc:
+        reason = f"Zero-shot models could not be imported on this install: {exc}"
+        say(reason)
+        return {}, dict.fromkeys(ZEROSHOT_MODEL_NAMES, reason)
+    loaded: dict[str, Any] = {}
+    missing: dict[str, str] = {}
+    for name, reason in zeroshot.available_models(config).items():
+        if reason is not None:
+            missing[name] = reason
+            continue
+        say(f"Loading zero-shot model {name}...")
+        start = time.perf_counter()
+        try:
+            loaded[name] = zeroshot.ZeroShotClassifier.from_config(config, name)
+        except XrayGPTError as exc:
+            missing[name] = str(exc)
+            say(f"Zero-shot model {name} is unavailable: {exc}")
+            continue
+        say(f"Zero-shot model {name} loaded in {time.perf_counter() - start:.1f} s.")
+    return loaded, missing

@@ -1,0 +1,258 @@
+"""The Gradio layout of the web app. Handlers live in ``ui_handlers``; this module only wires them.
+
+One image panel (upload, examples, preview, description, generation settings) feeds three tabs:
+Report chat, VQA and Zero-shot. Per-user data is a ``UserState`` in ``gr.State``. Generation
+goes through Gradio's queue in one concurrency group, so a shared GPU serves one request at a
+time by default and waiting users see their queue position.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+from gradio.data_classes import FileData
+from gradio.utils import get_upload_folder
+
+from . import ui_handlers as h
+from .errors import XrayGPTError
+from .services import ZEROSHOT_TITLES, Services
+
+CSS = """
+.xr-preview {display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start}
+.xr-preview figure {margin: 0}
+.xr-preview figcaption {font-size: 0.85em; opacity: 0.8}
+.xr-disclaimer {border-left: 4px solid #d97706; padding-left: 8px}
+.xr-download {font-weight: 600}
+"""
+FILE_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic"]
+GENERATION = "generation"  # the concurrency group every model-generation event shares
+ZEROSHOT = "zeroshot"
+
+
+def disclaimer() -> gr.Markdown:
+    """The research/education notice shown at the top of every tab."""
+    return gr.Markdown(h.DISCLAIMER, elem_classes=["xr-disclaimer"])
+
+
+def _missing_box(reason: str | None, what: str) -> None:
+    if reason:
+        gr.Markdown(f"### {what} is not available\n\n{reason}\n\nSee the README (section *Weights*) "
+                    "for how to fetch the weights, then restart the app.", elem_classes=["xr-missing"])
+
+
+def build_app(services: Services) -> gr.Blocks:
+    """Build the whole app around already-loaded services (nothing is loaded here)."""
+    app_config = services.config.app
+    seconds = app_config.delete_cache_seconds
+    with gr.Blocks(title="XrayGPT — chest radiograph assistant", analytics_enabled=False,
+                   delete_cache=(seconds, seconds)) as demo:
+        state = gr.State(None)
+        gr.Markdown("# XrayGPT — chest radiograph assistant\nUpload a chest X-ray (PNG, JPEG or DICOM), read a "
+                    "draft report, ask follow-up questions and check zero-shot finding scores.")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=2, min_width=300):
+                image = _image_panel(services, state)
+            with gr.Column(scale=3, min_width=320), gr.Tabs():
+                with gr.Tab("Report chat", id="chat"):
+                    _chat_tab(services, state, image)
+                with gr.Tab("VQA", id="vqa"):
+                    _vqa_tab(services, state, image)
+                with gr.Tab("Zero-shot", id="zeroshot"):
+                    _zeroshot_tab(services, state)
+        _api_endpoints(services)
+    demo.queue(default_concurrency_limit=app_config.generation_concurrency, max_size=app_config.queue_max_size)
+    return demo
+
+
+def _image_panel(services: Services, state: gr.State) -> dict[str, Any]:
+    """Upload, examples, preview, description and the generation settings; returns the parts."""
+    config = services.config
+    upload = gr.File(label="Radiograph (PNG, JPEG or DICOM)", file_types=FILE_TYPES, type="filepath",
+                     elem_id="upload")
+    with gr.Row():
+        example_buttons = {name: gr.Button(f"Example: {name}", size="sm", elem_classes=["xr-example"])
+                           for name in h.EXAMPLES if (h.EXAMPLES_DIR / h.EXAMPLES[name]).is_file()}
+    image_notice = gr.Markdown(elem_id="image-notice")
+    preview = gr.HTML(elem_id="preview")
+    description = gr.Markdown(elem_id="description")
+    gen = config.generation
+    with gr.Accordion("Generation settings", open=False):
+        sliders = [
+            gr.Slider(1, max(1000, gen.max_new_tokens), value=gen.max_new_tokens, step=1, label="Max new tokens"),
+            gr.Slider(0.1, 2.0, value=gen.temperature, step=0.1, label="Temperature"),
+            gr.Slider(0.1, 1.0, value=gen.top_p, step=0.05, label="Top-p"),
+            gr.Slider(1, 10, value=gen.num_beams, step=1, label="Beams"),
+        ]
+    parts = {"upload": upload, "notice": image_notice, "preview": preview, "description": description,
+             "sliders": sliders, "examples": example_buttons}
+    return parts
+
+
+def _wire_image(services: Services, state: gr.State, image: dict[str, Any], chat_outputs: list) -> None:
+    """Upload and example buttons: decode, preview, and reset the conversation of a new image."""
+    limits, size = services.config.image, services.config.vision.image_size
+    outputs = [state, image["preview"], image["description"], image["notice"], image["upload"], *chat_outputs]
+
+    def finish(result: tuple[h.UserState, str, str, str], old: h.UserState | None) -> tuple:
+        new_state, preview, description, note = result
+        if note:  # the old image and conversation stay
+            return (old, gr.skip(), gr.skip(), note, None, *[gr.skip()] * len(chat_outputs))
+        return (new_state, preview, description, "", None, [], "", "")
+
+    def on_upload(path: str | None, old: h.UserState | None) -> tuple:
+        if not path:
+            return tuple(gr.skip() for _ in outputs)
+        data = h.read_upload(path, get_upload_folder())
+        return finish(h.load_image(old, data, limits, size), old)
+
+    image["upload"].upload(on_upload, [image["upload"], state], outputs, api_visibility="private",
+                           concurrency_limit=None)
+    for name, button in image["examples"].items():
+        button.click(lambda old, name=name: finish(h.load_example(old, name, limits, size), old), [state],
+                     outputs, api_visibility="private", concurrency_limit=None)
+
+
+def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> None:
+    disclaimer()
+    _missing_box(services.xraygpt_missing, "XrayGPT")
+    chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot", buttons=["copy"],
+                         placeholder="Upload a radiograph, then press **Generate report**.")
+    with gr.Row():
+        question = gr.Textbox(placeholder="Ask a follow-up question…", show_label=False, scale=4, elem_id="question")
+        ask_button = gr.Button("Ask", scale=1, elem_id="ask")
+    with gr.Row():
+        report_button = gr.Button("Generate report", variant="primary", elem_id="generate-report")
+        stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+        regenerate_button = gr.Button("Regenerate", elem_id="regenerate")
+        clear_button = gr.Button("Clear", elem_id="clear")
+    chat_notice = gr.Markdown(elem_id="chat-notice")
+    download = gr.HTML(elem_id="download")
+    chat_outputs = [chatbot, chat_notice, download]
+    _wire_image(services, state, image, chat_outputs)
+    outputs = [chatbot, state, chat_notice, download]
+    sliders = image["sliders"]
+    group = {"concurrency_id": GENERATION, "concurrency_limit": services.config.app.generation_concurrency,
+             "api_visibility": "private"}
+
+    def on_report(st: h.UserState | None, *values: float):
+        yield from h.generate_report(st, services, h.generation_kwargs(*values))
+
+    def on_ask(st: h.UserState | None, text: str, *values: float):
+        if not (text or "").strip():
+            yield gr.skip(), st, h.notice("Type a question first."), gr.skip(), gr.skip()
+            return
+        for out in h.ask(st, services, text, h.generation_kwargs(*values)):
+            yield (*out, "")
+
+    def on_regenerate(st: h.UserState | None, *values: float):
+        yield from h.regenerate(st, services, h.generation_kwargs(*values))
+
+    report_button.click(on_report, [state, *sliders], outputs, **group)
+    for trigger in (ask_button.click, question.submit):
+        trigger(on_ask, [state, question, *sliders], [*outputs, question], **group)
+    regenerate_button.click(on_regenerate, [state, *sliders], outputs, **group)
+    stop_button.click(h.stop, [state], [chat_notice], queue=False, api_visibility="private")
+    clear_button.click(h.clear_chat, [state], outputs, queue=False, api_visibility="private")
+
+
+def _vqa_tab(services: Services, state: gr.State, image: dict[str, Any]) -> None:
+    disclaimer()
+    _missing_box(services.xraygpt_missing, "XrayGPT")
+    gr.Markdown("One question at a time about the uploaded image; each answer starts a fresh conversation.")
+    question = gr.Textbox(label="Question", placeholder="e.g. Is there evidence of pleural effusion?",
+                          elem_id="vqa-question")
+    gr.Examples([[q] for q in h.SUGGESTED_QUESTIONS], inputs=[question], label="Suggested questions")
+    with gr.Row():
+        ask_button = gr.Button("Answer", variant="primary", elem_id="vqa-ask")
+        stop_button = gr.Button("Stop", variant="stop", elem_id="vqa-stop")
+    answer = gr.Markdown(elem_id="vqa-answer", container=True, min_height=80)
+    vqa_notice = gr.Markdown(elem_id="vqa-notice")
+
+    def on_answer(st: h.UserState | None, text: str, *values: float):
+        if not (text or "").strip():
+            yield gr.skip(), h.notice("Type a question first.")
+            return
+        yield from h.vqa_answer(st, services, text, h.generation_kwargs(*values))
+
+    for trigger in (ask_button.click, question.submit):
+        trigger(on_answer, [state, question, *image["sliders"]], [answer, vqa_notice], concurrency_id=GENERATION,
+                concurrency_limit=services.config.app.generation_concurrency, api_visibility="private")
+    stop_button.click(h.stop, [state], [vqa_notice], queue=False, api_visibility="private")
+
+
+def _zeroshot_tab(services: Services, state: gr.State) -> None:
+    disclaimer()
+    choices = h.model_choices(services)
+    missing = services.zeroshot_missing
+    if not choices:
+        _missing_box("\n\n".join(f"- **{ZEROSHOT_TITLES.get(k, k)}**: {v}" for k, v in missing.items())
+                     or "No zero-shot model is configured.", "Zero-shot classification")
+        return
+    if missing:
+        with gr.Accordion(f"Models not available here ({len(missing)})", open=False):
+            gr.Markdown("\n".join(f"- **{ZEROSHOT_TITLES.get(k, k)}**: {v}" for k, v in missing.items()))
+    default = services.config.zeroshot.default_model
+    with gr.Row():
+        model = gr.Dropdown(choices, value=default if default in services.classifiers else choices[0][1],
+                            label="Model", elem_id="zs-model")
+        preset = gr.Radio([(title, key) for key, title in h.PRESET_TITLES.items()] + [h.CUSTOM],
+                          value=services.config.zeroshot.preset, label="Labels", elem_id="zs-preset")
+    labels = gr.Textbox(label="Custom labels (comma-separated, used with “Custom labels”)",
+                        placeholder="e.g. pneumonia, pleural effusion, no finding", elem_id="zs-labels")
+    run = gr.Button("Classify", variant="primary", elem_id="zs-run")
+    zs_notice = gr.Markdown(elem_id="zs-notice")
+    chart = gr.BarPlot(x="label", y="probability", label="Probability (softmax over the labels)",
+                       y_lim=[0, 1], elem_id="zs-chart")
+    table = gr.Dataframe(headers=["label", "probability", "logit", "sigmoid score"], label="Raw scores",
+                         interactive=False, elem_id="zs-table")
+
+    def on_classify(st: h.UserState | None, name: str, chosen: str, text: str):
+        frame, rows, note = h.classify(st, services, name, chosen, text)
+        order = list(frame["label"]) if len(frame) else None
+        return gr.BarPlot(value=frame, sort=order), rows, note
+
+    run.click(on_classify, [state, model, preset, labels], [chart, table, zs_notice], concurrency_id=ZEROSHOT,
+              concurrency_limit=services.config.app.generation_concurrency, api_visibility="private")
+
+
+def _api_endpoints(services: Services) -> None:
+    """Stateless endpoints for gradio_client and MCP: one image in, text or scores out."""
+    gen = services.config.generation
+    limit = {"concurrency_limit": services.config.app.generation_concurrency}
+    upload_root = get_upload_folder()
+
+    def read(image: FileData | dict) -> bytes:
+        path = image["path"] if isinstance(image, dict) else image.path
+        return h.read_upload(path, upload_root)
+
+    def answer(image: FileData, question: str, max_new_tokens: int, temperature: float, top_p: float,
+               num_beams: int) -> str:
+        try:
+            return h.api_answer(services, read(image), question,
+                                h.generation_kwargs(max_new_tokens, temperature, top_p, num_beams))
+        except XrayGPTError as exc:
+            raise gr.Error(str(exc)) from None
+
+    def report(image: FileData, max_new_tokens: int = gen.max_new_tokens, temperature: float = gen.temperature,
+               top_p: float = gen.top_p, num_beams: int = gen.num_beams) -> str:
+        """Draft a report for a chest radiograph (PNG, JPEG or DICOM). Research use only, not a diagnosis."""
+        return answer(image, "", max_new_tokens, temperature, top_p, num_beams)
+
+    def ask(image: FileData, question: str, max_new_tokens: int = gen.max_new_tokens,
+            temperature: float = gen.temperature, top_p: float = gen.top_p, num_beams: int = gen.num_beams) -> str:
+        """Answer one question about a chest radiograph. Research use only, not a diagnosis."""
+        return answer(image, question, max_new_tokens, temperature, top_p, num_beams)
+
+    def classify(image: FileData, model: str = services.config.zeroshot.default_model,
+                 preset: str = services.config.zeroshot.preset, labels: str = "") -> dict:
+        """Zero-shot label scores for a chest radiograph: a preset (chexpert5, covid, rsna) or comma-separated
+        labels. Research use only, not a diagnosis."""
+        try:
+            return h.api_classify(services, read(image), model, preset, labels)
+        except XrayGPTError as exc:
+            raise gr.Error(str(exc)) from None
+
+    gr.api(report, api_name="report", concurrency_id=GENERATION, **limit)
+    gr.api(ask, api_name="ask", concurrency_id=GENERATION, **limit)
+    gr.api(classify, api_name="classify", concurrency_id=ZEROSHOT, **limit)

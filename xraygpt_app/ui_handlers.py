@@ -1,0 +1,391 @@
+"""Event handlers of the web app: module-level functions over plain data and the service objects.
+
+Nothing here imports Gradio or torch, so every handler runs in a plain test. Per-user data lives
+in a ``UserState`` that the UI keeps in ``gr.State``; nothing about a conversation or an image
+is ever stored in a module global. Errors meant for the user come back as notice strings.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .errors import XrayGPTError
+from .services import ZEROSHOT_TITLES, Services
+
+logger = logging.getLogger(__name__)
+
+DISCLAIMER = ("**Research and education only — not a diagnosis.** Outputs are machine-generated and can be "
+              "wrong; do not use them for clinical decisions.")
+SUGGESTED_QUESTIONS = (
+    "Is there evidence of pleural effusion?",
+    "Is the heart size normal?",
+    "Are there any signs of pneumonia?",
+    "Is there a pneumothorax?",
+)
+PRESET_TITLES = {"chexpert5": "CheXpert-5", "covid": "COVID", "rsna": "RSNA pneumonia"}
+CUSTOM = "Custom labels"
+PREVIEW_SIDE = 512  # display copy only; the model gets the loader's full image
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = {
+    "NIH PA (512 px)": "nih_cxr14_00000001_000_pa_512.png",
+    "Hannover PA": "hannover_1479fa94_pa_640x755.png",
+    "Hannover AP bedside": "hannover_00870a9c_ap_bedside_640x524.png",
+}
+
+
+@dataclass
+class UserState:
+    """One browser session: its image, its conversation and its cancel switches."""
+
+    image: Image.Image | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    session: Any = None  # the core's ChatSession, created on the first question
+    messages: list[dict[str, str]] = field(default_factory=list)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    vqa_cancel: threading.Event = field(default_factory=threading.Event)
+
+
+def generation_kwargs(max_new_tokens: float, temperature: float, top_p: float, num_beams: float) -> dict[str, Any]:
+    """The generation settings of the UI as keyword arguments for the core."""
+    return {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature),
+            "top_p": float(top_p), "num_beams": int(num_beams)}
+
+
+def notice(text: str) -> str:
+    """A user-facing notice in Markdown (empty text clears the notice)."""
+    return f"⚠️ {text}" if text else ""
+
+
+# ---- images -------------------------------------------------------------------------------
+
+def read_upload(path: str | os.PathLike, upload_root: str | os.PathLike | None) -> bytes:
+    """Read an uploaded file into memory and delete Gradio's copy of it at once.
+
+    Only files under ``upload_root`` (Gradio's upload folder) are deleted, with their folder
+    when it becomes empty, so that no uploaded bytes stay on disk after decoding.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    if upload_root is not None and path.resolve().is_relative_to(Path(upload_root).resolve()):
+        path.unlink(missing_ok=True)
+        try:
+            path.parent.rmdir()
+        except OSError:
+            pass  # not empty or already gone
+    return data
+
+
+def load_image(state: UserState | None, data: bytes, limits: Any = None,
+               model_size: int = 224) -> tuple[UserState, str, str, str]:
+    """Decode an upload; returns (state, preview HTML, description Markdown, notice).
+
+    A new image starts a new conversation. A file that cannot be used leaves the previous
+    image in place and returns a plain-language notice.
+    """
+    from .image_io import load_radiograph
+
+    state = state or UserState()
+    start = time.perf_counter()
+    try:
+        radiograph = load_radiograph(data, limits)
+    except XrayGPTError as exc:
+        logger.info("upload rejected: %d bytes (%s)", len(data), type(exc).__name__)
+        return state, "", "", notice(str(exc))
+    info = radiograph.info.to_dict()
+    logger.info("upload decoded: %d bytes, %s %dx%d in %.3f s", len(data), info.get("format"),
+                info.get("width", 0), info.get("height", 0), time.perf_counter() - start)
+    fresh = UserState(image=radiograph.image, info=info)
+    return fresh, preview_html(radiograph.image, model_size), describe_image(info), ""
+
+
+def load_example(state: UserState | None, name: str, limits: Any = None, model_size: int = 224
+                 ) -> tuple[UserState, str, str, str]:
+    """Load one of the bundled example radiographs by its button label."""
+    if name not in EXAMPLES:
+        return state or UserState(), "", "", notice(f"Unknown example {name!r}.")
+    return load_image(state, (EXAMPLES_DIR / EXAMPLES[name]).read_bytes(), limits, model_size)
+
+
+def _data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def preview_html(image: Image.Image, model_size: int = 224) -> str:
+    """The normalised 8-bit image the model gets, and its model-input shape, as in-memory HTML.
+
+    Data URLs keep the preview off the disk (a gr.Image output would be written to the cache).
+    """
+    display = image.copy()
+    display.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    model_view = image.convert("RGB").resize((model_size, model_size), Image.Resampling.BICUBIC)
+    return (
+        '<div class="xr-preview">'
+        f'<figure><img alt="Normalised radiograph" src="{_data_url(display)}" style="max-width:100%">'
+        f"<figcaption>What the model gets: the decoded 8-bit image ({image.width}×{image.height})."
+        "</figcaption></figure>"
+        f'<figure><img alt="Model input" src="{_data_url(model_view)}" width="{model_size // 2}">'
+        f"<figcaption>XrayGPT input: resized to {model_size}×{model_size} (aspect ratio not kept)."
+        "</figcaption></figure></div>"
+    )
+
+
+def describe_image(info: dict[str, Any]) -> str:
+    """The loader's non-identifying description as a Markdown list."""
+    rows = [("Format", info.get("format")), ("Size", f"{info.get('width')} × {info.get('height')} px"),
+            ("Bit depth", info.get("bit_depth")), ("Photometric", info.get("photometric")),
+            ("Frames", info.get("frames")), ("Modality", info.get("modality")),
+            ("View", info.get("view_position")), ("Body part", info.get("body_part"))]
+    lines = [f"- **{name}:** {value}" for name, value in rows if value not in (None, "", [])]
+    lines += [f"- ℹ️ {text}" for text in info.get("notices") or []]
+    return "\n".join(lines)
+
+
+# ---- report chat --------------------------------------------------------------------------
+
+def _report_question() -> str:
+    from .api import DEFAULT_REPORT_QUESTION
+
+    return DEFAULT_REPORT_QUESTION
+
+
+ChatOutput = tuple[list[dict[str, str]], UserState, str, str]  # messages, state, notice, download
+
+
+def _chat_ready(state: UserState | None, services: Services) -> str:
+    if services.xraygpt is None:
+        return notice(services.xraygpt_missing or "XrayGPT is not loaded.")
+    if state is None or state.image is None:
+        return notice("Upload a radiograph first (or pick an example).")
+    return ""
+
+
+def _stream(state: UserState, start: Callable[[], Iterator[str]], question: str,
+            replace_last: bool) -> Iterator[ChatOutput]:
+    """Stream one answer into the conversation; the final yield carries the recorded turn."""
+    if replace_last:
+        state.messages = state.messages[:-1]
+    else:
+        state.messages = [*state.messages, {"role": "user", "content": question}]
+    state.messages.append({"role": "assistant", "content": ""})
+    state.cancel.clear()
+    began, text = time.perf_counter(), ""
+    try:
+        for piece in start():
+            text += piece
+            state.messages[-1] = {"role": "assistant", "content": text}
+            yield list(state.messages), state, "", ""
+    except XrayGPTError as exc:
+        state.messages = state.messages[:-1] if replace_last else state.messages[:-2]
+        yield list(state.messages), state, notice(str(exc)), download_link_html(state)
+        return
+    yield _finish_turn(state, began)
+
+
+def _finish_turn(state: UserState, began: float) -> ChatOutput:
+    turn = state.session.turns[-1]
+    state.messages[-1] = {"role": "assistant", "content": turn.answer}
+    logger.info("answer: %d tokens in %.2f s%s", len(turn.token_ids), time.perf_counter() - began,
+                " (stopped)" if turn.cancelled else "")
+    notes = []
+    if turn.cancelled:
+        notes.append("Generation stopped.")
+    if turn.dropped_turns:
+        notes.append(f"The conversation was too long for the model's context: the oldest "
+                     f"{turn.dropped_turns} turn(s) were left out of this answer.")
+    return list(state.messages), state, notice(" ".join(notes)), download_link_html(state)
+
+
+def ask(state: UserState | None, services: Services, question: str, settings: dict[str, Any]
+        ) -> Iterator[ChatOutput]:
+    """Ask ``question`` in the session's conversation and stream the answer into the chat."""
+    problem = _chat_ready(state, services)
+    if problem:
+        yield (list(state.messages) if state else []), state or UserState(), problem, ""
+        return
+    if state.session is None:  # encodes the image once per conversation
+        state.session = services.xraygpt.chat(state.image)
+    session = state.session
+    yield from _stream(state, lambda: session.ask_stream(question, cancel=state.cancel, **settings),
+                       question, replace_last=False)
+
+
+def generate_report(state: UserState | None, services: Services, settings: dict[str, Any]) -> Iterator[ChatOutput]:
+    """Ask the report question in the conversation (a new one if there is none)."""
+    yield from ask(state, services, _report_question(), settings)
+
+
+def regenerate(state: UserState | None, services: Services, settings: dict[str, Any]) -> Iterator[ChatOutput]:
+    """Answer the last question again, replacing the last answer."""
+    problem = _chat_ready(state, services)
+    if not problem and (state.session is None or not state.session.turns):
+        problem = notice("There is no answer to regenerate yet.")
+    if problem:
+        yield (list(state.messages) if state else []), state or UserState(), problem, ""
+        return
+    session = state.session
+    yield from _stream(state, lambda: session.regenerate(cancel=state.cancel, **settings),
+                       session.turns[-1].question, replace_last=True)
+
+
+def stop(state: UserState | None) -> str:
+    """Ask the running generations of this session to stop (chat and VQA)."""
+    if state is not None:
+        state.cancel.set()
+        state.vqa_cancel.set()
+    return ""
+
+
+def clear_chat(state: UserState | None) -> ChatOutput:
+    """Forget the conversation but keep the image."""
+    state = state or UserState()
+    state.cancel.set()
+    state.session, state.messages = None, []
+    return [], state, "", ""
+
+
+def conversation_markdown(state: UserState) -> str:
+    """The conversation as a Markdown document, with the disclaimer and the image description."""
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = ["# XrayGPT conversation", "", f"> {DISCLAIMER}", "", f"Exported {stamp}.", ""]
+    if state.info:
+        parts += ["## Image", "", describe_image(state.info), ""]
+    parts += ["## Conversation", ""]
+    for message in state.messages:
+        who = "Question" if message["role"] == "user" else "XrayGPT"
+        parts += [f"**{who}:** {message['content']}", ""]
+    return "\n".join(parts)
+
+
+def download_link_html(state: UserState) -> str:
+    """A download link carrying the conversation as a data URL (built in memory, never on disk)."""
+    if not state.messages:
+        return ""
+    payload = base64.b64encode(conversation_markdown(state).encode("utf-8")).decode("ascii")
+    return (f'<a class="xr-download" download="xraygpt-conversation.md" '
+            f'href="data:text/markdown;charset=utf-8;base64,{payload}">⬇ Download conversation (Markdown)</a>')
+
+
+# ---- VQA ----------------------------------------------------------------------------------
+
+def vqa_answer(state: UserState | None, services: Services, question: str, settings: dict[str, Any]
+               ) -> Iterator[tuple[str, str]]:
+    """Answer one question about the image in a fresh conversation; yields (answer, notice)."""
+    problem = _chat_ready(state, services)
+    if problem:
+        yield "", problem
+        return
+    state.vqa_cancel.clear()
+    session, text, began = services.xraygpt.chat(state.image), "", time.perf_counter()
+    try:
+        for piece in session.ask_stream(question, cancel=state.vqa_cancel, **settings):
+            text += piece
+            yield text, ""
+    except XrayGPTError as exc:
+        yield "", notice(str(exc))
+        return
+    turn = session.turns[-1]
+    logger.info("vqa answer: %d tokens in %.2f s", len(turn.token_ids), time.perf_counter() - began)
+    yield turn.answer, notice("Generation stopped." if turn.cancelled else "")
+
+
+# ---- zero-shot ----------------------------------------------------------------------------
+
+def model_choices(services: Services) -> list[tuple[str, str]]:
+    """(title, name) of the zero-shot models whose weights are loaded."""
+    return [(ZEROSHOT_TITLES.get(name, name), name) for name in services.classifiers]
+
+
+def parse_labels(text: str) -> list[str]:
+    """Custom labels: one per line or separated by commas; blanks and repeats dropped."""
+    labels: list[str] = []
+    for item in text.replace("\n", ",").split(","):
+        item = item.strip()
+        if item and item not in labels:
+            labels.append(item)
+    return labels
+
+
+def classify(state: UserState | None, services: Services, model: str, preset: str, labels_text: str
+             ) -> tuple[Any, list[list[Any]], str]:
+    """Zero-shot scores for the image; returns (bar-chart frame, table rows, notice)."""
+    import pandas as pd
+
+    empty = pd.DataFrame({"label": [], "probability": []})
+    if state is None or state.image is None:
+        return empty, [], notice("Upload a radiograph first (or pick an example).")
+    try:
+        classifier = services.classifier(model)
+    except KeyError as exc:
+        return empty, [], notice(str(exc.args[0]))
+    labels = parse_labels(labels_text or "") if preset == CUSTOM else None
+    if preset == CUSTOM and len(labels) < 2:
+        return empty, [], notice("Enter at least two labels, separated by commas.")
+    began = time.perf_counter()
+    try:
+        result = classifier.classify([state.image], labels=labels, preset=None if labels else preset)[0]
+    except XrayGPTError as exc:
+        return empty, [], notice(str(exc))
+    logger.info("zero-shot %s: %d labels in %.2f s", model, len(result.labels), time.perf_counter() - began)
+    return result_frame(result), result_rows(result), ""
+
+
+def _ranked(result: Any) -> list[tuple[str, float, float, float]]:
+    rows = zip(result.labels, result.probabilities, result.logits, result.scores, strict=True)
+    return sorted(((str(a), float(b), float(c), float(d)) for a, b, c, d in rows), key=lambda r: -r[1])
+
+
+def result_frame(result: Any) -> Any:
+    """Probabilities sorted from high to low, as the bar chart's data frame."""
+    import pandas as pd
+
+    ranked = _ranked(result)
+    return pd.DataFrame({"label": [r[0] for r in ranked], "probability": [round(r[1], 4) for r in ranked]})
+
+
+def result_rows(result: Any) -> list[list[Any]]:
+    """Table rows: label, softmax probability, raw logit, sigmoid score (sorted)."""
+    return [[label, round(p, 4), round(logit, 4), round(s, 4)] for label, p, logit, s in _ranked(result)]
+
+
+# ---- API endpoints (stateless: one call, one image) -----------------------------------------
+
+def _api_image(data: bytes, services: Services) -> Image.Image:
+    from .image_io import load_radiograph
+
+    return load_radiograph(data, services.config.image).image
+
+
+def api_answer(services: Services, data: bytes, question: str, settings: dict[str, Any]) -> str:
+    """Answer one question about an image (report or VQA); raises XrayGPTError for bad input."""
+    if services.xraygpt is None:
+        raise XrayGPTError(services.xraygpt_missing or "XrayGPT is not loaded.")
+    began = time.perf_counter()
+    turn = services.xraygpt.chat(_api_image(data, services)).ask(question or _report_question(), **settings)
+    logger.info("api answer: %d bytes in, %d tokens in %.2f s", len(data), len(turn.token_ids),
+                time.perf_counter() - began)
+    return turn.answer
+
+
+def api_classify(services: Services, data: bytes, model: str, preset: str, labels: str) -> dict[str, Any]:
+    """Zero-shot scores of one image as a plain dict (the core's ZeroShotResult.to_dict())."""
+    try:
+        classifier = services.classifier(model)
+    except KeyError as exc:
+        raise XrayGPTError(str(exc.args[0])) from None
+    names = parse_labels(labels) or None
+    result = classifier.classify([_api_image(data, services)], labels=names, preset=None if names else preset)[0]
+    return result.to_dict()
