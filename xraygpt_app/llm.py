@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
+
+import sentencepiece
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
@@ -27,6 +30,33 @@ def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def make_decoder(folder: Path, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[int]], str]:
+    """Ids -> text as XrayGPT's tokenizer (transformers 4.29's SentencePiece ``LlamaTokenizer``) decodes.
+
+    Current tokenizers decode byte-fallback pieces differently: ``<0xD8><0x22>`` becomes two
+    U+FFFD where SentencePiece gives U+FFFD and '"'. The text matters because the cleaned
+    answer is re-tokenized into the next prompt, so with a SentencePiece model we decode with it.
+    """
+    model_file = folder / "tokenizer.model"
+    if not model_file.is_file():
+        return tokenizer.decode
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    special = dict(zip(tokenizer.all_special_ids, tokenizer.all_special_tokens, strict=True))
+
+    def decode(ids: list[int]) -> str:
+        text, run, previous_special = "", [], False
+        for i, token_id in enumerate(ids):
+            if token_id in special:  # the slow tokenizer splices special tokens in literally
+                text += (" " if not previous_special and i else "") + processor.decode(run) + special[token_id]
+                run, previous_special = [], True
+            else:
+                run.append(token_id)
+                previous_special = False
+        return text + processor.decode(run)
+
+    return decode
 
 
 def quantization_config(placement: Placement) -> BitsAndBytesConfig | None:

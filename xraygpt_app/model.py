@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .checkpoints import CheckpointKeyError, load_exact, read_state_dict, remap_blip2, remap_eva_vit, remap_xraygpt
 from .config import Config
-from .llm import load_llm, load_tokenizer
+from .llm import load_llm, load_tokenizer, make_decoder
 from .placement import Placement, plan_placement
 from .qformer import VisionLanguageBridge
 from .vision import VisionTower, place_vision, preprocess
@@ -105,6 +105,7 @@ class XrayGPTModel:
                  llm: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, placement: Placement):
         self.config, self.vision, self.bridge = config, vision, bridge
         self.llm, self.tokenizer, self.placement = llm, tokenizer, placement
+        self.decode = tokenizer.decode
 
     @classmethod
     def load(cls, config: Config, download: bool = False) -> XrayGPTModel:
@@ -118,7 +119,9 @@ class XrayGPTModel:
         # The Q-Former and projection stay float32 next to the LLM, as in the reference.
         bridge = bridge.float().to(placement.llm_device).eval().requires_grad_(False)
         log.info("model loaded in %.1f s (mode %s)", time.perf_counter() - started, placement.mode)
-        return cls(config, vision, bridge, llm, load_tokenizer(paths.llama_model), placement)
+        model = cls(config, vision, bridge, llm, load_tokenizer(paths.llama_model), placement)
+        model.decode = make_decoder(paths.llama_model, model.tokenizer)
+        return model
 
     @torch.inference_mode()
     def encode_image(self, image: Image.Image) -> ImageEncoding:

@@ -1,0 +1,50 @@
+"""The documented Python API.
+
+>>> from xraygpt_app.api import XrayGPT
+>>> from xraygpt_app.image_io import load_radiograph
+>>> model = XrayGPT.from_config("eval_configs/tiny_fixture.yaml")
+>>> image = load_radiograph("chest.dcm").image
+>>> print(model.report(image).answer)
+>>> chat = model.chat(image)
+>>> chat.ask("Is there evidence of pleural effusion?").answer
+>>> for piece in chat.ask_stream("Any cardiomegaly?"): print(piece, end="")
+
+Outputs are machine-generated, can be wrong, and are never a diagnosis.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from .chat import ChatSession, TurnResult
+from .config import Config, load_config
+from .conversation import DEFAULT_REPORT_QUESTION
+from .model import XrayGPTModel
+
+__all__ = ["XrayGPT", "ChatSession", "TurnResult", "DEFAULT_REPORT_QUESTION"]
+
+
+class XrayGPT:
+    """XrayGPT loaded from a config: one model, any number of independent conversations."""
+
+    def __init__(self, model: XrayGPTModel):
+        self.model = model
+        self.config: Config = model.config
+
+    @classmethod
+    def from_config(cls, config: Config | str | Path | None = None, overrides: tuple[str, ...] | list[str] = (),
+                    download: bool = False) -> XrayGPT:
+        """Load from a Config or a YAML path (default: the real model's eval config)."""
+        if not isinstance(config, Config):
+            config = load_config(config, overrides)
+        return cls(XrayGPTModel.load(config, download=download))
+
+    def chat(self, image: Image.Image, reuse_kv: bool = True) -> ChatSession:
+        """Start a conversation about ``image``; it is encoded once, here."""
+        return ChatSession(self.model, self.model.encode_image(image), reuse_kv=reuse_kv)
+
+    def report(self, image: Image.Image, question: str = DEFAULT_REPORT_QUESTION, **generation) -> TurnResult:
+        """The first-turn report for ``image``."""
+        return self.chat(image).ask(question, **generation)

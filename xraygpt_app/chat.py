@@ -1,0 +1,223 @@
+"""The chat engine: one conversation per image, streamed answers, KV reuse, context budget.
+
+Better than the reference in three ways, with the same answers:
+- the image is encoded once per upload, and a follow-up reuses the KV cache for the longest
+  unchanged prefix of the prompt (system text, image, earlier turns), prefilling only the rest;
+- answers stream token by token and can be cancelled;
+- when the conversation outgrows the context, the oldest turns are dropped (never the system
+  text or the image) and the caller is told, instead of the reference's silent front crop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .conversation import SEPARATOR, Turn, clean_answer, display_answer, render_prompt, split_on_image
+from .errors import BadInputError
+from .generation import StopOnSequences, ends_with_any, logits_processors, next_token, settings_with
+from .llm import stop_token_sequences
+from .model import ImageEncoding, XrayGPTModel
+
+log = logging.getLogger(__name__)
+
+MAX_QUESTION_CHARS = 2000
+# Text the answer may still turn into; held back while streaming so no piece is ever retracted.
+_PENDING_SUFFIXES = (SEPARATOR, "Doctor:", "ChatDoctor", "Chat Doctor", "\ufffd")
+
+
+@dataclass
+class TurnResult:
+    question: str
+    prompt: str
+    token_ids: list[int]
+    answer: str
+    timings: dict[str, float] = field(default_factory=dict)
+    dropped_turns: int = 0
+    cancelled: bool = False
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _PreparedPrompt:
+    text: str
+    ids: list[int]  # image positions are negative markers, so they never match text tokens
+    embeds: torch.Tensor
+    dropped: int
+
+
+class ChatSession:
+    """A conversation about one image. Not shared between users; not thread-safe by design."""
+
+    def __init__(self, model: XrayGPTModel, encoding: ImageEncoding, reuse_kv: bool = True):
+        self.model, self.encoding = model, encoding
+        self.reuse_kv = reuse_kv  # False re-runs the whole prompt every turn, as the reference does
+        self.turns: list[TurnResult] = []
+        self._history: list[Turn] = []  # stored answers, as later prompts carry them
+        self._cache: DynamicCache | None = None
+        self._cached_ids: list[int] = []
+        self._stops = stop_token_sequences(model.tokenizer, model.config.generation.stop_string)
+
+    def ask(self, question: str, **generation) -> TurnResult:
+        """Answer ``question`` and return the finished turn."""
+        for _ in self.ask_stream(question, **generation):
+            pass
+        return self.turns[-1]
+
+    def ask_stream(self, question: str, *, cancel: threading.Event | None = None, **generation) -> Iterator[str]:
+        """Yield the answer in pieces; afterwards ``turns[-1]`` holds the finished turn."""
+        question = _checked_question(question)
+        settings = settings_with(self.model.config.generation, **generation)
+        prompt = self._prepare(question, settings.max_new_tokens)
+        if settings.num_beams > 1:
+            yield from self._beam_search(question, prompt, settings)
+        else:
+            yield from self._decode(question, prompt, settings, cancel)
+
+    def regenerate(self, *, cancel: threading.Event | None = None, **generation) -> Iterator[str]:
+        """Drop the last answer and answer its question again."""
+        if not self.turns:
+            raise BadInputError("There is no answer to regenerate yet.")
+        last = self.turns.pop()
+        self._history.pop()
+        yield from self.ask_stream(last.question, cancel=cancel, **generation)
+
+    @property
+    def context_limit(self) -> int:
+        return min(self.model.config.llm.max_length, self.model.llm.config.max_position_embeddings)
+
+    def _prepare(self, question: str, max_new_tokens: int) -> _PreparedPrompt:
+        """Render and embed the prompt, dropping the oldest turns until it fits."""
+        tokenizer = self.model.tokenizer
+        image_ids = [-1 - i for i in range(self.encoding.llm_embeds.shape[1])]
+        for dropped in range(len(self._history) + 1):
+            text = render_prompt(self._history[dropped:], question)
+            before, after = split_on_image(text)
+            # Each segment is tokenized on its own; only the first gets BOS (XrayGPT's splicing).
+            ids_before = tokenizer(before, add_special_tokens=True)["input_ids"]
+            ids_after = tokenizer(after, add_special_tokens=False)["input_ids"]
+            ids = ids_before + image_ids + ids_after
+            if len(ids) + max_new_tokens <= self.context_limit:
+                embeds = torch.cat([self.model.embed_ids(ids_before), self.encoding.llm_embeds,
+                                    self.model.embed_ids(ids_after)], dim=1)
+                return _PreparedPrompt(text, ids, embeds, dropped)
+        raise BadInputError(
+            f"The question and answer length do not fit the model's context of {self.context_limit} tokens"
+            f" ({len(ids)} prompt tokens + {max_new_tokens} new): shorten the question or lower max_new_tokens.")
+
+    @torch.inference_mode()
+    def _decode(self, question: str, prompt: _PreparedPrompt, settings, cancel) -> Iterator[str]:
+        started = time.perf_counter()
+        reused = self._reuse_cache(prompt.ids)
+        logits = self._forward(inputs_embeds=prompt.embeds[:, reused:])
+        first_token_s = time.perf_counter() - started
+        generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
+        processors = logits_processors(settings, self.model.tokenizer.eos_token_id)
+        generated: list[int] = []
+        emitted, cancelled = "", False
+        while len(generated) < settings.max_new_tokens:
+            if cancel is not None and cancel.is_set():
+                cancelled = True
+                break
+            history = torch.tensor([generated], dtype=torch.long, device=logits.device)
+            generated.append(next_token(logits[:, -1], history, processors, settings, generator))
+            if self._finished(generated):
+                break
+            piece = _stable_text(self._answer_text(generated))[len(emitted):]
+            if piece:
+                emitted += piece
+                yield piece
+            logits = self._forward(input_ids=torch.tensor([generated[-1:]], device=logits.device))
+        self._cached_ids = prompt.ids + generated[:-1]  # the last token was never fed back
+        answer = self._finish_turn(question, prompt, generated, cancelled, {
+            "prefill_s": first_token_s, "decode_s": time.perf_counter() - started - first_token_s,
+            "time_to_first_token_s": first_token_s, "reused_tokens": reused,
+            "prefilled_tokens": len(prompt.ids) - reused, "new_tokens": len(generated)})
+        if answer.startswith(emitted) and answer != emitted:
+            yield answer[len(emitted):]
+
+    def _beam_search(self, question: str, prompt: _PreparedPrompt, settings) -> Iterator[str]:
+        """Beams go through ``generate`` (no streaming, no KV reuse), as the reference does."""
+        started = time.perf_counter()
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        with torch.inference_mode():
+            out = self.model.llm.generate(
+                inputs_embeds=prompt.embeds, attention_mask=torch.ones(prompt.embeds.shape[:2], dtype=torch.long,
+                                                                       device=prompt.embeds.device),
+                max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams, do_sample=settings.do_sample,
+                top_p=settings.top_p, temperature=settings.temperature, min_length=settings.min_length,
+                repetition_penalty=settings.repetition_penalty, length_penalty=settings.length_penalty,
+                stopping_criteria=[StopOnSequences(self._stops)], pad_token_id=self.model.tokenizer.pad_token_id)
+        self._cache, self._cached_ids = None, []
+        generated = out[0].tolist()
+        yield self._finish_turn(question, prompt, generated, False,
+                                {"generate_s": time.perf_counter() - started, "new_tokens": len(generated)})
+
+    def _reuse_cache(self, ids: list[int]) -> int:
+        """Crop the KV cache to the longest prefix shared with ``ids``; return its length."""
+        shared = 0
+        for old, new in zip(self._cached_ids, ids):
+            if old != new:
+                break
+            shared += 1
+        shared = min(shared, len(ids) - 1)  # at least one position must run to get logits
+        if self._cache is None or shared == 0 or not self.reuse_kv:
+            self._cache = DynamicCache(config=self.model.llm.config)
+            return 0
+        self._cache.crop(shared - self._cache.get_seq_length())  # a negative count removes from the end
+        return shared
+
+    def _forward(self, **inputs) -> torch.Tensor:
+        out = self.model.llm(**inputs, past_key_values=self._cache, use_cache=True)
+        return out.logits
+
+    def _finished(self, generated: list[int]) -> bool:
+        eos = self.model.tokenizer.eos_token_id
+        return generated[-1] == eos or ends_with_any(generated, self._stops)
+
+    def _answer_text(self, generated: list[int]) -> str:
+        """Decoded and cleaned as XrayGPT does (leading <unk>/<s> dropped; eos not shown)."""
+        ids = list(generated)
+        while ids and ids[0] in (0, 1):
+            ids = ids[1:]
+        if ids and ids[-1] == self.model.tokenizer.eos_token_id:
+            ids = ids[:-1]
+        return clean_answer(self.model.decode(ids), self.model.config.generation.stop_string)
+
+    def _finish_turn(self, question, prompt, generated, cancelled, timings) -> str:
+        stored = self._answer_text(generated)
+        self._history.append(Turn(question, stored))
+        result = TurnResult(question, prompt.text, generated, display_answer(stored), timings, prompt.dropped,
+                            cancelled)
+        self.turns.append(result)
+        log.info("turn %d: %d new tokens, %d reused, %.2f s", len(self.turns), len(generated),
+                 timings.get("reused_tokens", 0), sum(v for k, v in timings.items() if k.endswith("_s")))
+        return result.answer
+
+
+def _stable_text(text: str) -> str:
+    """The display text minus any tail that a later token could still change."""
+    text = display_answer(text)
+    for suffix in _PENDING_SUFFIXES:
+        for n in range(len(suffix), 0, -1):
+            if text.endswith(suffix[:n]):
+                text = text[: len(text) - n]
+                break
+    return text
+
+
+def _checked_question(question: str) -> str:
+    if not isinstance(question, str) or not question.strip():
+        raise BadInputError("Please type a question.")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise BadInputError(f"The question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}.")
+    return question  # kept verbatim: the reference puts it into the prompt as typed
