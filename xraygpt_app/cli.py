@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "xraygpt_app.cli_serve",
     "xraygpt_app.cli_weights",
     "xraygpt_app.cli_inspect",
+    "xraygpt_app.cli_zeroshot",
 )
 
 

@@ -1,0 +1,109 @@
+"""PNG charts with matplotlib's Agg backend (no display, no pyplot global state: safe in a web server).
+
+Every function returns PNG bytes and, given ``path``, also writes them there.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DISCLAIMER = "Research and education only - not a diagnosis"
+_MAX_PANELS = 12
+
+
+def _render(fig: Figure, path: str | Path | None) -> bytes:
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    data = buffer.getvalue()
+    if path is not None:
+        Path(path).write_bytes(data)
+    return data
+
+
+def _score_panel(ax, labels: Sequence[str], probabilities: Sequence[float], scores: Sequence[float],
+                 predicted: str, title: str) -> None:
+    y = np.arange(len(labels))
+    height = 0.38
+    ax.barh(y - height / 2, probabilities, height, label="probability (softmax across labels)", color="#3b75af")
+    ax.barh(y + height / 2, scores, height, label="score (sigmoid of logit)", color="#ef8636")
+    for i, (p, s) in enumerate(zip(probabilities, scores, strict=True)):
+        ax.text(p + 0.01, i - height / 2, f"{p:.2f}", va="center", fontsize=8)
+        ax.text(s + 0.01, i + height / 2, f"{s:.2f}", va="center", fontsize=8)
+    ax.set_yticks(y, [f"{label}  \u25c0" if label == predicted else label for label in labels])
+    ax.invert_yaxis()  # first label at the top
+    ax.set_xlim(0, 1.12)
+    ax.set_xlabel("value (0-1)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def score_chart(results: Sequence, titles: Sequence[str] | None = None, path: str | Path | None = None) -> bytes:
+    """Horizontal bars of probability and score per label, one panel per result (ZeroShotResult-like).
+
+    The predicted label is marked with a triangle. At most 12 panels are drawn.
+    """
+    results = list(results)[:_MAX_PANELS]
+    titles = list(titles or [f"image {i + 1}" for i in range(len(results))])
+    n_labels = max(len(r.labels) for r in results)
+    fig = Figure(figsize=(7.5, (0.55 * n_labels + 1.2) * len(results) + 0.6), layout="constrained")
+    axes = fig.subplots(len(results), 1, squeeze=False)[:, 0]
+    for ax, result, title in zip(axes, results, titles, strict=False):
+        _score_panel(ax, result.labels, result.probabilities, result.scores, result.predicted,
+                     f"{title}: predicted {result.predicted}")
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"Zero-shot scores ({DISCLAIMER})", fontsize=10)
+    return _render(fig, path)
+
+
+def roc_chart(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], path: str | Path | None = None) -> bytes:
+    """ROC curve per label with its AUC in the legend; the diagonal marks chance."""
+    fig = Figure(figsize=(6, 6))
+    ax = fig.subplots()
+    for label, (fpr, tpr, auc) in curves.items():
+        ax.plot(fpr, tpr, label=f"{label} (AUC {auc:.3f})", linewidth=1.6)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC per label (one-vs-rest)" if curves else "ROC: no label has both classes present")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _render(fig, path)
+
+
+def auc_chart(per_class: Mapping[str, Mapping], macro: float | None = None, path: str | Path | None = None) -> bytes:
+    """Bar per label of its AUC with the bootstrap 95% interval; labels without an AUC are shown as 'n/a'."""
+    labels = list(per_class)
+    fig = Figure(figsize=(max(5.0, 1.1 * len(labels) + 2), 4.5))
+    ax = fig.subplots()
+    x = np.arange(len(labels))
+    values = [per_class[label]["auc"] or 0.0 for label in labels]
+    bars = ax.bar(x, values, color="#3b75af")
+    for i, label in enumerate(labels):
+        entry = per_class[label]
+        if entry["auc"] is None:
+            ax.text(i, 0.02, "n/a", ha="center", fontsize=9)
+            bars[i].set_alpha(0.0)
+            continue
+        ci = entry.get("auc_ci95")
+        if ci:
+            ax.errorbar(i, entry["auc"], yerr=[[entry["auc"] - ci[0]], [ci[1] - entry["auc"]]], color="black",
+                        capsize=4)
+        ax.text(i, min(entry["auc"] + 0.03, 1.02), f"{entry['auc']:.3f}", ha="center", fontsize=8)
+    ax.axhline(0.5, linestyle="--", color="grey", linewidth=1)
+    if macro is not None:
+        ax.axhline(macro, color="#ef8636", linewidth=1.2, label=f"macro AUC {macro:.3f}")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xticks(x, labels, rotation=20, ha="right")
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("AUC (bars: bootstrap 95% CI)")
+    ax.set_title("AUC per label")
+    return _render(fig, path)

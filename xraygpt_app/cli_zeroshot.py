@@ -1,0 +1,198 @@
+"""Zero-shot and evaluation commands: ``xraygpt classify`` and ``xraygpt evaluate``.
+
+Exit codes: 0 ok; 2 bad input (image, CSV, labels, config); 3 missing weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .cli import add_config_options
+from .config import Config, load_config
+from .errors import BadInputError
+from .image_io import load_radiograph
+from .prompts import PromptSet, load_prompt_file, parse_labels
+
+log = logging.getLogger(__name__)
+NOTICE = "Research and education only: these scores are not a diagnosis."
+
+
+def _add_label_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", default=None,
+                        help="zero-shot model name from the config (e.g. medclip-vit, medclip-resnet, biomedclip)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--labels", help="comma-separated labels, each scored with the model's prompt templates")
+    group.add_argument("--preset", choices=("chexpert5", "covid", "rsna"), help="a built-in prompt set")
+    group.add_argument("--prompts", metavar="FILE.yaml", help="YAML mapping label -> list of prompts")
+    parser.add_argument("--ensemble", choices=("mean", "max"), default=None,
+                        help="how prompt logits combine per label (default from config: mean, as MedCLIP)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``classify`` and ``evaluate``."""
+    classify = subparsers.add_parser("classify", help="zero-shot scores of radiographs against findings",
+                                     description=f"Score each image against labels without training. {NOTICE}")
+    classify.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or DICOM files")
+    _add_label_options(classify)
+    classify.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    classify.add_argument("--chart", metavar="OUT.png", help="write a bar chart of the scores")
+    add_config_options(classify)
+    classify.set_defaults(func=run_classify)
+
+    evaluate = subparsers.add_parser("evaluate", help="metrics on labelled images (zeroshot) or reports (report)")
+    evaluate.add_argument("--task", choices=("zeroshot", "report"), required=True)
+    evaluate.add_argument("--data", required=True, metavar="CSV",
+                          help="zeroshot: image,label (or one 0/1 column per label); report: image,report."
+                               " Relative image paths are relative to the CSV")
+    evaluate.add_argument("--out", default="eval_results", help="output folder (default: eval_results)")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals")
+    evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    _add_label_options(evaluate)
+    add_config_options(evaluate)
+    evaluate.set_defaults(func=run_evaluate)
+
+
+def _classifier(config: Config, args: argparse.Namespace):
+    from .zeroshot import ZeroShotClassifier  # deferred: torch import only for commands that need it
+
+    classifier = ZeroShotClassifier.from_config(config, args.model)
+    if args.ensemble:
+        classifier.ensemble = args.ensemble
+    return classifier
+
+
+def _request(args: argparse.Namespace) -> dict:
+    """The classify() keyword for the chosen label source (none: the configured preset)."""
+    if args.labels:
+        return {"labels": parse_labels(args.labels)}
+    if args.prompts:
+        return {"prompts": load_prompt_file(args.prompts)}
+    return {"preset": args.preset}
+
+
+def _load_images(paths: list[str], config: Config) -> list:
+    return [load_radiograph(path, config.image).image for path in paths]
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    """Print a table (or JSON) of scores per image; optionally write the chart."""
+    config = load_config(args.config, args.overrides)
+    images = _load_images(args.images, config)
+    classifier = _classifier(config, args)
+    start = time.perf_counter()
+    results = classifier.classify(images, **_request(args))
+    log.info("classified %d images in %.2f s", len(images), time.perf_counter() - start)
+    if args.chart:
+        from .charts import score_chart
+
+        score_chart(results, [Path(p).name for p in args.images], path=args.chart)
+    if args.json:
+        payload = [{"image": path, "model": classifier.name, **r.to_dict()} for path, r in zip(args.images, results,
+                                                                                                strict=True)]
+        json.dump({"results": payload, "notice": NOTICE}, sys.stdout, indent=2)
+        print()
+        return 0
+    for path, result in zip(args.images, results, strict=True):
+        print(_table(path, result))
+    if args.chart:
+        print(f"chart written to {args.chart}")
+    print(NOTICE)
+    return 0
+
+
+def _table(path: str, result) -> str:
+    width = max(len(label) for label in result.labels)
+    lines = [f"{path}: predicted {result.predicted}",
+             f"  {'label':<{width}}  {'logit':>8}  {'probability':>11}  {'score':>6}"]
+    for label, logit, prob, score in zip(result.labels, result.logits, result.probabilities, result.scores,
+                                         strict=True):
+        mark = " <" if label == result.predicted else ""
+        lines.append(f"  {label:<{width}}  {logit:8.3f}  {prob:11.3f}  {score:6.3f}{mark}")
+    return "\n".join(lines)
+
+
+def _resolve(csv_path: Path, image: str) -> Path:
+    path = Path(image).expanduser()
+    return path if path.is_absolute() else csv_path.parent / path
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Dispatch to the zero-shot or report evaluation; both write metrics.json into --out."""
+    if args.bootstrap < 1:
+        raise BadInputError("--bootstrap must be at least 1")
+    config = load_config(args.config, args.overrides)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.task == "zeroshot":
+        summary = evaluate_zeroshot(config, args, out)
+    else:
+        summary = evaluate_reports(config, Path(args.data), out)
+    print(summary)
+    print(NOTICE)
+    return 0
+
+
+def _prompt_set_for(classifier, table, args: argparse.Namespace) -> PromptSet:
+    """Prompts covering exactly the CSV's labels, in its order.
+
+    With no --labels/--preset/--prompts: the configured preset's prompts when it holds every CSV
+    label, else the CSV's label names with the model's templates.
+    """
+    request = _request(args)
+    if not any(request.values()):
+        preset = classifier.prompt_set(preset=None)
+        request = {"prompts": preset} if set(table.labels) <= set(preset) else {"labels": table.labels}
+    prompt_set = classifier.prompt_set(**request)
+    absent = [label for label in table.labels if label not in prompt_set]
+    if absent:
+        raise BadInputError(f"the CSV has labels the prompts do not cover: {', '.join(absent)}")
+    return {label: prompt_set[label] for label in table.labels}
+
+
+def evaluate_zeroshot(config: Config, args: argparse.Namespace, out: Path) -> str:
+    """Score every labelled image, write metrics.json, roc.png and auc_per_class.png; return a summary line."""
+    from .charts import auc_chart, roc_chart
+    from .evaluation import read_label_table, roc_curves, zeroshot_metrics
+
+    csv_path = Path(args.data)
+    table = read_label_table(csv_path)
+    images = _load_images([str(_resolve(csv_path, p)) for p in table.images], config)
+    classifier = _classifier(config, args)
+    prompt_set = _prompt_set_for(classifier, table, args)
+    logits = classifier.logits(images, prompt_set).numpy().astype(np.float64)
+    metrics = zeroshot_metrics(table, logits, args.bootstrap, args.seed)
+    metrics["model"] = classifier.name
+    metrics["ensemble"] = classifier.ensemble
+    metrics["prompts_per_label"] = {label: len(p) for label, p in prompt_set.items()}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    roc_chart(roc_curves(table, logits), path=out / "roc.png")
+    auc_chart(metrics["per_class"], metrics["macro_auc"], path=out / "auc_per_class.png")
+    macro = "n/a" if metrics["macro_auc"] is None else f"{metrics['macro_auc']:.3f}"
+    return (f"{len(images)} images, {len(table.labels)} labels: accuracy {metrics['accuracy']:.3f}, "
+            f"macro AUC {macro}; wrote {out / 'metrics.json'}, {out / 'roc.png'}, {out / 'auc_per_class.png'}")
+
+
+def evaluate_reports(config: Config, csv_path: Path, out: Path) -> str:
+    """Generate a report per image with XrayGPT, score BLEU-1..4 and ROUGE-L, write metrics.json."""
+    from .api import XrayGPT
+    from .evaluation import read_report_table, report_metrics
+
+    paths, references = read_report_table(csv_path)
+    images = _load_images([str(_resolve(csv_path, p)) for p in paths], config)
+    model = XrayGPT.from_config(config)
+    start = time.perf_counter()
+    hypotheses = [model.report(image).answer for image in images]
+    log.info("generated %d reports in %.1f s", len(images), time.perf_counter() - start)
+    metrics = report_metrics(hypotheses, references)
+    for path, item in zip(paths, metrics["per_item"], strict=True):
+        item["image"] = path
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    overall = ", ".join(f"{k} {v:.3f}" for k, v in metrics["overall"].items())
+    return f"{len(images)} reports: {overall}; wrote {out / 'metrics.json'}"
