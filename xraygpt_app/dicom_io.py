@@ -91,6 +91,8 @@ def load_dicom(data: bytes, limits: ImageConfig) -> Radiograph:
 
 def read_dataset(data: bytes) -> Dataset:
     """Parse the file (with or without preamble/file meta) and check it carries usable pixel data."""
+    if data[:4] == b"DICM":  # "DICM" + file meta but no preamble: pydicom expects the 128 bytes
+        data = bytes(128) + data
     try:
         with _quiet_pydicom():
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
@@ -99,8 +101,9 @@ def read_dataset(data: bytes) -> Dataset:
         raise ImageLoadError("The DICOM file is damaged and cannot be read.") from None
     # A file cut inside encapsulated pixel data parses as an *empty* data set with only a warning.
     if len(ds) == 0:
-        raise ImageLoadError("The DICOM file is truncated or damaged: none of its contents could be read"
-                             " (it probably ends inside the image data).")
+        where = "inside its image data" if PIXEL_DATA_TAG in data else "before its image data"
+        raise ImageLoadError(f"The DICOM file is truncated or damaged: none of its contents could be read"
+                             f" (it seems to end {where}).")
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         if data.rfind(PIXEL_DATA_TAG) >= len(data) - 12:  # cut inside the Pixel Data element header
             raise ImageLoadError("The DICOM file is truncated: it ends at the start of its image data.")

@@ -33,7 +33,7 @@ from .errors import ImageLoadError
 logger = logging.getLogger(__name__)
 
 # Pillow plugins we let near untrusted bytes (the JPEG plugin also opens MPO files from phone cameras).
-PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF", "JPEG2000")
+PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "GIF", "PPM", "JPEG2000")
 _MB = 1024 * 1024
 _BIT_DEPTH = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32, "F": 32}
 _EXIF_ORIENTATION = 0x0112
@@ -237,11 +237,28 @@ def _open_pillow(data: bytes) -> Image.Image:
         raise ImageLoadError(_not_an_image_message(data)) from None
     except Exception as exc:  # a recognised format whose header is broken
         logger.debug("header parse failed: %s", type(exc).__name__)
-        raise ImageLoadError("The file starts like an image but its header is damaged"
-                             " (it may be truncated or corrupt).") from None
+        raise ImageLoadError(_damaged_header_message(data) or "The file starts like an image but its header is"
+                             " damaged (it may be truncated or corrupt).") from None
+
+
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF8", "GIF"),
+               (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"))
+
+
+def _damaged_header_message(data: bytes) -> str | None:
+    """For a file that starts with an image signature but cannot be opened."""
+    for signature, name in _SIGNATURES:
+        if data.startswith(signature):
+            return f"The {name} file is truncated or damaged: its header is incomplete."
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "The WebP file is truncated or damaged: its header is incomplete."
+    return None
 
 
 def _not_an_image_message(data: bytes) -> str:
+    damaged = _damaged_header_message(data)
+    if damaged:
+        return damaged
     other = _other_pillow_format(data)
     if other:
         return f"This is a {other} image, which is not accepted: save it as PNG, JPEG or DICOM."
