@@ -97,7 +97,7 @@ def auc_chart(per_class: Mapping[str, Mapping], macro: float | None = None, path
         if ci:
             ax.errorbar(i, entry["auc"], yerr=[[entry["auc"] - ci[0]], [ci[1] - entry["auc"]]], color="black",
                         capsize=4)
-        ax.text(i, min(entry["auc"] + 0.03, 1.02), f"{entry['auc']:.3f}", ha="center", fontsize=8)
+        ax.text(i + 0.06, entry["auc"] + 0.01, f"{entry['auc']:.3f}", ha="left", va="bottom", fontsize=8)
     ax.axhline(0.5, linestyle="--", color="grey", linewidth=1)
     if macro is not None:
         ax.axhline(macro, color="#ef8636", linewidth=1.2, label=f"macro AUC {macro:.3f}")

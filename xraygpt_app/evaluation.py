@@ -175,7 +175,8 @@ def zeroshot_metrics(table: LabelTable, logits: np.ndarray, n_resamples: int = 1
         "macro_auc": macro_auc(aucs),
         "macro_auc_ci95": cis["macro_auc"],
         "per_class": per_class,
-        "confusion_matrix": _confusion(targets, logits, table.single_label),
+        "confusion_matrix": {"labels": list(labels), "rows": "true label", "columns": "predicted label",
+                             **_confusion(targets, logits, table.single_label)},
         "bootstrap": {"resamples": n_resamples, "seed": seed, "level": 0.95},
         "auc_score": "sigmoid(logit), one-vs-rest (MedCLIP's evaluator)",
     }
