@@ -31,7 +31,8 @@ def _text_cfg_override(folder: Path, text_config: str | None) -> dict:
     if not text_config:
         return {}
     text_cfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))["model_cfg"]["text_cfg"]
-    return {"text_cfg": {**text_cfg, "hf_model_name": text_config}}
+    # The full checkpoint brings the text weights: do not ask transformers for pretrained ones.
+    return {"text_cfg": {**text_cfg, "hf_model_name": text_config, "hf_model_pretrained": False}}
 
 
 def load_biomedclip(folder: str | Path, text_config: str | None = None, device: str = "cpu"):

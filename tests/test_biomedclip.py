@@ -1,0 +1,108 @@
+"""BiomedCLIP through open_clip: a tiny model with BiomedCLIP's config layout, saved as an open_clip folder.
+
+The folder's config names the text tower by its Hub id, exactly as the released one does; the
+test points ``text_config`` at a local tiny BERT so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import yaml
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+
+from xraygpt_app.biomedclip import HUB_ID
+from xraygpt_app.config import load_config
+from xraygpt_app.errors import BadInputError
+from xraygpt_app.zeroshot import ZeroShotClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+BERT_TINY = SHARED / "fixtures" / "medclip_tiny" / "bert_tiny"
+SAMPLES = SHARED / "xray-samples"
+PUBMEDBERT = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
+
+
+def _open_clip_config(text_model: str) -> dict:
+    """BiomedCLIP's open_clip_config.json with a tiny timm ViT and a given text model name."""
+    return {
+        "model_cfg": {
+            "embed_dim": 64,
+            "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False,
+                           "timm_pool": "", "timm_proj": "linear", "image_size": 224},
+            "text_cfg": {"hf_model_name": text_model, "hf_tokenizer_name": text_model, "hf_proj_type": "mlp",
+                         "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256},
+        },
+        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+    }
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> tuple[Path, Path, torch.nn.Module]:
+    """(open_clip folder, local text config folder, the reference model that made the weights)."""
+    root = tmp_path_factory.mktemp("biomedclip")
+    text_dir = root / "text"
+    shutil.copytree(BERT_TINY, text_dir)
+    build_dir = root / "build"  # config naming the local text folder, to create the reference model
+    build_dir.mkdir()
+    (build_dir / "open_clip_config.json").write_text(json.dumps(_open_clip_config(str(text_dir))))
+    torch.manual_seed(0)
+    reference = open_clip.create_model(f"local-dir:{build_dir}", pretrained_text=False).eval()
+    folder = root / "BiomedCLIP-tiny"
+    folder.mkdir()
+    # The released layout: Hub text-model name in the config, tokenizer files beside the weights.
+    (folder / "open_clip_config.json").write_text(json.dumps(_open_clip_config(PUBMEDBERT)))
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(BERT_TINY / name, folder / name)
+    torch.save(reference.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return folder, text_dir, reference
+
+
+def _config(tmp_path: Path, folder: Path, text_dir: Path | None):
+    entry = {"kind": "biomedclip", "weights": str(folder)}
+    if text_dir is not None:
+        entry["text_config"] = str(text_dir)
+    path = tmp_path / "zs.yaml"
+    path.write_text(yaml.safe_dump({"zeroshot": {"default_model": "biomedclip", "models": {"biomedclip": entry}}}))
+    return load_config(path)
+
+
+def test_loads_folder_and_matches_reference(tmp_path, model_dir):
+    folder, text_dir, reference = model_dir
+    classifier = ZeroShotClassifier.from_config(_config(tmp_path, folder, text_dir))
+    encoder = classifier.encoder
+    assert encoder.tokenizer.context_length == 256
+    assert encoder.default_template == "this is a photo of {}"
+    images = [Image.open(SAMPLES / "nih_cxr14_00000001_000_pa_512.png"),
+              Image.open(SAMPLES / "covidcxr_ARDSSevere_rgb_790x631.png")]
+    prompts = ["this is a photo of pleural effusion", "this is a photo of a normal chest"]
+    preprocess = image_transform_v2(PreprocessCfg(**reference.visual.preprocess_cfg), is_train=False)
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    with torch.no_grad():
+        pixels = torch.stack([preprocess(image.convert("RGB")) for image in images])
+        expected_images = reference.encode_image(pixels, normalize=True)
+        tokens = tokenizer(prompts)
+        expected_text = reference.encode_text(tokens, normalize=True)
+    assert tokens.shape == (2, 256)
+    torch.testing.assert_close(encoder.encode_images(images), expected_images, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(encoder.encode_prompts(prompts), expected_text, atol=1e-5, rtol=1e-4)
+    (result,) = classifier.classify(images[:1], labels=["pleural effusion", "normal chest"])
+    expected_logits = reference.logit_scale.exp() * expected_images[:1] @ encoder.encode_prompts(
+        ["this is a photo of pleural effusion", "this is a photo of normal chest"]).T
+    assert result.logits == pytest.approx(expected_logits[0].tolist(), abs=1e-4)
+
+
+def test_bad_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(BadInputError, match="open_clip_config.json"):
+        ZeroShotClassifier.from_config(_config(tmp_path, tmp_path, None))
+
+
+def test_real_config_points_at_the_hub_id():
+    config = load_config(REPO / "eval_configs" / "xraygpt_eval.yaml")
+    assert f"hf-hub:{HUB_ID}" in config.zeroshot.models["biomedclip"].weights.sources
