@@ -13,6 +13,7 @@ from .errors import BadInputError
 
 AUTH_ENV = "XRAYGPT_AUTH"
 CONFIG_ENV = "XRAYGPT_CONFIG"
+DOWNLOAD_ENV = "XRAYGPT_DOWNLOAD"
 SHARE_WARNING = """
 ************************************************************************************
 WARNING: --share without --auth. Anyone who has the public link can use this app and
@@ -36,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"user:password pairs separated by commas, or a file with one pair per line "
                              f"(also ${AUTH_ENV})")
     parser.add_argument("--max-file-size", default=None, help="largest upload, e.g. 50mb (default from config)")
+    parser.add_argument("--download", action="store_true",
+                        help=f"fetch missing XrayGPT weights from their Hub/URL sources at start-up "
+                             f"(also ${DOWNLOAD_ENV}=1)")
     parser.add_argument("--mcp", action="store_true",
                         help="also serve the report/ask/classify endpoints as MCP tools (needs gradio[mcp])")
     parser.set_defaults(func=run)
@@ -88,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     from .services import build_services
     from .ui import CSS, build_app
 
-    services = build_services(config, progress=lambda message: print(message, flush=True))
+    download = args.download or os.environ.get(DOWNLOAD_ENV, "").lower() in ("1", "true", "yes")
+    services = build_services(config, progress=lambda message: print(message, flush=True), download=download)
     demo = build_app(services)
     demo.launch(server_name=config.app.host, server_port=config.app.port, share=config.app.share,
                 auth=auth or None, max_file_size=config.app.max_file_size, mcp_server=args.mcp,

@@ -43,25 +43,29 @@ class Services:
         return self.classifiers[name]
 
 
-def build_services(config: Config, *, progress: Callable[[str], None] | None = None,
+def build_services(config: Config, *, progress: Callable[[str], None] | None = None, download: bool = False,
                    with_xraygpt: bool = True, with_zeroshot: bool = True) -> Services:
-    """Load every model the config names, reporting progress through ``progress``."""
+    """Load every model the config names, reporting progress through ``progress``.
+
+    ``download`` lets the weights layer fetch XrayGPT's missing files from their Hub/URL sources
+    (e.g. on a Hugging Face Space); otherwise only local files and the cache are used.
+    """
     say = progress or logger.info
     services = Services(config=config)
     if with_xraygpt:
-        services.xraygpt, services.xraygpt_missing = _load_xraygpt(config, say)
+        services.xraygpt, services.xraygpt_missing = _load_xraygpt(config, say, download)
     if with_zeroshot:
         services.classifiers, services.zeroshot_missing = _load_zeroshot(config, say)
     return services
 
 
-def _load_xraygpt(config: Config, say: Callable[[str], None]) -> tuple[Any, str | None]:
+def _load_xraygpt(config: Config, say: Callable[[str], None], download: bool) -> tuple[Any, str | None]:
     say("Loading XrayGPT (vision encoder, Q-Former, language model)...")
     start = time.perf_counter()
     try:
         from .api import XrayGPT
 
-        model = XrayGPT.from_config(config)
+        model = XrayGPT.from_config(config, download=download)
     except MissingWeightsError as exc:
         say(f"XrayGPT is unavailable: {exc}")
         return None, str(exc)

@@ -153,7 +153,8 @@ def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Non
         trigger(on_ask, [state, question, *sliders], [*outputs, question], **group)
     regenerate_button.click(on_regenerate, [state, *sliders], outputs, **group)
     stop_button.click(h.stop, [state], [chat_notice], queue=False, api_visibility="private")
-    clear_button.click(h.clear_chat, [state], outputs, queue=False, api_visibility="private")
+    for trigger in (clear_button.click, chatbot.clear):  # the chatbot's own bin icon clears the state too
+        trigger(h.clear_chat, [state], outputs, queue=False, api_visibility="private")
 
 
 def _vqa_tab(services: Services, state: gr.State, image: dict[str, Any]) -> None:

@@ -134,7 +134,7 @@ def preview_html(image: Image.Image, model_size: int = 224) -> str:
     model_view = image.convert("RGB").resize((model_size, model_size), Image.Resampling.BICUBIC)
     return (
         '<div class="xr-preview">'
-        f'<figure><img alt="Normalised radiograph" src="{_data_url(display)}" style="max-width:100%">'
+        f'<figure><img alt="Normalised radiograph" src="{_data_url(display)}" style="max-width:100%;max-height:420px">'
         f"<figcaption>What the model gets: the decoded 8-bit image ({image.width}×{image.height})."
         "</figcaption></figure>"
         f'<figure><img alt="Model input" src="{_data_url(model_view)}" width="{model_size // 2}">'

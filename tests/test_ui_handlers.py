@@ -1,0 +1,202 @@
+"""The web app's handlers on the tiny real-format models, without a browser or a server."""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+
+import pytest
+
+from xraygpt_app import ui_handlers as h
+from xraygpt_app.config import load_config
+from xraygpt_app.services import build_services
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "eval_configs" / "tiny_fixture.yaml"
+GREEDY = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 0.9, "num_beams": 1, "do_sample": False}
+
+
+@pytest.fixture(scope="module")
+def services(shared_dir):
+    return build_services(load_config(TINY))
+
+
+@pytest.fixture
+def png_bytes(samples_dir) -> bytes:
+    return (samples_dir / "nih_cxr14_00000001_000_pa_512.png").read_bytes()
+
+
+@pytest.fixture
+def loaded(services, png_bytes) -> h.UserState:
+    state, _, _, note = h.load_image(None, png_bytes, services.config.image)
+    assert note == ""
+    return state
+
+
+def _run(outputs) -> list:
+    return list(outputs)
+
+
+def test_upload_gives_preview_and_description(services, png_bytes):
+    state, preview, description, note = h.load_image(None, png_bytes, services.config.image, model_size=224)
+    assert note == "" and state.image is not None and state.image.mode in ("L", "RGB")
+    assert preview.count("data:image/png;base64,") == 2  # the decoded image and the 224 px model input
+    assert "512 × 512" in description and "PNG" in description
+    assert state.messages == [] and state.session is None
+
+
+def test_dicom_upload_is_described_without_identity(services, samples_dir):
+    data = (samples_dir / "cr_siim_chest_pa_mono2_jpeg_baseline.dcm").read_bytes()
+    state, preview, description, note = h.load_image(None, data, services.config.image)
+    assert note == "" and state.image is not None and "data:image/png" in preview
+    assert "DICOM" in description and "PA" in description
+    assert "16d7f894" not in description  # the pseudonymised patient id stays out of the page
+
+
+def test_corrupt_upload_is_a_notice_and_keeps_the_old_image(services, loaded):
+    state, preview, description, note = h.load_image(loaded, b"\x89PNG\r\n\x1a\n" + b"\0" * 300)
+    assert note.startswith("⚠️") and len(note) > 10
+    assert state is loaded and state.image is not None and preview == "" and description == ""
+
+
+def test_read_upload_deletes_only_files_under_the_upload_root(tmp_path):
+    root = tmp_path / "cache"
+    (root / "abc").mkdir(parents=True)
+    inside, outside = root / "abc" / "x.png", tmp_path / "keep.png"
+    inside.write_bytes(b"secret")
+    outside.write_bytes(b"mine")
+    assert h.read_upload(inside, root) == b"secret"
+    assert not inside.exists() and not (root / "abc").exists()
+    assert h.read_upload(outside, root) == b"mine" and outside.exists()
+
+
+def test_example_buttons_load_the_bundled_files(services):
+    for name, filename in h.EXAMPLES.items():
+        assert (h.EXAMPLES_DIR / filename).is_file()
+        state, preview, _, note = h.load_example(None, name, services.config.image)
+        assert note == "" and state.image is not None and preview
+    assert "ATTRIBUTION" in " ".join(p.name for p in h.EXAMPLES_DIR.iterdir())
+
+
+def test_report_streams_into_the_chat_and_records_the_turn(services, loaded):
+    outputs = _run(h.generate_report(loaded, services, GREEDY))
+    texts = [messages[-1]["content"] for messages, *_ in outputs[:-1]]
+    assert len(texts) >= 2, "the answer should arrive in several pieces"
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:], strict=False))
+    messages, state, note, download = outputs[-1]
+    turn = state.session.turns[-1]
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[0]["content"] == turn.question and messages[1]["content"] == turn.answer
+    assert note == "" and not turn.cancelled
+    markdown = base64.b64decode(re.search(r"base64,([^\"]+)", download).group(1)).decode()
+    assert h.DISCLAIMER in markdown and turn.answer in markdown and turn.question in markdown
+
+
+def test_follow_up_continues_the_same_conversation(services, loaded):
+    _run(h.generate_report(loaded, services, GREEDY))
+    session = loaded.session
+    messages, state, note, _ = _run(h.ask(loaded, services, "Is there evidence of pleural effusion?", GREEDY))[-1]
+    assert state.session is session and len(session.turns) == 2
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 2
+    assert messages[2]["content"] == "Is there evidence of pleural effusion?"
+
+
+def test_regenerate_replaces_the_last_answer(services, loaded):
+    _run(h.generate_report(loaded, services, GREEDY))
+    sampled = dict(GREEDY, do_sample=True, seed=7)
+    messages, state, note, _ = _run(h.regenerate(loaded, services, sampled))[-1]
+    assert len(messages) == 2 and len(state.session.turns) == 1
+    assert messages[1]["content"] == state.session.turns[-1].answer
+
+
+def test_regenerate_before_any_answer_is_a_notice(services, loaded):
+    messages, _, note, _ = _run(h.regenerate(loaded, services, GREEDY))[-1]
+    assert messages == [] and note.startswith("⚠️")
+
+
+def test_stop_cancels_the_running_answer(services, loaded):
+    stream = h.generate_report(loaded, services, dict(GREEDY, max_new_tokens=200))
+    first = next(stream)
+    h.stop(first[1])
+    messages, state, note, _ = list(stream)[-1]
+    assert state.session.turns[-1].cancelled and "stopped" in note.lower()
+    assert messages[-1]["content"] == state.session.turns[-1].answer
+
+
+def test_bad_questions_and_missing_image_are_notices(services, loaded):
+    for question in ("   ", "x" * 5000):
+        messages, state, note, _ = _run(h.ask(loaded, services, question, GREEDY))[-1]
+        assert note.startswith("⚠️") and messages == [] and state.messages == []
+    messages, _, note, _ = _run(h.ask(None, services, "Any effusion?", GREEDY))[-1]
+    assert messages == [] and "Upload" in note
+
+
+def test_dropped_turns_are_announced(services, loaded):
+    _run(h.generate_report(loaded, services, GREEDY))
+    first = loaded.session.turns[0]
+    prompt_tokens = first.timings["prefilled_tokens"] + first.timings["reused_tokens"]
+    # Room for the question alone but not for the history: the oldest turn must be dropped.
+    budget = dict(GREEDY, max_new_tokens=loaded.session.context_limit - prompt_tokens)
+    stream = h.ask(loaded, services, "Effusion?", budget)
+    h.stop(next(stream)[1])
+    *_, (messages, state, note, _) = stream
+    assert state.session.turns[-1].dropped_turns >= 1
+    assert "too long" in note and "stopped" in note.lower()
+
+
+def test_clear_keeps_the_image(services, loaded):
+    _run(h.generate_report(loaded, services, GREEDY))
+    messages, state, note, download = h.clear_chat(loaded)
+    assert messages == [] and state.session is None and state.image is not None and download == ""
+
+
+def test_vqa_answers_one_question_in_a_fresh_conversation(services, loaded):
+    outputs = _run(h.vqa_answer(loaded, services, "Is the heart size normal?", GREEDY))
+    answer, note = outputs[-1]
+    assert note == "" and answer and loaded.session is None and loaded.messages == []
+
+
+def test_zero_shot_preset_and_custom_labels(services, loaded):
+    frame, rows, note = h.classify(loaded, services, "medclip-vit", "chexpert5", "")
+    assert note == "" and len(rows) == 5
+    probabilities = [row[1] for row in rows]
+    assert probabilities == sorted(probabilities, reverse=True) and abs(sum(probabilities) - 1) < 1e-3
+    assert list(frame["label"]) == [row[0] for row in rows]
+    frame, rows, note = h.classify(loaded, services, "medclip-vit", h.CUSTOM, "pneumonia,\n effusion, pneumonia")
+    assert note == "" and sorted(row[0] for row in rows) == ["effusion", "pneumonia"]
+    _, rows, note = h.classify(loaded, services, "medclip-vit", h.CUSTOM, "pneumonia")
+    assert rows == [] and note.startswith("⚠️")
+    _, rows, note = h.classify(loaded, services, "biomedclip", "chexpert5", "")
+    assert rows == [] and note.startswith("⚠️")
+
+
+def test_api_handlers(services, png_bytes):
+    answer = h.api_answer(services, png_bytes, "Any effusion?", GREEDY)
+    assert isinstance(answer, str)
+    scores = h.api_classify(services, png_bytes, "medclip-vit", "covid", "")
+    assert scores["labels"] == ["Normal", "COVID"] and scores["predicted"] in scores["labels"]
+
+
+def test_missing_weights_do_not_stop_the_app(shared_dir, tmp_path):
+    config = load_config(TINY, [f"weights.ckpt={tmp_path / 'absent.pth'}",
+                                f"zeroshot.models.medclip-vit.weights={tmp_path / 'absent.bin'}"])
+    services = build_services(config)
+    assert services.xraygpt is None and "absent.pth" in services.xraygpt_missing
+    assert services.classifiers == {} and "absent.bin" in services.zeroshot_missing["medclip-vit"]
+    note = _run(h.generate_report(h.UserState(), services, GREEDY))[-1][2]
+    assert "absent.pth" in note
+
+    from xraygpt_app.ui import build_app
+
+    demo = build_app(services)  # builds, with the reasons shown in place of the controls
+    page_text = str(demo.config)
+    assert "XrayGPT is not available" in page_text and "absent.bin" in page_text
+
+
+def test_app_exposes_the_api_names(services):
+    from xraygpt_app.ui import build_app
+
+    demo = build_app(services)
+    names = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
+    assert {"report", "ask", "classify"} <= names
