@@ -1,9 +1,90 @@
-"""Core commands: report, ask, fetch, check."""
+"""Core commands: ``xraygpt report`` and ``xraygpt ask``.
+
+Text streams to the terminal unless ``--json``, which prints one object: per turn the question,
+the exact prompt fed to the LLM, the generated token ids, the answer and timings, plus the image
+description and the resolved config.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+
+from .chat import ChatSession
+from .cli import add_config_options
+from .config import load_config
+from .conversation import DEFAULT_REPORT_QUESTION
+from .image_io import load_radiograph
+
+DISCLAIMER = "Research and education only: machine-generated text, may be wrong, not a diagnosis."
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the core commands (filled in by the inference-core work)."""
+    report = subparsers.add_parser("report", help="draft a report for one radiograph")
+    _add_common(report)
+    report.add_argument("-q", "--question", default=DEFAULT_REPORT_QUESTION,
+                        help=f"the first-turn request (default: {DEFAULT_REPORT_QUESTION!r})")
+    report.set_defaults(func=run_report)
+
+    ask = subparsers.add_parser("ask", help="a multi-turn conversation about one radiograph")
+    _add_common(ask)
+    ask.add_argument("-q", "--question", dest="questions", action="append", required=True,
+                     help="a question; repeat for follow-ups in the same conversation")
+    ask.set_defaults(func=run_ask)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", help="PNG, JPEG or DICOM file")
+    add_config_options(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding (XrayGPT samples by default)")
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling, for repeatable answers")
+    parser.add_argument("--no-kv-reuse", action="store_true", help="re-run the whole prompt each turn")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    return _converse(args, [args.question])
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    return _converse(args, args.questions)
+
+
+def _converse(args: argparse.Namespace, questions: list[str]) -> int:
+    from .api import XrayGPT  # torch and transformers load only for commands that need them
+
+    config = load_config(args.config, args.overrides)
+    radiograph = load_radiograph(args.image, config.image)  # bad files fail before the model loads
+    model = XrayGPT.from_config(config)
+    session = model.chat(radiograph.image, reuse_kv=not args.no_kv_reuse)
+    generation = {"max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    if args.greedy:
+        generation["do_sample"] = False
+    if not args.json:
+        print(DISCLAIMER, file=sys.stderr)
+    for question in questions:
+        _run_turn(session, question, generation, stream=not args.json)
+    if args.json:
+        print(json.dumps({
+            "image": radiograph.info.to_dict(),
+            "image_encoding_timings": session.encoding.timings,
+            "turns": [turn.to_dict() for turn in session.turns],
+            "config": config.to_dict(),
+            "disclaimer": DISCLAIMER,
+        }, indent=2, ensure_ascii=False))
+    return 0
+
+
+def _run_turn(session: ChatSession, question: str, generation: dict, stream: bool) -> None:
+    if not stream:
+        session.ask(question, **generation)
+        return
+    print(f"\nPatient: {question}\nXrayGPT: ", end="", flush=True)
+    for piece in session.ask_stream(question, **generation):
+        print(piece, end="", flush=True)
+    turn = session.turns[-1]
+    if turn.dropped_turns:
+        print(f"\n[{turn.dropped_turns} earlier turn(s) left out to fit the context]", end="")
+    print(flush=True)

@@ -234,7 +234,11 @@ def _apply_override(raw: dict, item: str, path: Path) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {item!r}: {key!r} is not a section (in {path})")
         node = child
-    node[keys[-1]] = value
+    current = node.get(keys[-1])
+    if isinstance(current, dict) and "sources" in current and isinstance(value, (str, list)):
+        current["sources"] = [value] if isinstance(value, str) else value  # keep sha256/how_to_get
+    else:
+        node[keys[-1]] = value
 
 
 def _build(cls: type, data: Any, source: str, where: str) -> Any:

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import sentencepiece
-
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
