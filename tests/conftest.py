@@ -32,3 +32,17 @@ def shared_dir() -> Path:
 def samples_dir(shared_dir: Path) -> Path:
     """``shared/xray-samples``: real radiographs described by its manifest.csv."""
     return shared_dir / "xray-samples"
+
+
+@pytest.fixture(scope="session")
+def xraygpt_fixture_dir(shared_dir: Path) -> Path:
+    """``shared/fixtures/xraygpt_tiny``: tiny XrayGPT checkpoints with the reference's outputs."""
+    return shared_dir / "fixtures" / "xraygpt_tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_xraygpt(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A tiny XrayGPT written by ``tests/tinymodels.py`` in the native formats, with ``tiny.yaml``."""
+    import tinymodels  # the tests folder is on sys.path (pytest's rootdir conftest)
+
+    return tinymodels.build_all(tmp_path_factory.mktemp("tiny_xraygpt"))
