@@ -79,10 +79,12 @@ def _image_panel(services: Services, state: gr.State) -> dict[str, Any]:
     gen = config.generation
     with gr.Accordion("Generation settings", open=False):
         sliders = [
-            gr.Slider(1, max(1000, gen.max_new_tokens), value=gen.max_new_tokens, step=1, label="Max new tokens"),
-            gr.Slider(0.1, 2.0, value=gen.temperature, step=0.1, label="Temperature"),
-            gr.Slider(0.1, 1.0, value=gen.top_p, step=0.05, label="Top-p"),
-            gr.Slider(1, 10, value=gen.num_beams, step=1, label="Beams"),
+            gr.Slider(1, max(1000, gen.max_new_tokens), value=gen.max_new_tokens, step=1, label="Max new tokens",
+                      elem_id="max-new-tokens"),
+            gr.Slider(0.1, 2.0, value=gen.temperature, step=0.1, label="Temperature", elem_id="temperature"),
+            gr.Slider(0.1, 1.0, value=gen.top_p, step=0.05, label="Top-p", elem_id="top-p"),
+            gr.Slider(1, 10, value=gen.num_beams, step=1, label="Beams", elem_id="beams"),
+            gr.Checkbox(value=gen.do_sample, label="Sample (off: greedy, reproducible)", elem_id="do-sample"),
         ]
     parts = {"upload": upload, "notice": image_notice, "preview": preview, "description": description,
              "sliders": sliders, "examples": example_buttons}
@@ -135,17 +137,17 @@ def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Non
     group = {"concurrency_id": GENERATION, "concurrency_limit": services.config.app.generation_concurrency,
              "api_visibility": "private"}
 
-    def on_report(st: h.UserState | None, *values: float):
+    def on_report(st: h.UserState | None, *values: Any):
         yield from h.generate_report(st, services, h.generation_kwargs(*values))
 
-    def on_ask(st: h.UserState | None, text: str, *values: float):
+    def on_ask(st: h.UserState | None, text: str, *values: Any):
         if not (text or "").strip():
             yield gr.skip(), st, h.notice("Type a question first."), gr.skip(), gr.skip()
             return
         for out in h.ask(st, services, text, h.generation_kwargs(*values)):
             yield (*out, "")
 
-    def on_regenerate(st: h.UserState | None, *values: float):
+    def on_regenerate(st: h.UserState | None, *values: Any):
         yield from h.regenerate(st, services, h.generation_kwargs(*values))
 
     report_button.click(on_report, [state, *sliders], outputs, **group)
@@ -170,7 +172,7 @@ def _vqa_tab(services: Services, state: gr.State, image: dict[str, Any]) -> None
     answer = gr.Markdown(elem_id="vqa-answer", container=True, min_height=80)
     vqa_notice = gr.Markdown(elem_id="vqa-notice")
 
-    def on_answer(st: h.UserState | None, text: str, *values: float):
+    def on_answer(st: h.UserState | None, text: str, *values: Any):
         if not (text or "").strip():
             yield gr.skip(), h.notice("Type a question first.")
             return

@@ -57,10 +57,11 @@ class UserState:
     vqa_cancel: threading.Event = field(default_factory=threading.Event)
 
 
-def generation_kwargs(max_new_tokens: float, temperature: float, top_p: float, num_beams: float) -> dict[str, Any]:
+def generation_kwargs(max_new_tokens: float, temperature: float, top_p: float, num_beams: float,
+                      do_sample: bool = True) -> dict[str, Any]:
     """The generation settings of the UI as keyword arguments for the core."""
     return {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature),
-            "top_p": float(top_p), "num_beams": int(num_beams)}
+            "top_p": float(top_p), "num_beams": int(num_beams), "do_sample": bool(do_sample)}
 
 
 def notice(text: str) -> str:

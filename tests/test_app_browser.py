@@ -1,0 +1,200 @@
+"""The web app in headless Chromium (Debian's package; Playwright cannot download browsers here).
+
+The app runs as ``python app.py`` with the tiny real-format models on a free local port.
+Screenshots go to test-artifacts/ (git-ignored) for a human to look at.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from _app_server import ARTIFACTS, files_holding, running_app
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(900)]
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+NIH = "nih_cxr14_00000001_000_pa_512.png"
+HANNOVER = "hannover_1479fa94_pa_640x755.png"
+WAIT_MS = 120_000
+BOT = "#chatbot [data-testid='bot']"
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).exists():
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: scripts/setup-test-env.sh installs it (apt-get install chromium)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_app(tmp_path_factory.mktemp("app"), ["app.py"]) as app:
+        yield app
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = _chromium()
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def uploaded() -> list[bytes]:
+    """Every file the tests upload, checked against Gradio's cache at the end."""
+    return []
+
+
+def _shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def _open(browser, server, **context_options):
+    context = browser.new_context(**{"viewport": {"width": 1280, "height": 1000}, **context_options})
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    page.goto(server.url)
+    page.wait_for_selector("#upload")
+    return context, page
+
+
+def _upload(page, path: Path, uploaded: list[bytes]) -> None:
+    uploaded.append(path.read_bytes())
+    page.locator("#upload input[type=file]").set_input_files(str(path))
+    page.wait_for_selector("#preview img")
+
+
+def _greedy(page) -> None:
+    page.get_by_text("Generation settings").click()
+    page.locator("#do-sample input").uncheck()
+
+
+def _bot_texts(page) -> list[str]:
+    return page.locator(BOT).all_inner_texts()
+
+
+def _wait_for_answers(page, count: int) -> None:
+    page.wait_for_function(f"document.querySelectorAll(\"{BOT}\").length >= {count}")
+    page.wait_for_selector("#download a")  # the link comes back when the answer is complete
+
+
+def _watch_stream(page) -> None:
+    page.evaluate("""() => {
+        window.__seen = new Set();
+        new MutationObserver(() => {
+            const bots = document.querySelectorAll("#chatbot [data-testid='bot']");
+            if (bots.length) window.__seen.add(bots[bots.length - 1].innerText);
+        }).observe(document.querySelector('#chatbot'), {subtree: true, childList: true, characterData: true});
+    }""")
+
+
+def _ask(page, question: str) -> None:
+    page.locator("#question textarea").fill(question)
+    page.locator("#question textarea").press("Enter")
+
+
+def test_report_follow_up_vqa_and_zero_shot(server, browser, samples_dir, uploaded):
+    context, page = _open(browser, server)
+    _upload(page, samples_dir / NIH, uploaded)
+    assert page.locator("#preview img").count() == 2
+    assert "512 × 512" in page.locator("#description").inner_text()
+    _greedy(page)
+    _watch_stream(page)
+    page.locator("#generate-report").click()
+    _wait_for_answers(page, 1)
+    report = _bot_texts(page)[0]
+    assert report.strip()
+    seen = page.evaluate("[...window.__seen]")
+    assert len(seen) >= 2 and report.strip() in [s.strip() for s in seen], "the report should stream in"
+
+    _ask(page, "Is there evidence of pleural effusion?")
+    _wait_for_answers(page, 2)
+    assert "Is there evidence of pleural effusion?" in page.locator("#chatbot").inner_text()
+    href = page.locator("#download a").get_attribute("href")
+    markdown = base64.b64decode(href.split("base64,", 1)[1]).decode()
+    assert "Is there evidence of pleural effusion?" in markdown and "not a diagnosis" in markdown
+    assert "Research and education only" in page.locator("#chat-notice").evaluate(
+        "el => el.closest('.column').innerText")
+    _shot(page, "1-report-chat")
+
+    page.get_by_role("tab", name="VQA").click()
+    page.get_by_text("Is the heart size normal?").first.click()
+    page.locator("#vqa-ask").click()
+    page.wait_for_function("document.querySelector('#vqa-answer').innerText.trim().length > 0")
+    assert "not a diagnosis" in page.locator(".xr-disclaimer:visible").first.inner_text()
+    _shot(page, "2-vqa")
+
+    page.get_by_role("tab", name="Zero-shot").click()
+    page.locator("#zs-run").click()
+    page.wait_for_function("document.querySelector('#zs-table').innerText.includes('Cardiomegaly')")
+    page.wait_for_selector("#zs-chart svg .mark-rect path")
+    assert page.locator("#zs-chart svg .mark-rect path").count() == 5
+    assert "not a diagnosis" in page.locator(".xr-disclaimer:visible").first.inner_text()
+    _shot(page, "3-zero-shot")
+    context.close()
+
+
+def test_corrupt_upload_shows_a_notice(server, browser, uploaded):
+    context, page = _open(browser, server)
+    broken = b"\x89PNG\r\n\x1a\n" + b"this is not really an image" * 40
+    uploaded.append(broken)
+    page.locator("#upload input[type=file]").set_input_files(
+        files=[{"name": "broken.png", "mimeType": "image/png", "buffer": broken}])
+    page.wait_for_function("document.querySelector('#image-notice').innerText.includes('⚠️')")
+    assert "Traceback" not in page.content()
+    assert page.locator("#preview img").count() == 0
+    _shot(page, "4-corrupt-upload")
+    context.close()
+
+
+def test_two_browsers_keep_separate_conversations(server, browser, samples_dir, uploaded):
+    (context_a, page_a), (context_b, page_b) = _open(browser, server), _open(browser, server)
+    _upload(page_a, samples_dir / NIH, uploaded)
+    _upload(page_b, samples_dir / HANNOVER, uploaded)
+    page_a.locator("#generate-report").click()
+    page_b.locator("#generate-report").click()  # queued behind A (one generation at a time)
+    _wait_for_answers(page_a, 1)
+    _wait_for_answers(page_b, 1)
+    _ask(page_a, "Question from A about the hila?")
+    _ask(page_b, "Question from B about the diaphragm?")
+    _wait_for_answers(page_a, 2)
+    _wait_for_answers(page_b, 2)
+    chat_a, chat_b = page_a.locator("#chatbot").inner_text(), page_b.locator("#chatbot").inner_text()
+    assert "from A" in chat_a and "from B" not in chat_a
+    assert "from B" in chat_b and "from A" not in chat_b
+    assert "512 × 512" in page_a.locator("#description").inner_text()
+    assert "640 × 755" in page_b.locator("#description").inner_text()
+    _shot(page_b, "5-second-browser")
+    context_a.close()
+    context_b.close()
+
+
+def test_phone_sized_viewport(server, browser):
+    context, page = _open(browser, server, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page.locator(".xr-example").first.click()
+    page.wait_for_selector("#preview img")
+    page.locator("#generate-report").click()
+    _wait_for_answers(page, 1)
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 400, f"the page scrolls sideways on a phone ({width} px)"
+    _shot(page, "6-phone")
+    context.close()
+
+
+def test_no_uploaded_bytes_remain_in_gradio_cache(server, uploaded):
+    # Runs last: every session above has ended; the app deletes each upload once decoded.
+    assert uploaded, "the tests above should have uploaded files"
+    for data in uploaded:
+        assert files_holding(server.cache_dir, data) == []
+    assert "pleural effusion" not in server.log().lower()  # no user text in the server log
