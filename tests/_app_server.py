@@ -56,9 +56,9 @@ def running_app(workdir: Path, command: list[str], extra_env: dict[str, str] | N
     cache_dir = workdir / "gradio-cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / "server.log"
-    env = {**os.environ, "GRADIO_TEMP_DIR": str(cache_dir), "GRADIO_ANALYTICS_ENABLED": "False",
-           "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    env.pop("XRAYGPT_AUTH", None)
+    env = {key: value for key, value in os.environ.items() if key != "XRAYGPT_AUTH"}
+    env.update({"GRADIO_TEMP_DIR": str(cache_dir), "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
+                **(extra_env or {})})
     args = [sys.executable, *command, "--config", str(TINY), "--port", str(port), "--host", "127.0.0.1"]
     with log_path.open("w") as log:
         process = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
