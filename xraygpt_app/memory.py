@@ -1,0 +1,260 @@
+"""Estimate peak memory per device for a config's runtime mode, from the model built on the meta device.
+
+Nothing is allocated and no weights are read: the vision tower, the Q-Former bridge and the LLM
+are built on ``torch.device("meta")`` with the configured dimensions (the LLM's from its folder's
+``config.json``), cast or quantised the way loading would place them (``placement.plan_placement``),
+and their tensors' bytes are summed. On top come the KV cache at the full context and documented
+allowances for activations and runtime overhead.
+
+What each part counts:
+
+- **vision**: EVA ViT + ``ln_vision``. XrayGPT's ``vit_precision: fp16`` on CUDA keeps the Conv and
+  Linear weights (and their biases) in float16 and everything else (LayerNorms, ``cls_token``,
+  ``pos_embed``, ``q_bias``/``v_bias``) in float32; on the CPU (``low_resource``, fp32, bf16) the
+  rounded weights are computed in float32 (bf16 if ``vision.precision`` is fp32 and mode bf16).
+- **qformer**: Q-Former, query tokens and ``llama_proj``, float32 next to the LLM, as in the reference.
+- **llm_weights**: unquantised parameters and buffers in the LLM dtype. 8-bit: transformers'
+  bitsandbytes integration swaps every ``nn.Linear`` except the modules its quantizer skips
+  (``get_modules_to_not_convert``: the output embedding ``lm_head``, tied weights, the last
+  module) for ``Linear8bitLt``: int8 weights plus one float32 scale per output row (``SCB``).
+  Embeddings are not Linear, so they stay in the LLM dtype. NF4 4-bit: half a byte per weight
+  plus one float32 ``absmax`` per block of 64 (with double quantisation: one byte per block plus
+  a float32 per 256 blocks) and a 16-entry code book per layer. We apply transformers' own
+  replacement function to the meta model, so its skip rules are the ones counted.
+- **kv_cache**: keys and values of every layer for ``min(llm.max_length, max_position_embeddings)``
+  tokens (times ``generation.num_beams``), in the LLM compute dtype.
+- **activations**: the largest transient of a prefill over the full context with SDPA attention
+  (no n x n score matrix): the prefill's logits (every position, ``n x vocab`` in the LLM dtype,
+  since the chat engine asks for all of them) or one layer's MLP and attention tensors, whichever is
+  larger, plus the residual stream; bitsandbytes' int8 matmul adds an int32 accumulator. The
+  ViT's one-image activations go on the vision device.
+- **overhead**: on a GPU, ``CUDA_CONTEXT_BYTES`` for the CUDA context, kernels and cuBLAS
+  workspace (not visible to ``torch.cuda.max_memory_allocated`` but visible to ``nvidia-smi``);
+  on the CPU, ``HOST_BASELINE_BYTES`` for Python with torch/transformers/timm imported, plus, when
+  the ViT goes to a GPU, the float32 copy of it that loading makes on the CPU before the move.
+  Page-cache pages of memory-mapped checkpoint files are not counted (reclaimable, shared).
+
+It is an estimate: allocator fragmentation, cuDNN/cuBLAS autotuning buffers and a different
+attention kernel can move the real peak by a few hundred MB.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, PretrainedConfig
+
+from .config import Config
+from .errors import MissingWeightsError
+from .model import build_parts
+from .placement import Placement, plan_placement
+from .weights import resolve_weights
+
+log = logging.getLogger(__name__)
+
+MiB = 2**20
+CUDA_CONTEXT_BYTES = 512 * MiB  # typical CUDA 12/13 context + kernels + cuBLAS workspace with torch
+HOST_BASELINE_BYTES = 1024 * MiB  # RSS after importing xraygpt_app, torch (CUDA build), transformers, timm: 1.04 GiB measured
+NF4_BLOCKSIZE = 64  # bitsandbytes' default blocksize for 4-bit quantisation
+DOUBLE_QUANT_BLOCKSIZE = 256
+PARTS = ("vision", "qformer", "llm_weights", "kv_cache", "activations", "overhead")
+
+# Vicuna-7B (LLaMA-7B) dimensions, used when the LLM folder (its config.json) is not present.
+VICUNA_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                 intermediate_size=11008, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                 tie_word_embeddings=False)
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per device and part (see the module docstring), and notes on what was assumed."""
+
+    mode: str
+    breakdown: dict[str, dict[str, int]]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> dict[str, int]:
+        return {device: sum(parts.values()) for device, parts in self.breakdown.items()}
+
+
+def estimate_peak_memory(config: Config, assume_cuda: bool | None = None) -> dict[str, int]:
+    """Estimated peak bytes per device (``"cuda:0"``, ``"cpu"``) for ``config.runtime``.
+
+    ``assume_cuda``: plan as if a CUDA GPU were (True) or were not (False) present; None asks torch.
+    """
+    return estimate(config, assume_cuda).peak
+
+
+def estimate_breakdown(config: Config, assume_cuda: bool | None = None) -> dict[str, dict[str, int]]:
+    """Estimated bytes per device and part: vision, qformer, llm_weights, kv_cache, activations, overhead."""
+    return estimate(config, assume_cuda).breakdown
+
+
+def estimate(config: Config, assume_cuda: bool | None = None) -> MemoryEstimate:
+    """The full estimate: breakdown per device, the resolved mode, and notes on assumptions."""
+    placement = plan_placement(config.runtime, config.vision, cuda_available=assume_cuda)
+    llm_config, notes = llm_architecture(config)
+    with torch.device("meta"):
+        vision, bridge = build_parts(config)
+    vision_bytes = tensor_bytes(cast_vision_like_loading(vision, placement))
+    vision_params = sum(p.numel() for p in vision.parameters())
+    llm_bytes = llm_weight_bytes(llm_config, placement)
+    context = min(config.llm.max_length, llm_config.max_position_embeddings)
+    llm_device, vision_device = _device_name(placement.llm_device), _device_name(placement.vision_device)
+    breakdown: dict[str, dict[str, int]] = {}
+
+    def add(device: str, part: str, size: int) -> None:
+        parts = breakdown.setdefault(device, dict.fromkeys(PARTS, 0))
+        parts[part] += int(size)
+
+    add(llm_device, "llm_weights", llm_bytes)
+    add(llm_device, "qformer", tensor_bytes(bridge.float()))  # float32 next to the LLM, as the reference
+    add(llm_device, "kv_cache", kv_cache_bytes(llm_config, context * config.generation.num_beams, placement))
+    add(llm_device, "activations", llm_activation_bytes(llm_config, context, placement))
+    add(vision_device, "vision", vision_bytes)
+    add(vision_device, "activations", vision_activation_bytes(config, placement))
+    # place_vision upcasts the whole tower to float32 on the CPU before casting and moving it.
+    vit_on_gpu = placement.vision_device.type == "cuda"
+    add("cpu", "overhead", HOST_BASELINE_BYTES + (vision_params * 4 if vit_on_gpu else 0))
+    for device in breakdown:
+        if device.startswith("cuda"):
+            add(device, "overhead", CUDA_CONTEXT_BYTES)
+    if any(d.startswith("cuda") for d in breakdown) and not torch.cuda.is_available():
+        notes.append("estimated for a CUDA GPU (none on this machine)")
+    return MemoryEstimate(placement.mode, breakdown, notes)
+
+
+def llm_architecture(config: Config) -> tuple[PretrainedConfig, list[str]]:
+    """The LLM's config from its folder's config.json, or Vicuna-7B's dimensions when it is absent."""
+    try:
+        folder = resolve_weights(config.weights.llama_model, "weights.llama_model", cache_dir=config.weights.cache_dir)
+    except MissingWeightsError:
+        note = ("LLM folder not present: assumed Vicuna-7B (LLaMA, hidden 4096, 32 layers, 32 heads,"
+                " intermediate 11008, vocab 32000, 2048 positions)")
+        if config.llm.hidden_size != VICUNA_7B["hidden_size"]:
+            note += f", although llm.hidden_size is {config.llm.hidden_size}"
+        return LlamaConfig(**VICUNA_7B), [note]
+    return AutoConfig.from_pretrained(folder), []
+
+
+def cast_vision_like_loading(tower: nn.Module, placement: Placement) -> nn.Module:
+    """Give a (meta) vision tower the dtypes ``vision.place_vision`` gives the loaded one, without moving it."""
+    tower.float()
+    if placement.vision_half_weights:
+        if placement.vision_device.type == "cuda":
+            for module in tower.eva.modules():
+                if isinstance(module, (nn.Conv2d, nn.Linear)):
+                    module.half()
+        # on the CPU the fp16-rounded weights are computed in float32: nothing changes in size
+    elif placement.vision_dtype != torch.float32:
+        tower.eva.to(placement.vision_dtype)
+    return tower
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (shared tensors counted once)."""
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def llm_weight_bytes(llm_config: PretrainedConfig, placement: Placement) -> int:
+    """Bytes of the LLM's weights as loaded for ``placement`` (quantised per transformers' rules)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(llm_config, dtype=placement.llm_dtype)
+    if placement.llm_quantization is None:
+        return tensor_bytes(model)
+    from .llm import quantization_config
+
+    bnb_config = quantization_config(placement)
+    model = quantize_meta_model(model, bnb_config)
+    return quantized_bytes(model, placement.llm_dtype, bnb_config)
+
+
+def quantize_meta_model(model: nn.Module, bnb_config: BitsAndBytesConfig) -> nn.Module:
+    """Replace Linear layers by bitsandbytes layers exactly as ``from_pretrained`` would (on meta)."""
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(bnb_config)
+    skip = quantizer.get_modules_to_not_convert(model, bnb_config.llm_int8_skip_modules,
+                                                getattr(model, "_keep_in_fp32_modules", None))
+    return replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=bnb_config)
+
+
+def quantized_bytes(model: nn.Module, dtype: torch.dtype, bnb_config: BitsAndBytesConfig) -> int:
+    """Bytes of a meta model after bitsandbytes replacement: quantised weights as stored, the rest in ``dtype``."""
+    import bitsandbytes as bnb
+
+    element = torch.empty((), dtype=dtype).element_size()
+    total, quantized = 0, set()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            total += module.weight.numel() + module.out_features * 4  # int8 + float32 row scales (SCB)
+        elif isinstance(module, bnb.nn.Linear4bit):
+            total += _nf4_bytes(module.weight.numel(), bnb_config.bnb_4bit_use_double_quant)
+        else:
+            continue
+        quantized.add(id(module.weight))
+    # from_pretrained gives every other parameter the LLM dtype; buffers keep their own (rotary inv_freq: float32).
+    params = {id(p): p for p in model.parameters() if id(p) not in quantized}
+    total += sum(p.numel() for p in params.values()) * element
+    buffers = {id(b): b for b in model.buffers()}
+    return total + sum(b.numel() * b.element_size() for b in buffers.values())
+
+
+def _nf4_bytes(numel: int, double_quant: bool) -> int:
+    blocks = -(-numel // NF4_BLOCKSIZE)
+    packed = -(-numel // 2)
+    if double_quant:  # absmax as one byte per block, plus a float32 absmax and offset per 256 blocks
+        return packed + blocks + (-(-blocks // DOUBLE_QUANT_BLOCKSIZE)) * 4 + 4 + 16 * 4 + 256 * 4
+    return packed + blocks * 4 + 16 * 4  # float32 absmax per block + the 16-value NF4 code book
+
+
+def kv_cache_bytes(llm_config: PretrainedConfig, tokens: int, placement: Placement) -> int:
+    """Keys and values of every layer for ``tokens`` positions, in the LLM compute dtype."""
+    heads = llm_config.num_attention_heads
+    kv_heads = getattr(llm_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(llm_config, "head_dim", None) or llm_config.hidden_size // heads
+    element = torch.empty((), dtype=placement.llm_dtype).element_size()
+    return 2 * llm_config.num_hidden_layers * kv_heads * head_dim * tokens * element
+
+
+def llm_activation_bytes(llm_config: PretrainedConfig, tokens: int, placement: Placement) -> int:
+    """Largest transient of a prefill over ``tokens`` positions (SDPA attention; see the module docstring)."""
+    element = torch.empty((), dtype=placement.llm_dtype).element_size()
+    hidden, inter = llm_config.hidden_size, llm_config.intermediate_size
+    logits = tokens * llm_config.vocab_size * element
+    layer = tokens * (3 * inter + 5 * hidden) * element  # gate, up, their product; q, k, v, attention out, normed
+    if placement.llm_quantization == "8bit":
+        layer += tokens * max(inter, hidden) * (4 + 1)  # int32 accumulator + int8 copy of the input
+    return max(logits, layer) + tokens * hidden * element  # plus the residual stream
+
+
+def vision_activation_bytes(config: Config, placement: Placement) -> int:
+    """One image through one ViT block: tokens x (qkv + MLP hidden) and the attention scores."""
+    vision = config.vision
+    tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    element = 2 if placement.vision_device.type == "cuda" and placement.vision_half_weights else 4
+    mlp_hidden = int(vision.embed_dim * vision.mlp_ratio)
+    per_block = tokens * (4 * vision.embed_dim + 2 * mlp_hidden) * element
+    scores = vision.num_heads * tokens * tokens * 4
+    return per_block + scores + tokens * vision.embed_dim * 4 * 2  # plus the float32 output and ln_vision
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{device.index or 0}"
+    return str(device)
+
+
+def format_breakdown(result: MemoryEstimate) -> list[str]:
+    """Lines for a terminal: per device the total and each non-zero part, in GiB."""
+    lines = []
+    for device, parts in result.breakdown.items():
+        shown = ", ".join(f"{part} {size / 2**30:.2f}" for part, size in parts.items() if size)
+        lines.append(f"{device}: {result.peak[device] / 2**30:.2f} GiB ({shown})")
+    return lines
