@@ -30,7 +30,13 @@ def bad_files(tmp_path: Path) -> dict[str, str]:
     png = (SAMPLES / "nih_cxr14_00000001_000_pa_512.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
     (tmp_path / "folder").mkdir()
+    dicom = (SAMPLES / "cr_siim_chest_pa_mono2_jpeg_baseline.dcm").read_bytes()
+    soi = dicom.find(b"\xff\xd8\xff", dicom.rfind(b"\xe0\x7f\x10\x00"))
+    (tmp_path / "broken.dcm").write_bytes(dicom[:soi] + b"\x00\x00" + dicom[soi + 2:])
+    (tmp_path / "cut.dcm").write_bytes(dicom[: len(dicom) // 2])
     return {
+        str(tmp_path / "broken.dcm"): "damaged",
+        str(tmp_path / "cut.dcm"): "truncated",
         str(tmp_path / "empty.png"): "empty",
         str(tmp_path / "note.jpg"): "plain text",
         str(tmp_path / "paper.png"): "PDF",
@@ -93,4 +99,5 @@ def test_command_line_never_shows_a_traceback(bad_files):
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "Traceback" not in result.stdout + result.stderr
+    assert "pydicom" not in result.stderr and "libjpeg" not in result.stderr  # decoder failures are not logged
     assert result.stdout.count("FAIL  ") == len(bad_files)

@@ -44,6 +44,9 @@ CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "CHEST_ABDOMEN", "CHESTABDOMEN"}
 LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "LLD", "RLD"}
 _GREY = ("MONOCHROME1", "MONOCHROME2")
 _QUIET = threading.local()
+_QUIET_PACKAGES = {"pydicom", "pylibjpeg", "openjpeg", "libjpeg", "rle", "gdcm"}
+# Loggers that may not exist yet on the first call (created when a decoder module is imported).
+_QUIET_LOGGERS = ("pydicom", "pydicom.pixels.decoders.base", "pydicom.pixels.utils", "openjpeg.utils", "pylibjpeg")
 
 
 class _QuietFilter(logging.Filter):
@@ -58,8 +61,11 @@ _FILTER = _QuietFilter()
 
 @contextlib.contextmanager
 def _quiet_pydicom() -> Iterator[None]:
-    """Silence pydicom's warnings and (for this thread only) its log records."""
-    logging.getLogger("pydicom").addFilter(_FILTER)  # idempotent
+    """Silence pydicom's warnings and (for this thread only) its and its decoders' log records."""
+    # A logger's filter does not see records propagated from its children, so filter each one.
+    names = [name for name in logging.root.manager.loggerDict if name.split(".")[0] in _QUIET_PACKAGES]
+    for name in {*names, *_QUIET_LOGGERS}:
+        logging.getLogger(name).addFilter(_FILTER)  # idempotent
     _QUIET.active = True
     try:
         with warnings.catch_warnings():
