@@ -57,7 +57,9 @@ def test_bad_input_is_a_plain_error(client, tmp_path):
 
 
 def test_login_is_required(server):
-    with pytest.raises(Exception):  # noqa: B017  (gradio_client's error type for a refused login varies)
+    from gradio_client.exceptions import AuthenticationError
+
+    with pytest.raises((AuthenticationError, ValueError), match="Could not login"):
         gradio_client.Client(server.url, auth=("tester", "wrong"), verbose=False)
 
 
