@@ -10,5 +10,5 @@ fi
 .venv/bin/pip install -q --no-deps -e .
 # The browser test drives Debian's chromium (Playwright cannot download its own browsers here).
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
 fi
