@@ -101,3 +101,10 @@ def test_command_line_never_shows_a_traceback(bad_files):
     assert "Traceback" not in result.stdout + result.stderr
     assert "pydicom" not in result.stderr and "libjpeg" not in result.stderr  # decoder failures are not logged
     assert result.stdout.count("FAIL  ") == len(bad_files)
+
+
+def test_unwritable_preview_folder_is_reported(tmp_path, capsys):
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("x")
+    assert main(["inspect", "--save-preview", str(not_a_folder), SMALL[0]]) == 2
+    assert "preview could not be written" in capsys.readouterr().out

@@ -289,6 +289,50 @@ def test_multi_frame_dicom_uses_first_frame():
     np.testing.assert_array_equal(np.asarray(radiograph.image), np.asarray(_load(DX_8BIT).image))
 
 
+@pytest.fixture(scope="module")
+def small_mono1_15bit() -> bytes:
+    """The 15-bit MONOCHROME1 chest subsampled to 231x245 (keeps the compression tests fast)."""
+    ds = pydicom.dcmread(SAMPLES / RAW_MONO1)
+    pixels = ds.pixel_array[::8, ::8].copy()
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelData = pixels.tobytes()
+    return _dicom_bytes(ds)
+
+
+@pytest.mark.parametrize("syntax", [pydicom.uid.RLELossless, pydicom.uid.JPEG2000Lossless])
+def test_lossless_compressed_dicom_matches_uncompressed(small_mono1_15bit, syntax):
+    ds = pydicom.dcmread(io.BytesIO(small_mono1_15bit))
+    ds.compress(syntax)  # pydicom's own RLE encoder / pylibjpeg-openjpeg
+    radiograph = load_radiograph(_dicom_bytes(ds))
+    assert radiograph.info.transfer_syntax == syntax.name
+    expected = np.asarray(load_radiograph(small_mono1_15bit).image)
+    np.testing.assert_array_equal(np.asarray(radiograph.image), expected)
+
+
+def test_palette_colour_dicom():
+    ds = pydicom.dcmread(SAMPLES / DX_8BIT)
+    stored = ds.pixel_array
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    ramp = np.arange(256, dtype=np.uint16) * 257  # 16-bit LUT entries
+    for colour, table in (("Red", ramp), ("Green", ramp[::-1].copy()), ("Blue", np.zeros(256, np.uint16))):
+        ds.add_new(f"{colour}PaletteColorLookupTableDescriptor", "US", [256, 0, 16])
+        ds.add_new(f"{colour}PaletteColorLookupTableData", "OW", table.tobytes())
+    pixels = np.asarray(load_radiograph(_dicom_bytes(ds)).image)
+    np.testing.assert_array_equal(pixels[..., 0], stored)
+    np.testing.assert_array_equal(pixels[..., 1], 255 - stored)
+    assert pixels[..., 2].max() == 0
+
+
+def test_ybr_dicom_becomes_rgb():
+    ds = pydicom.dcmread(SAMPLES / "us_rgb_colour_explicit_vr.dcm")
+    rgb = ds.pixel_array
+    ds.PixelData = pydicom.pixels.convert_color_space(rgb, "RGB", "YBR_FULL").tobytes()
+    ds.PhotometricInterpretation = "YBR_FULL"
+    radiograph = load_radiograph(_dicom_bytes(ds))
+    assert radiograph.image.mode == "RGB" and radiograph.info.photometric == "YBR_FULL"
+    assert np.abs(np.asarray(radiograph.image, dtype=np.int16) - rgb).max() <= 2
+
+
 # ------------------------------------------------------------------ refusals, each with its own message
 
 

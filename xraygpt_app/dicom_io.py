@@ -174,7 +174,7 @@ def _to_image(array: np.ndarray, ds: Dataset, photometric: str, notices: list[st
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(array, ds)
         notices.append("Palette colour applied.")
-        return Image.fromarray(scale_to_uint8(rgb, 0, np.iinfo(rgb.dtype).max), mode="RGB")
+        return to_display_mode(Image.fromarray(scale_to_uint8(rgb, 0, np.iinfo(rgb.dtype).max), mode="RGB"), notices)
     if array.ndim == 3 and array.shape[-1] == 3:  # RGB, or YBR already converted to RGB by pydicom
         top = 2 ** _int(ds.get("BitsStored"), 8) - 1
         rgb = array if array.dtype == np.uint8 else scale_to_uint8(array, 0, top)
