@@ -91,6 +91,33 @@ def memory_estimate(config: Config) -> tuple[dict[str, int] | None, str]:
         return None, f"not available ({str(exc).splitlines()[0]})"
 
 
+def gpu_memory_estimate(config: Config) -> Any:
+    """``xraygpt_app.memory.estimate(config, assume_cuda=True)``: a GPU's figures even on a CPU-only machine."""
+    try:
+        module = importlib.import_module("xraygpt_app.memory")
+    except ModuleNotFoundError:
+        return None
+    if not hasattr(module, "estimate"):
+        return None
+    try:
+        return module.estimate(config, assume_cuda=True)
+    except XrayGPTError:
+        return None
+
+
+def _print_gpu_estimate(config: Config) -> None:
+    result = gpu_memory_estimate(config)
+    if result is None:
+        return
+    from .memory import format_breakdown
+
+    print(f"memory estimate on a CUDA GPU (mode {result.mode}; an estimate, not a measurement), peak per device:")
+    for line in format_breakdown(result):
+        print(f"  {line}")
+    for note in result.notes:
+        print(f"  note: {note}")
+
+
 def _print_check(config: Config, statuses: list[WeightStatus], memory: dict[str, int] | None, note: str) -> None:
     print(f"config: {config.source} (valid)")
     print("weights:")
@@ -101,10 +128,11 @@ def _print_check(config: Config, statuses: list[WeightStatus], memory: dict[str,
             print(f"  MISSING  {status.name}\n{_indent(status.message, 4)}")
     if memory is None:
         print(f"memory estimate: {note}")
-        return
-    print(f"memory estimate (runtime.mode {config.runtime.mode}), peak per device:")
-    for device, size in memory.items():
-        print(f"  {device}: {size / 2**30:.2f} GiB")
+    else:
+        print(f"memory estimate on this machine (runtime.mode {config.runtime.mode}), peak per device:")
+        for device, size in memory.items():
+            print(f"  {device}: {size / 2**30:.2f} GiB")
+    _print_gpu_estimate(config)
 
 
 def _check_json(config: Config, statuses: list[WeightStatus], memory: dict[str, int] | None,
@@ -117,7 +145,15 @@ def _check_json(config: Config, statuses: list[WeightStatus], memory: dict[str, 
                      "message": s.message} for s in statuses],
         "memory_bytes": memory,
         "memory_note": note,
+        "memory_gpu_estimate": _gpu_json(config),
     }
+
+
+def _gpu_json(config: Config) -> dict[str, Any] | None:
+    result = gpu_memory_estimate(config)
+    if result is None:
+        return None
+    return {"mode": result.mode, "peak_bytes": result.peak, "breakdown_bytes": result.breakdown, "notes": result.notes}
 
 
 def _summary(missing: int) -> int:

@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 MiB = 2**20
 CUDA_CONTEXT_BYTES = 512 * MiB  # typical CUDA 12/13 context + kernels + cuBLAS workspace with torch
-HOST_BASELINE_BYTES = 1024 * MiB  # RSS after importing xraygpt_app, torch (CUDA build), transformers, timm: 1.04 GiB measured
+HOST_BASELINE_BYTES = 1024 * MiB  # RSS after importing xraygpt_app, torch (CUDA build), transformers: 1.04 GiB
 NF4_BLOCKSIZE = 64  # bitsandbytes' default blocksize for 4-bit quantisation
 DOUBLE_QUANT_BLOCKSIZE = 256
 PARTS = ("vision", "qformer", "llm_weights", "kv_cache", "activations", "overhead")
@@ -252,9 +252,14 @@ def _device_name(device: torch.device) -> str:
 
 
 def format_breakdown(result: MemoryEstimate) -> list[str]:
-    """Lines for a terminal: per device the total and each non-zero part, in GiB."""
+    """Lines for a terminal: per device the total and each non-zero part."""
     lines = []
     for device, parts in result.breakdown.items():
-        shown = ", ".join(f"{part} {size / 2**30:.2f}" for part, size in parts.items() if size)
-        lines.append(f"{device}: {result.peak[device] / 2**30:.2f} GiB ({shown})")
+        shown = ", ".join(f"{part} {format_bytes(size)}" for part, size in parts.items() if size)
+        lines.append(f"{device}: {format_bytes(result.peak[device])} ({shown})")
     return lines
+
+
+def format_bytes(size: int) -> str:
+    """GiB with two decimals, or MiB below 0.1 GiB."""
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 / 10 else f"{size / MiB:.1f} MiB"
