@@ -101,12 +101,12 @@ def read_source(source: bytes | str | os.PathLike, max_bytes: int) -> bytes:
         return data
     path = Path(os.fspath(source))
     try:
-        info = path.stat()
-        if stat.S_ISDIR(info.st_mode):
+        status = path.stat()
+        if stat.S_ISDIR(status.st_mode):
             raise ImageLoadError("This is a folder, not a file.")
-        if not stat.S_ISREG(info.st_mode):
+        if not stat.S_ISREG(status.st_mode):
             raise ImageLoadError("This is not a regular file (a device, pipe or socket).")
-        _check_byte_size(info.st_size, max_bytes)
+        _check_byte_size(status.st_size, max_bytes)
         with path.open("rb") as handle:
             data = handle.read(max_bytes + 1)  # the file may have grown since stat
     except FileNotFoundError:
@@ -132,12 +132,18 @@ def check_dimensions(width: int, height: int, limits: ImageConfig) -> None:
         raise ImageLoadError(f"The file declares an empty image ({width}x{height} pixels).")
     if width * height > limits.max_pixels:
         raise ImageLoadError(
-            f"The image is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels), more than the limit"
-            f" of {limits.max_pixels / 1e6:.0f} megapixels (image.max_pixels); it was not decoded.")
+            f"The image is {width}x{height} pixels ({megapixels(width * height)} megapixels), more than the limit"
+            f" of {megapixels(limits.max_pixels)} megapixels (image.max_pixels); it was not decoded.")
     if min(width, height) < limits.min_side:
         raise ImageLoadError(
             f"The image is only {width}x{height} pixels: too small for a radiograph (at least"
             f" {limits.min_side} pixels on each side are needed, image.min_side).")
+
+
+def megapixels(pixels: int) -> str:
+    """``"81"`` for 81 million pixels, ``"0.1"`` for 100,000."""
+    value = pixels / 1e6
+    return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
 
 
 def looks_like_dicom(data: bytes) -> bool:
@@ -230,7 +236,7 @@ def _open_pillow(data: bytes) -> Image.Image:
             return Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
     except Image.DecompressionBombError as exc:
         found = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f"{int(found.group(1)) / 1e6:.0f} megapixels" if found else "too many pixels"
+        size = f"{megapixels(int(found.group(1)))} megapixels" if found else "too many pixels"
         raise ImageLoadError(f"The image declares {size}, far beyond any radiograph (image.max_pixels);"
                              " it was not decoded.") from None
     except UnidentifiedImageError:
