@@ -14,6 +14,7 @@ from .errors import BadInputError
 AUTH_ENV = "XRAYGPT_AUTH"
 CONFIG_ENV = "XRAYGPT_CONFIG"
 DOWNLOAD_ENV = "XRAYGPT_DOWNLOAD"
+SET_ENV = "XRAYGPT_SET"  # overrides separated by ";" (a Space cannot pass --set)
 SHARE_WARNING = """
 ************************************************************************************
 WARNING: --share without --auth. Anyone who has the public link can use this app and
@@ -79,7 +80,9 @@ def apply_options(config: Config, args: argparse.Namespace, environ: dict[str, s
 def run(args: argparse.Namespace) -> int:
     """Load the config and the models once, build the app, and serve it until interrupted."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    config = apply_options(load_config(args.config or os.environ.get(CONFIG_ENV), args.overrides), args, os.environ)
+    env_overrides = [item.strip() for item in os.environ.get(SET_ENV, "").split(";") if item.strip()]
+    config = load_config(args.config or os.environ.get(CONFIG_ENV), [*env_overrides, *args.overrides])
+    config = apply_options(config, args, os.environ)
     auth = parse_auth(args.auth if args.auth is not None else os.environ.get(AUTH_ENV))
     if args.mcp:
         _check_mcp()
