@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import struct
+import warnings
 import zlib
 from functools import cache
 from pathlib import Path
@@ -464,6 +465,31 @@ def test_unreadable_file(tmp_path):
     path.chmod(0)
     with pytest.raises(ImageLoadError, match="permission denied"):
         load_radiograph(path)
+
+
+@pytest.mark.parametrize("name", [PNG_8BIT, "covidcxr_41182_2020_203_Fig3_photo_of_film_rgb.jpg", JPEG_DICOM, DX_8BIT,
+                                  CANINE, "us_rgb_colour_explicit_vr.dcm"])
+def test_random_damage_gives_a_radiograph_or_a_load_error(name):
+    """Seeded corruptions (cuts, flipped header bytes, zeroed runs): never another exception or a warning."""
+    rng = np.random.default_rng(sum(name.encode()))
+    original = _bytes(name)
+    for _ in range(25):
+        data = bytearray(original)
+        kind = rng.integers(3)
+        if kind == 0:
+            data = data[: rng.integers(len(data))]
+        elif kind == 1:
+            for position in rng.integers(0, min(len(data), 4000), size=rng.integers(1, 20)):
+                data[position] = int(rng.integers(256))
+        else:
+            start = int(rng.integers(len(data)))
+            data[start:start + 5000] = bytes(len(data[start:start + 5000]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error" if name.endswith(".dcm") else "ignore")
+            try:
+                load_radiograph(bytes(data))
+            except ImageLoadError:
+                pass
 
 
 # ------------------------------------------------------------------ privacy

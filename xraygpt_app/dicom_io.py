@@ -66,18 +66,24 @@ def _quiet_pydicom() -> Iterator[None]:
     names = [name for name in logging.root.manager.loggerDict if name.split(".")[0] in _QUIET_PACKAGES]
     for name in {*names, *_QUIET_LOGGERS}:
         logging.getLogger(name).addFilter(_FILTER)  # idempotent
+    outer = getattr(_QUIET, "active", False)
     _QUIET.active = True
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        _QUIET.active = False
+        _QUIET.active = outer
 
 
 def load_dicom(data: bytes, limits: ImageConfig) -> Radiograph:
     """Decode a DICOM file held in memory into a :class:`Radiograph` (first frame only)."""
-    ds = read_dataset(data)
+    with _quiet_pydicom():  # values are converted lazily, so validation warnings can come at any access
+        return _load_dicom(data, limits)
+
+
+def _load_dicom(data: bytes, limits: ImageConfig) -> Radiograph:
+    ds = _read_dataset(data)
     width, height = _dimensions(ds)
     check_dimensions(width, height, limits)
     frames = _int(ds.get("NumberOfFrames"), 1)
@@ -95,13 +101,12 @@ def load_dicom(data: bytes, limits: ImageConfig) -> Radiograph:
     return Radiograph(image=image, info=info)
 
 
-def read_dataset(data: bytes) -> Dataset:
+def _read_dataset(data: bytes) -> Dataset:
     """Parse the file (with or without preamble/file meta) and check it carries usable pixel data."""
     if data[:4] == b"DICM":  # "DICM" + file meta but no preamble: pydicom expects the 128 bytes
         data = bytes(128) + data
     try:
-        with _quiet_pydicom():
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:  # InvalidDicomError, EOFError, struct.error, ValueError...
         logger.debug("dcmread failed: %s", type(exc).__name__)
         raise ImageLoadError("The DICOM file is damaged and cannot be read.") from None
@@ -143,8 +148,7 @@ def _decode_first_frame(ds: Dataset) -> np.ndarray:
     syntax = _syntax_name(ds)
     _require_decoder(ds)
     try:
-        with _quiet_pydicom():
-            return pixel_array(ds, index=0)
+        return pixel_array(ds, index=0)
     except MemoryError:
         raise ImageLoadError("Not enough memory to decode this DICOM image.") from None
     except Exception as exc:  # every plugin failed, or the data does not match its description
