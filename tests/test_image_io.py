@@ -280,6 +280,13 @@ def test_dicom_rescale_then_window():
     np.testing.assert_allclose(grey, np.asarray(_load(DX_8BIT).image, dtype=np.int16), atol=3)
 
 
+def test_dicom_header_warnings_do_not_refuse():
+    ds = pydicom.dcmread(SAMPLES / DX_8BIT)
+    ds.BodyPartExamined, ds.ViewPosition, ds.PresentationIntentType = "HIP", "LL", "FOR PROCESSING"
+    notices = " ".join(load_radiograph(_dicom_bytes(ds)).info.notices)
+    assert "Body part HIP" in notices and "Lateral view" in notices and "For Processing" in notices
+
+
 def test_multi_frame_dicom_uses_first_frame():
     ds = pydicom.dcmread(SAMPLES / DX_8BIT)
     first = ds.PixelData

@@ -86,7 +86,7 @@ def _load_dicom(data: bytes, limits: ImageConfig) -> Radiograph:
     ds = _read_dataset(data)
     width, height = _dimensions(ds)
     check_dimensions(width, height, limits)
-    frames = _int(ds.get("NumberOfFrames"), 1)
+    frames = max(1, _int(ds.get("NumberOfFrames"), 1))
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     notices: list[str] = []
     if frames > 1:
@@ -231,6 +231,8 @@ def content_notices(ds: Dataset) -> list[str]:
         notices.append(f"Body part {body_part}: the models were trained on chest X-rays only.")
     if (_text(ds, "ViewPosition") or "").upper() in LATERAL_VIEWS:
         notices.append("Lateral view: the models were trained mostly on frontal (PA/AP) chest X-rays.")
+    if (_text(ds, "PresentationIntentType") or "").upper() == "FOR PROCESSING":
+        notices.append("Raw detector data ('For Processing'): contrast may differ from a displayed radiograph.")
     if str(ds.get("LossyImageCompression", "")) == "01":
         notices.append("The image has been lossy-compressed.")
     return notices
