@@ -80,11 +80,12 @@ def remap_eva_vit(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> S
 # --- BLIP-2 (LAVIS blip2_pretrained_*.pth) -> transformers Blip2QFormerModel ----------------
 QFORMER_RENAMES = (  # (LAVIS regex, transformers template)
     (r"Qformer\.bert\.embeddings\.LayerNorm\.(weight|bias)", r"layernorm.\1"),
-    (r"Qformer\.bert\.encoder\.layer\.(\d+)\.attention\.self\.(.+)", r"encoder.layer.\1.attention.attention.\2"),
-    (r"Qformer\.bert\.encoder\.layer\.(\d+)\.crossattention\.self\.(.+)",
-     r"encoder.layer.\1.crossattention.attention.\2"),
-    (r"Qformer\.bert\.encoder\.layer\.(\d+)\.(attention\.output|crossattention\.output|intermediate_query"
-     r"|output_query)\.(.+)", r"encoder.layer.\1.\2.\3"),
+    (r"Qformer\.bert\.encoder\.layer\.(\d+)\.(attention|crossattention)\.self\.((query|key|value)\.(weight|bias))",
+     r"encoder.layer.\1.\2.attention.\3"),
+    (r"Qformer\.bert\.encoder\.layer\.(\d+)\.((attention|crossattention)\.output|output_query)"
+     r"\.((dense|LayerNorm)\.(weight|bias))", r"encoder.layer.\1.\2.\4"),
+    (r"Qformer\.bert\.encoder\.layer\.(\d+)\.intermediate_query\.(dense\.(weight|bias))",
+     r"encoder.layer.\1.intermediate_query.\2"),
 )
 # Parts of the BLIP-2 file that XrayGPT deletes or never uses at inference.
 BLIP2_DROPPED = (
@@ -161,7 +162,10 @@ def remap_xraygpt(state_dict: Mapping[str, torch.Tensor]) -> dict[str, StateDict
 def load_exact(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str,
                allowed_missing: tuple[str, ...] = ()) -> None:
     """Load strictly; only keys matching ``allowed_missing`` patterns may be absent."""
-    result = module.load_state_dict(state_dict, strict=False, assign=_is_meta(module))
+    try:
+        result = module.load_state_dict(state_dict, strict=False, assign=_is_meta(module))
+    except RuntimeError as exc:  # shape mismatches: the config's dims do not match the file
+        raise CheckpointKeyError(f"{what}: {exc}".replace("\n\t", " ")) from None
     missing = [k for k in result.missing_keys if not _match(k, allowed_missing)]
     if missing or result.unexpected_keys:
         raise CheckpointKeyError(

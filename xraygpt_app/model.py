@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .checkpoints import CheckpointKeyError, load_exact, read_state_dict, remap_blip2, remap_eva_vit, remap_xraygpt
 from .config import Config
-from .llm import load_llm, load_tokenizer, make_decoder
+from .llm import check_llm_config, load_llm, load_tokenizer, make_decoder
 from .placement import Placement, plan_placement
 from .qformer import VisionLanguageBridge
 from .vision import VisionTower, place_vision, preprocess
@@ -112,6 +112,7 @@ class XrayGPTModel:
         placement = plan_placement(config.runtime, config.vision)
         paths = resolve_model_weights(config, download=download)
         started = time.perf_counter()
+        check_llm_config(paths.llama_model, config.llm)  # before the projection is sized from it
         vision, bridge, inv_freq = load_vision_and_bridge(config, paths)
         llm = load_llm(paths.llama_model, config.llm, placement)
         check_rotary_buffers(llm, inv_freq)
