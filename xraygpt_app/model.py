@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -131,14 +132,28 @@ class XrayGPTModel:
         pixel_values = preprocess(image, self.config.vision)
         t1 = time.perf_counter()
         vit = self.vision(pixel_values.to(self.placement.vision_device))
-        t2 = time.perf_counter()
-        hidden, projected = self.bridge(vit.float().to(self.placement.llm_device))
-        t3 = time.perf_counter()
+        t2 = _synchronized_time(self.placement.vision_device)
+        with self._bridge_autocast():
+            hidden, projected = self.bridge(vit.float().to(self.placement.llm_device))
+        t3 = _synchronized_time(self.placement.llm_device)
         timings = {"preprocess_s": t1 - t0, "vision_s": t2 - t1, "qformer_s": t3 - t2}
         return ImageEncoding(projected.to(self.placement.llm_dtype), pixel_values, vit, hidden, projected, timings)
+
+    def _bridge_autocast(self) -> contextlib.AbstractContextManager:
+        # XrayGPT runs the Q-Former and projection under fp16 autocast whenever it is on a GPU.
+        if self.placement.llm_device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
 
     @torch.inference_mode()
     def embed_ids(self, ids: list[int]) -> torch.Tensor:
         """Token ids -> (1, n, hidden) input embeddings on the LLM device."""
         tensor = torch.tensor([ids], dtype=torch.long, device=self.placement.llm_device)
         return self.llm.get_input_embeddings()(tensor)
+
+
+def _synchronized_time(device: torch.device) -> float:
+    """perf_counter after the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
