@@ -80,6 +80,14 @@ def _greedy(page) -> None:
     page.locator("#do-sample input").uncheck()
 
 
+def _set_number(page, slider: str, value: int) -> None:
+    if not page.locator(slider).is_visible():
+        page.get_by_text("Generation settings").click()
+    box = page.locator(f"{slider} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
 def _bot_texts(page) -> list[str]:
     return page.locator(BOT).all_inner_texts()
 
@@ -162,8 +170,16 @@ def test_two_browsers_keep_separate_conversations(server, browser, samples_dir, 
     (context_a, page_a), (context_b, page_b) = _open(browser, server), _open(browser, server)
     _upload(page_a, samples_dir / NIH, uploaded)
     _upload(page_b, samples_dir / HANNOVER, uploaded)
+    _set_number(page_a, "#beams", 8)  # a slower, unstreamed answer for A, so that B has to wait
+    _set_number(page_a, "#max-new-tokens", 1000)
     page_a.locator("#generate-report").click()
+    page_a.wait_for_function("document.querySelector(\"#chatbot [data-testid='status-tracker']:not(.hide)\")"
+                             " || document.querySelector('#download a')")
     page_b.locator("#generate-report").click()  # queued behind A (one generation at a time)
+    page_b.wait_for_function(f"document.querySelector('#chatbot').innerText.includes('queue:')"
+                             f" || document.querySelectorAll(\"{BOT}\").length > 0")
+    if "queue:" in page_b.locator("#chatbot").inner_text():  # depends on timing: a picture, not an assert
+        _shot(page_b, "5a-queue-position")
     _wait_for_answers(page_a, 1)
     _wait_for_answers(page_b, 1)
     _ask(page_a, "Question from A about the hila?")
