@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from _app_server import files_holding, running_app
 
@@ -14,7 +16,7 @@ NIH = "nih_cxr14_00000001_000_pa_512.png"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    command = ["-m", "xraygpt_app.cli", "serve"]
+    command = ["-m", "xraygpt_app.cli", "--verbose", "serve"]  # INFO logs on, to check what they carry
     with running_app(tmp_path_factory.mktemp("api"), command, {"XRAYGPT_AUTH": ":".join(AUTH)}) as app:
         yield app
 
@@ -66,3 +68,11 @@ def test_login_is_required(server):
 def test_api_uploads_do_not_stay_on_disk(client, image, server, samples_dir):
     client.predict(image, "medclip-vit", "rsna", "", api_name="/classify")
     assert files_holding(server.cache_dir, (samples_dir / NIH).read_bytes()) == []
+
+
+def test_logs_carry_sizes_not_content(client, image, server):
+    client.predict(image, "Is the cardiac silhouette enlarged?", api_name="/ask")
+    log = server.log()
+    assert re.search(r"api answer: \d+ bytes in", log)
+    assert "cardiac silhouette" not in log and NIH not in log
+    assert "/gradio_api/upload" not in log and "/gradio_api/queue" not in log  # no access log of clients
