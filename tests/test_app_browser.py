@@ -208,6 +208,19 @@ def test_phone_sized_viewport(server, browser):
     context.close()
 
 
+def test_missing_weights_are_explained_in_the_tabs(browser, tmp_path):
+    absent = ["--set", f"weights.ckpt={tmp_path / 'xraygpt_pretrained.pth'}",
+              "--set", f"zeroshot.models.medclip-vit.weights={tmp_path / 'medclip.bin'}"]
+    with running_app(tmp_path, ["app.py", *absent]) as app:
+        context, page = _open(browser, app)
+        missing = page.locator(".xr-missing:visible").first
+        assert "xraygpt_pretrained.pth" in missing.inner_text() and "How to get" in missing.inner_text()
+        page.get_by_role("tab", name="Zero-shot").click()
+        assert "medclip.bin" in page.locator(".xr-missing:visible").first.inner_text()
+        _shot(page, "7-missing-weights")
+        context.close()
+
+
 def test_no_uploaded_bytes_remain_in_gradio_cache(server, uploaded):
     # Runs last: every session above has ended; the app deletes each upload once decoded.
     assert uploaded, "the tests above should have uploaded files"

@@ -88,6 +88,7 @@ def _load_zeroshot(config: Config, say: Callable[[str], None]) -> tuple[dict[str
     for name, reason in zeroshot.available_models(config).items():
         if reason is not None:
             missing[name] = reason
+            say(f"Zero-shot model {name} is unavailable: {reason}")
             continue
         say(f"Loading zero-shot model {name}...")
         start = time.perf_counter()

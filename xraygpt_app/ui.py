@@ -24,6 +24,7 @@ CSS = """
 .xr-preview figcaption {font-size: 0.85em; opacity: 0.8}
 .xr-disclaimer {border-left: 4px solid #d97706; padding-left: 8px}
 .xr-download {font-weight: 600}
+.xr-missing pre, .xr-missing code {white-space: pre-wrap; word-break: break-word}
 """
 FILE_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic"]
 GENERATION = "generation"  # the concurrency group every model-generation event shares
@@ -35,10 +36,16 @@ def disclaimer() -> gr.Markdown:
     return gr.Markdown(h.DISCLAIMER, elem_classes=["xr-disclaimer"])
 
 
-def _missing_box(reason: str | None, what: str) -> None:
-    if reason:
-        gr.Markdown(f"### {what} is not available\n\n{reason}\n\nSee the README (section *Weights*) "
-                    "for how to fetch the weights, then restart the app.", elem_classes=["xr-missing"])
+def _missing_box(reasons: dict[str, str], what: str) -> None:
+    """What is missing, per model, as the weights layer says it (where we looked, how to get it)."""
+    if reasons:
+        blocks = "\n\n".join(f"**{name}**\n\n```text\n{reason}\n```" for name, reason in reasons.items())
+        gr.Markdown(f"### {what} is not available\n\n{blocks}\n\nSee the README (section *Weights and "
+                    "configuration*) for how to fetch the weights, then restart the app.", elem_classes=["xr-missing"])
+
+
+def _zeroshot_reasons(services: Services) -> dict[str, str]:
+    return {ZEROSHOT_TITLES.get(k, k): v for k, v in services.zeroshot_missing.items()}
 
 
 def build_app(services: Services) -> gr.Blocks:
@@ -117,7 +124,7 @@ def _wire_image(services: Services, state: gr.State, image: dict[str, Any], chat
 
 def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> None:
     disclaimer()
-    _missing_box(services.xraygpt_missing, "XrayGPT")
+    _missing_box({"XrayGPT": services.xraygpt_missing} if services.xraygpt_missing else {}, "XrayGPT")
     chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot", buttons=["copy"],
                          placeholder="Upload a radiograph, then press **Generate report**.")
     with gr.Row():
@@ -161,7 +168,7 @@ def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Non
 
 def _vqa_tab(services: Services, state: gr.State, image: dict[str, Any]) -> None:
     disclaimer()
-    _missing_box(services.xraygpt_missing, "XrayGPT")
+    _missing_box({"XrayGPT": services.xraygpt_missing} if services.xraygpt_missing else {}, "XrayGPT")
     gr.Markdown("One question at a time about the uploaded image; each answer starts a fresh conversation.")
     question = gr.Textbox(label="Question", placeholder="e.g. Is there evidence of pleural effusion?",
                           elem_id="vqa-question")
@@ -189,12 +196,12 @@ def _zeroshot_tab(services: Services, state: gr.State) -> None:
     choices = h.model_choices(services)
     missing = services.zeroshot_missing
     if not choices:
-        _missing_box("\n\n".join(f"- **{ZEROSHOT_TITLES.get(k, k)}**: {v}" for k, v in missing.items())
-                     or "No zero-shot model is configured.", "Zero-shot classification")
+        _missing_box(_zeroshot_reasons(services) or {"Zero-shot": "No zero-shot model is configured."},
+                     "Zero-shot classification")
         return
     if missing:
         with gr.Accordion(f"Models not available here ({len(missing)})", open=False):
-            gr.Markdown("\n".join(f"- **{ZEROSHOT_TITLES.get(k, k)}**: {v}" for k, v in missing.items()))
+            _missing_box(_zeroshot_reasons(services), "Some zero-shot models")
     default = services.config.zeroshot.default_model
     with gr.Row():
         model = gr.Dropdown(choices, value=default if default in services.classifiers else choices[0][1],
