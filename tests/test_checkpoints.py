@@ -270,3 +270,14 @@ def test_llm_hidden_size_mismatch_with_config_only(tiny_xraygpt: tm.TinyModels) 
     """Only the config is wrong: the user must be told to fix llm.hidden_size, not see a size-mismatch trace."""
     with pytest.raises(ConfigError, match=r"llm\.hidden_size"):
         _load(tiny_xraygpt, "llm.hidden_size=128")
+
+
+@pytest.mark.parametrize("drop, extra, expected", [
+    (("model.layers.1.mlp.down_proj.weight",), None, "model.layers.1.mlp.down_proj.weight"),
+    ((), {"model.layers.0.self_attn.mystery.weight": torch.zeros(2)}, "model.layers.0.self_attn.mystery.weight"),
+])
+def test_llm_folder_missing_or_unknown_key(tiny_xraygpt: tm.TinyModels, tmp_path: Path, drop: tuple,
+                                          extra: dict | None, expected: str) -> None:
+    folder = tm.save_llama_sharded_bin(tiny_xraygpt.llm, tmp_path / "vicuna_bad", shards=3, drop=drop, extra=extra)
+    with pytest.raises(CheckpointKeyError, match=re.escape(expected)):
+        _load(tiny_xraygpt, f"weights.llama_model={folder}")

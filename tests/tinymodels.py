@@ -198,10 +198,12 @@ def save_llama_safetensors(model: LlamaForCausalLM, folder: Path) -> Path:
     return folder
 
 
-def save_llama_sharded_bin(model: LlamaForCausalLM, folder: Path, shards: int = 8, inv_freq: bool = False) -> Path:
+def save_llama_sharded_bin(model: LlamaForCausalLM, folder: Path, shards: int = 8, inv_freq: bool = False,
+                           drop: tuple[str, ...] = (), extra: StateDict | None = None) -> Path:
     """The pre-safetensors layout of Vicuna folders: ``pytorch_model-0000i-of-0000n.bin`` + index.
 
-    ``inv_freq`` adds each layer's rotary buffer, as transformers <= 4.30 saved it.
+    ``inv_freq`` adds each layer's rotary buffer, as transformers <= 4.30 saved it; ``drop`` and
+    ``extra`` remove or add tensors (to test the loader's key checks).
     """
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().half().clone() for k, v in model.state_dict().items()}
@@ -210,6 +212,7 @@ def save_llama_sharded_bin(model: LlamaForCausalLM, folder: Path, shards: int = 
         freq = 1.0 / (10000.0 ** (torch.arange(0, dims_head, 2, dtype=torch.float32) / dims_head))
         for i in range(model.config.num_hidden_layers):
             state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = freq.clone()
+    state = {k: v for k, v in state.items() if k not in drop} | (extra or {})
     names = list(state)
     weight_map = {}
     for index in range(shards):
