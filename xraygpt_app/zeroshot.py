@@ -9,6 +9,7 @@ feeds to AUC). Research and education only: a score is not a diagnosis.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -104,6 +105,7 @@ class ZeroShotClassifier:
         self.templates = list(templates) or [encoder.default_template]
         self.cache_size = cache_size
         self._text_cache: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
+        self._cache_lock = threading.Lock()  # the web app may score from several worker threads
         self.cache_hits = self.cache_misses = 0
 
     @classmethod
@@ -135,23 +137,26 @@ class ZeroShotClassifier:
     def text_embeddings(self, prompt_set: PromptSet) -> list[torch.Tensor]:
         """Per label, the (P, D) prompt embeddings; each label's prompts are encoded as one batch, LRU-cached."""
         key = tuple((label, tuple(prompts)) for label, prompts in prompt_set.items())
-        if key in self._text_cache:
-            self.cache_hits += 1
-            self._text_cache.move_to_end(key)
-            return self._text_cache[key]
-        self.cache_misses += 1
+        with self._cache_lock:
+            if key in self._text_cache:
+                self.cache_hits += 1
+                self._text_cache.move_to_end(key)
+                return self._text_cache[key]
+            self.cache_misses += 1
         start = time.perf_counter()
         embeds = [self.encoder.encode_prompts(prompts) for prompts in prompt_set.values()]
         log.info("encoded %d prompts for %d labels in %.2f s", sum(len(p) for p in prompt_set.values()),
                  len(prompt_set), time.perf_counter() - start)
-        self._text_cache[key] = embeds
-        while len(self._text_cache) > self.cache_size:
-            self._text_cache.popitem(last=False)
+        with self._cache_lock:
+            self._text_cache[key] = embeds
+            while len(self._text_cache) > self.cache_size:
+                self._text_cache.popitem(last=False)
         return embeds
 
     def clear_cache(self) -> None:
         """Forget cached text embeddings (e.g. to measure uncached timings)."""
-        self._text_cache.clear()
+        with self._cache_lock:
+            self._text_cache.clear()
 
     def image_embeddings(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N, D) image embeddings, computed ``batch_size`` images at a time."""
