@@ -84,7 +84,8 @@ def load_llm(folder: Path, config: LLMConfig, placement: Placement) -> torch.nn.
     unexpected = [k for k in info["unexpected_keys"] if not any(re.fullmatch(p, k) for p in IGNORED_LLM_KEYS)]
     if info["missing_keys"] or unexpected or info.get("mismatched_keys"):
         raise CheckpointKeyError(f"LLM in {folder}: missing {sorted(info['missing_keys'])[:8]},"
-                                 f" unexpected {unexpected[:8]}, mismatched {sorted(info.get('mismatched_keys') or [])[:8]}")
+                                 f" unexpected {unexpected[:8]},"
+                                 f" mismatched {sorted(info.get('mismatched_keys') or [])[:8]}")
     model.eval().requires_grad_(False)
     log.info("LLM loaded: %s layers, dtype %s, quantization %s", model.config.num_hidden_layers,
              placement.llm_dtype, placement.llm_quantization)
