@@ -112,3 +112,13 @@ def test_preset_default_uses_configured_sampling(classifier, expected):
     (result,) = classifier.classify([image])
     assert result.labels == list(expected["prompts_all"])
     assert sum(result.probabilities) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_default_config_path_reproduces_all_prompt_ensemble(expected):
+    """eval_configs/zeroshot_tiny.yaml (preset chexpert5, every prompt, mean) gives MedCLIP's ensemble_logits_all."""
+    classifier = ZeroShotClassifier.from_config(load_config(REPO / "eval_configs" / "zeroshot_tiny.yaml"))
+    images = [load_radiograph(SAMPLES / case["image"]).image for case in expected["cases"]]
+    labels = list(expected["prompts_all"])
+    for case, result in zip(expected["cases"], classifier.classify(images), strict=True):
+        torch.testing.assert_close(torch.tensor([result.logits]), _as_tensor(case["ensemble_logits_all"], labels),
+                                   atol=1e-4, rtol=0)
