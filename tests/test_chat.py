@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from xraygpt_app.api import XrayGPT
-from xraygpt_app.conversation import IMAGE_MESSAGE, SYSTEM_TEXT
+from xraygpt_app.conversation import DEFAULT_REPORT_QUESTION, IMAGE_MESSAGE, SYSTEM_TEXT
 from xraygpt_app.errors import BadInputError
 from xraygpt_app.image_io import load_radiograph
 
@@ -221,3 +221,10 @@ def test_sessions_do_not_affect_each_other(model: XrayGPT, images: list) -> None
         b.ask(question[::-1], do_sample=True, seed=3, max_new_tokens=12)
     assert interleaved == alone
     assert len(b.turns) == 3 and all(QUESTIONS[0] not in t.prompt for t in b.turns)
+
+
+def test_report_uses_xraygpt_default_question(model: XrayGPT, images: list) -> None:
+    result = model.report(images[0], do_sample=False, max_new_tokens=4)
+    assert result.question == DEFAULT_REPORT_QUESTION
+    assert result.prompt.endswith(f"{IMAGE_MESSAGE} {DEFAULT_REPORT_QUESTION}###Doctor:")
+    assert result.prompt.startswith(SYSTEM_TEXT + "###Patient: ")
