@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from xraygpt_app import ui_api
 from xraygpt_app import ui_handlers as h
 from xraygpt_app.config import load_config
 from xraygpt_app.services import build_services
@@ -145,6 +146,18 @@ def test_dropped_turns_are_announced(services, loaded):
     assert "too long" in note and "stopped" in note.lower()
 
 
+def test_new_image_during_an_answer_starts_clean(services, loaded, samples_dir):
+    stream = h.generate_report(loaded, services, dict(GREEDY, max_new_tokens=200))
+    next(stream)
+    other = (samples_dir / "hannover_1479fa94_pa_640x755.png").read_bytes()
+    state, _, description, note = h.load_image(loaded, other, services.config.image)
+    assert state is loaded and note == "" and "640 × 755" in description
+    assert list(stream) == []  # the old answer stops and writes nothing more
+    assert state.messages == [] and state.session is None and state.image.size == (640, 755)
+    messages, state, note, _ = _run(h.generate_report(state, services, GREEDY))[-1]
+    assert len(messages) == 2 and len(state.session.turns) == 1
+
+
 def test_clear_keeps_the_image(services, loaded):
     _run(h.generate_report(loaded, services, GREEDY))
     messages, state, note, download = h.clear_chat(loaded)
@@ -172,9 +185,9 @@ def test_zero_shot_preset_and_custom_labels(services, loaded):
 
 
 def test_api_handlers(services, png_bytes):
-    answer = h.api_answer(services, png_bytes, "Any effusion?", GREEDY)
+    answer = ui_api.api_answer(services, png_bytes, "Any effusion?", GREEDY)
     assert isinstance(answer, str)
-    scores = h.api_classify(services, png_bytes, "medclip-vit", "covid", "")
+    scores = ui_api.api_classify(services, png_bytes, "medclip-vit", "covid", "")
     assert scores["labels"] == ["Normal", "COVID"] and scores["predicted"] in scores["labels"]
 
 

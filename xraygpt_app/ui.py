@@ -14,6 +14,7 @@ import gradio as gr
 from gradio.data_classes import FileData
 from gradio.utils import get_upload_folder
 
+from . import ui_api
 from . import ui_handlers as h
 from .errors import XrayGPTError
 from .services import ZEROSHOT_TITLES, Services
@@ -239,7 +240,7 @@ def _api_endpoints(services: Services) -> None:
     def answer(image: FileData, question: str, max_new_tokens: int, temperature: float, top_p: float,
                num_beams: int) -> str:
         try:
-            return h.api_answer(services, read(image), question,
+            return ui_api.api_answer(services, read(image), question,
                                 h.generation_kwargs(max_new_tokens, temperature, top_p, num_beams))
         except XrayGPTError as exc:
             raise gr.Error(str(exc)) from None
@@ -259,7 +260,7 @@ def _api_endpoints(services: Services) -> None:
         """Zero-shot label scores for a chest radiograph: a preset (chexpert5, covid, rsna) or comma-separated
         labels. Research use only, not a diagnosis."""
         try:
-            return h.api_classify(services, read(image), model, preset, labels)
+            return ui_api.api_classify(services, read(image), model, preset, labels)
         except XrayGPTError as exc:
             raise gr.Error(str(exc)) from None
 

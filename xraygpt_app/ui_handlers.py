@@ -55,6 +55,20 @@ class UserState:
     messages: list[dict[str, str]] = field(default_factory=list)
     cancel: threading.Event = field(default_factory=threading.Event)
     vqa_cancel: threading.Event = field(default_factory=threading.Event)
+    epoch: int = 0  # bumped when the image or conversation is replaced; older streams then go quiet
+
+    def reset(self, image: Image.Image | None = None, info: dict[str, Any] | None = None) -> None:
+        """Start a new conversation (about a new image if given), stopping any running answer.
+
+        The object is changed in place: a stream still running for the old conversation holds
+        this same object, sees the new epoch and stops writing into it.
+        """
+        self.cancel.set()
+        self.vqa_cancel.set()
+        if image is not None:
+            self.image, self.info = image, info or {}
+        self.session, self.messages = None, []
+        self.epoch += 1
 
 
 def generation_kwargs(max_new_tokens: float, temperature: float, top_p: float, num_beams: float,
@@ -107,8 +121,8 @@ def load_image(state: UserState | None, data: bytes, limits: Any = None,
     info = radiograph.info.to_dict()
     logger.info("upload decoded: %d bytes, %s %dx%d in %.3f s", len(data), info.get("format"),
                 info.get("width", 0), info.get("height", 0), time.perf_counter() - start)
-    fresh = UserState(image=radiograph.image, info=info)
-    return fresh, preview_html(radiograph.image, model_size), describe_image(info), ""
+    state.reset(radiograph.image, info)
+    return state, preview_html(radiograph.image, model_size), describe_image(info), ""
 
 
 def load_example(state: UserState | None, name: str, limits: Any = None, model_size: int = 224
@@ -157,7 +171,8 @@ def describe_image(info: dict[str, Any]) -> str:
 
 # ---- report chat --------------------------------------------------------------------------
 
-def _report_question() -> str:
+def report_question() -> str:
+    """The core's default report question (imported lazily: the core loads torch)."""
     from .api import DEFAULT_REPORT_QUESTION
 
     return DEFAULT_REPORT_QUESTION
@@ -183,9 +198,13 @@ def _stream(state: UserState, start: Callable[[], Iterator[str]], question: str,
         state.messages = [*state.messages, {"role": "user", "content": question}]
     state.messages.append({"role": "assistant", "content": ""})
     state.cancel.clear()
-    began, text = time.perf_counter(), ""
+    began, text, epoch = time.perf_counter(), "", state.epoch
+    stream = start()
     try:
-        for piece in start():
+        for piece in stream:
+            if state.epoch != epoch:  # a new image or Clear replaced this conversation
+                stream.close()
+                return
             text += piece
             state.messages[-1] = {"role": "assistant", "content": text}
             yield list(state.messages), state, "", ""
@@ -193,7 +212,8 @@ def _stream(state: UserState, start: Callable[[], Iterator[str]], question: str,
         state.messages = state.messages[:-1] if replace_last else state.messages[:-2]
         yield list(state.messages), state, notice(str(exc)), download_link_html(state)
         return
-    yield _finish_turn(state, began)
+    if state.epoch == epoch:
+        yield _finish_turn(state, began)
 
 
 def _finish_turn(state: UserState, began: float) -> ChatOutput:
@@ -226,7 +246,7 @@ def ask(state: UserState | None, services: Services, question: str, settings: di
 
 def generate_report(state: UserState | None, services: Services, settings: dict[str, Any]) -> Iterator[ChatOutput]:
     """Ask the report question in the conversation (a new one if there is none)."""
-    yield from ask(state, services, _report_question(), settings)
+    yield from ask(state, services, report_question(), settings)
 
 
 def regenerate(state: UserState | None, services: Services, settings: dict[str, Any]) -> Iterator[ChatOutput]:
@@ -253,8 +273,7 @@ def stop(state: UserState | None) -> str:
 def clear_chat(state: UserState | None) -> ChatOutput:
     """Forget the conversation but keep the image."""
     state = state or UserState()
-    state.cancel.set()
-    state.session, state.messages = None, []
+    state.reset()
     return [], state, "", ""
 
 
@@ -290,9 +309,12 @@ def vqa_answer(state: UserState | None, services: Services, question: str, setti
         yield "", problem
         return
     state.vqa_cancel.clear()
-    session, text, began = services.xraygpt.chat(state.image), "", time.perf_counter()
+    session, text, began, epoch = services.xraygpt.chat(state.image), "", time.perf_counter(), state.epoch
     try:
         for piece in session.ask_stream(question, cancel=state.vqa_cancel, **settings):
+            if state.epoch != epoch:  # a new image: this answer is about the old one
+                yield "", ""
+                return
             text += piece
             yield text, ""
     except XrayGPTError as exc:
@@ -361,32 +383,3 @@ def result_rows(result: Any) -> list[list[Any]]:
     """Table rows: label, softmax probability, raw logit, sigmoid score (sorted)."""
     return [[label, round(p, 4), round(logit, 4), round(s, 4)] for label, p, logit, s in _ranked(result)]
 
-
-# ---- API endpoints (stateless: one call, one image) -----------------------------------------
-
-def _api_image(data: bytes, services: Services) -> Image.Image:
-    from .image_io import load_radiograph
-
-    return load_radiograph(data, services.config.image).image
-
-
-def api_answer(services: Services, data: bytes, question: str, settings: dict[str, Any]) -> str:
-    """Answer one question about an image (report or VQA); raises XrayGPTError for bad input."""
-    if services.xraygpt is None:
-        raise XrayGPTError(services.xraygpt_missing or "XrayGPT is not loaded.")
-    began = time.perf_counter()
-    turn = services.xraygpt.chat(_api_image(data, services)).ask(question or _report_question(), **settings)
-    logger.info("api answer: %d bytes in, %d tokens in %.2f s", len(data), len(turn.token_ids),
-                time.perf_counter() - began)
-    return turn.answer
-
-
-def api_classify(services: Services, data: bytes, model: str, preset: str, labels: str) -> dict[str, Any]:
-    """Zero-shot scores of one image as a plain dict (the core's ZeroShotResult.to_dict())."""
-    try:
-        classifier = services.classifier(model)
-    except KeyError as exc:
-        raise XrayGPTError(str(exc.args[0])) from None
-    names = parse_labels(labels) or None
-    result = classifier.classify([_api_image(data, services)], labels=names, preset=None if names else preset)[0]
-    return result.to_dict()

@@ -1,0 +1,46 @@
+"""Handlers of the stateless API endpoints (``report``, ``ask``, ``classify``; also MCP tools).
+
+One call, one image: nothing is kept between calls. Like the UI handlers, these are plain
+functions over bytes and the service objects, testable without Gradio.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from PIL import Image
+
+from .errors import XrayGPTError
+from .services import Services
+from .ui_handlers import parse_labels, report_question
+
+logger = logging.getLogger(__name__)
+
+def _api_image(data: bytes, services: Services) -> Image.Image:
+    from .image_io import load_radiograph
+
+    return load_radiograph(data, services.config.image).image
+
+
+def api_answer(services: Services, data: bytes, question: str, settings: dict[str, Any]) -> str:
+    """Answer one question about an image (report or VQA); raises XrayGPTError for bad input."""
+    if services.xraygpt is None:
+        raise XrayGPTError(services.xraygpt_missing or "XrayGPT is not loaded.")
+    began = time.perf_counter()
+    turn = services.xraygpt.chat(_api_image(data, services)).ask(question or report_question(), **settings)
+    logger.info("api answer: %d bytes in, %d tokens in %.2f s", len(data), len(turn.token_ids),
+                time.perf_counter() - began)
+    return turn.answer
+
+
+def api_classify(services: Services, data: bytes, model: str, preset: str, labels: str) -> dict[str, Any]:
+    """Zero-shot scores of one image as a plain dict (the core's ZeroShotResult.to_dict())."""
+    try:
+        classifier = services.classifier(model)
+    except KeyError as exc:
+        raise XrayGPTError(str(exc.args[0])) from None
+    names = parse_labels(labels) or None
+    result = classifier.classify([_api_image(data, services)], labels=names, preset=None if names else preset)[0]
+    return result.to_dict()
