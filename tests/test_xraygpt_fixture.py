@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from xraygpt_app.api import XrayGPT
-from xraygpt_app.conversation import split_on_image
 from xraygpt_app.image_io import load_radiograph
 
 CONFIG = Path(__file__).resolve().parents[1] / "eval_configs" / "tiny_fixture.yaml"
@@ -101,13 +100,10 @@ def test_prompts_exact(index: int, conversations: list, expected: dict) -> None:
 
 @pytest.mark.parametrize("index", _cases())
 def test_prompt_segment_ids_exact(index: int, model: XrayGPT, conversations: list, expected: dict) -> None:
-    """Segments tokenized as chat.py does (BOS only on the first); the prefill length agrees with them."""
-    tokenizer = model.model.tokenizer
+    """The ids the engine fed (BOS only on the first segment); the prefill length agrees with them."""
     queries = model.config.qformer.num_query_tokens
     for result, turn in zip(conversations[index][1], expected["cases"][index]["turns"], strict=True):
-        before, after = split_on_image(result.prompt)
-        segments = [tokenizer(before, add_special_tokens=True)["input_ids"],
-                    tokenizer(after, add_special_tokens=False)["input_ids"]]
+        segments = result.prompt_segment_ids
         assert segments == turn["prompt_segment_ids"]
         fed = result.timings["reused_tokens"] + result.timings["prefilled_tokens"]
         assert fed == len(segments[0]) + queries + len(segments[1])

@@ -41,6 +41,7 @@ class TurnResult:
     timings: dict[str, float] = field(default_factory=dict)
     dropped_turns: int = 0
     cancelled: bool = False
+    prompt_segment_ids: list[list[int]] = field(default_factory=list)  # text tokens before/after the image
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -52,6 +53,7 @@ class _PreparedPrompt:
     ids: list[int]  # image positions are negative markers, so they never match text tokens
     embeds: torch.Tensor
     dropped: int
+    segment_ids: list[list[int]]
 
 
 class ChatSession:
@@ -108,7 +110,7 @@ class ChatSession:
             if len(ids) + max_new_tokens <= self.context_limit:
                 embeds = torch.cat([self.model.embed_ids(ids_before), self.encoding.llm_embeds,
                                     self.model.embed_ids(ids_after)], dim=1)
-                return _PreparedPrompt(text, ids, embeds, dropped)
+                return _PreparedPrompt(text, ids, embeds, dropped, [ids_before, ids_after])
         raise BadInputError(
             f"The question and answer length do not fit the model's context of {self.context_limit} tokens"
             f" ({len(ids)} prompt tokens + {max_new_tokens} new): shorten the question or lower max_new_tokens.")
@@ -197,7 +199,7 @@ class ChatSession:
         stored = self._answer_text(generated)
         self._history.append(Turn(question, stored))
         result = TurnResult(question, prompt.text, generated, display_answer(stored), timings, prompt.dropped,
-                            cancelled)
+                            cancelled, prompt.segment_ids)
         self.turns.append(result)
         log.info("turn %d: %d new tokens, %d reused, %.2f s", len(self.turns), len(generated),
                  timings.get("reused_tokens", 0), sum(v for k, v in timings.items() if k.endswith("_s")))

@@ -75,9 +75,17 @@ def check_llm_config(folder: Path, config: LLMConfig) -> None:
                           f" {hidden}; set llm.hidden_size: {hidden}")
 
 
+def _quiet_int8_cast_warning(record: logging.LogRecord) -> bool:
+    # 8-bit on the CPU computes in float32; bitsandbytes then casts each matmul input to float16
+    # itself and logs it for every layer of every token. The cast is expected, so drop the line.
+    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
 def load_llm(folder: Path, config: LLMConfig, placement: Placement) -> torch.nn.Module:
     """Load a Hugging Face causal-LM folder (sharded .bin or safetensors) for ``placement``."""
     check_llm_config(folder, config)
+    if placement.llm_quantization == "8bit":
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_quiet_int8_cast_warning)
     model, info = AutoModelForCausalLM.from_pretrained(
         folder, dtype=placement.llm_dtype, device_map=placement.llm_device_map,
         quantization_config=quantization_config(placement), output_loading_info=True)
