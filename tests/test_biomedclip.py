@@ -19,7 +19,7 @@ from PIL import Image
 
 from xraygpt_app.biomedclip import HUB_ID
 from xraygpt_app.config import load_config
-from xraygpt_app.errors import BadInputError
+from xraygpt_app.errors import BadInputError, MissingWeightsError
 from xraygpt_app.zeroshot import ZeroShotClassifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +96,12 @@ def test_loads_folder_and_matches_reference(tmp_path, model_dir):
     expected_logits = reference.logit_scale.exp() * expected_images[:1] @ encoder.encode_prompts(
         ["this is a photo of pleural effusion", "this is a photo of normal chest"]).T
     assert result.logits == pytest.approx(expected_logits[0].tolist(), abs=1e-4)
+
+
+def test_uncached_text_tower_is_missing_weights(tmp_path, model_dir):
+    folder, _, _ = model_dir
+    with pytest.raises(MissingWeightsError, match=PUBMEDBERT):
+        ZeroShotClassifier.from_config(_config(tmp_path, folder, None))
 
 
 def test_bad_folder_is_a_clear_error(tmp_path):

@@ -161,6 +161,10 @@ def test_missing_weights_and_unknown_model(tmp_path):
     with pytest.raises(BadInputError, match="unknown zero-shot model"):
         ZeroShotClassifier.from_config(load_config(TINY_CONFIG), "nope")
     assert available_models(load_config(TINY_CONFIG)) == {"medclip-vit": None}
+    # Tower configs named by Hub id are read from the cache only: a clear missing-weights error, no download.
+    uncached = load_config(TINY_CONFIG, ["zeroshot.models.medclip-vit.text_config=hf-hub:xraygpt-test/absent-bert"])
+    with pytest.raises(MissingWeightsError, match="xraygpt-test/absent-bert"):
+        ZeroShotClassifier.from_config(uncached, "medclip-vit")
 
 
 # --- MedCLIP checkpoint handling ------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .errors import BadInputError
+from .errors import BadInputError, MissingWeightsError
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +27,35 @@ CONFIG_NAME = "open_clip_config.json"
 
 
 def _text_cfg_override(folder: Path, text_config: str | None) -> dict:
-    """Replace the text tower's Hub name by a local BERT config folder (offline use), if given."""
-    if not text_config:
-        return {}
+    """Point the text tower at a local folder: ``text_config``, or the Hub model's cached snapshot.
+
+    open_clip would otherwise ask the Hub for the text model's config (with network retries on an
+    offline machine); like weights, it is never downloaded at load time.
+    """
     text_cfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))["model_cfg"]["text_cfg"]
+    local = text_config or _cached_hub_folder(text_cfg["hf_model_name"])
     # The full checkpoint brings the text weights: do not ask transformers for pretrained ones.
-    return {"text_cfg": {**text_cfg, "hf_model_name": text_config, "hf_model_pretrained": False}}
+    return {"text_cfg": {**text_cfg, "hf_model_name": local, "hf_model_pretrained": False}}
+
+
+def _cached_hub_folder(name: str) -> str:
+    if Path(name).is_dir():
+        return name
+    import huggingface_hub
+
+    found = huggingface_hub.try_to_load_from_cache(name, "config.json")
+    if not isinstance(found, str):
+        raise MissingWeightsError(
+            f"BiomedCLIP's text tower config ({name}) is not in the huggingface_hub cache. Download it once "
+            f"(`hf download {name} config.json`) or set text_config to a folder holding that config.json.")
+    return str(Path(found).parent)
 
 
 def load_biomedclip(folder: str | Path, text_config: str | None = None, device: str = "cpu"):
     """Load an open_clip model folder; returns ``(model, preprocess, tokenizer)``.
 
-    ``text_config``: optional local folder with the text tower's ``config.json`` (otherwise open_clip
-    reads the Hub name in the folder's config, i.e. needs it in the huggingface_hub cache).
+    ``text_config``: optional local folder with the text tower's ``config.json``; otherwise the Hub
+    model named in the folder's config must be in the huggingface_hub cache (MissingWeightsError if not).
     """
     import open_clip  # deferred: heavy import, only needed for this model
 

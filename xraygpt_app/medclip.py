@@ -23,7 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, BertModel, SwinModel
 
 from .checkpoints import CheckpointKeyError, load_exact
-from .errors import BadInputError
+from .errors import BadInputError, MissingWeightsError
 
 log = logging.getLogger(__name__)
 
@@ -181,12 +181,27 @@ def read_medclip_file(path: str | Path) -> dict[str, torch.Tensor]:
             if not names:
                 raise BadInputError(f"{path.name}: the zip holds no {WEIGHTS_NAME}")
             data = io.BytesIO(archive.read(names[0]))
-        return torch.load(data, map_location="cpu", weights_only=True)
-    return torch.load(path, map_location="cpu", weights_only=True)
+        return _torch_load(data, path)
+    return _torch_load(path, path)
 
 
-def _pretrained_name(source: str) -> str:
-    return source[len(HF_PREFIX):] if source.startswith(HF_PREFIX) else source
+def _torch_load(source, path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
+        raise BadInputError(f"cannot read MedCLIP weights {path.name}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _pretrained(source: str) -> tuple[str, dict]:
+    """``from_pretrained`` arguments: a local folder, or an ``hf-hub:`` id read from the cache only.
+
+    Like weights, tower configs are never downloaded at load time (no network retries on offline machines).
+    """
+    if source.startswith(HF_PREFIX):
+        return source[len(HF_PREFIX):], {"local_files_only": True}
+    return source, {}
 
 
 def build_medclip(weights_path: str | Path, text_config: str, vision_config: str | None = None,
@@ -198,12 +213,14 @@ def build_medclip(weights_path: str | Path, text_config: str, vision_config: str
         raise BadInputError(f"the weights file is a MedCLIP-{found} checkpoint, but medclip-{variant} was asked for")
     state_dict = remap_medclip_state_dict(released)
     projection_dim = state_dict["text_model.projection_head.weight"].shape[0]
-    bert_config = AutoConfig.from_pretrained(_pretrained_name(text_config))
+    name, kwargs = _pretrained(text_config)
+    bert_config = AutoConfig.from_pretrained(name, **kwargs)
     swin_config = None
     if found == "vit":
         if not vision_config:
             raise BadInputError("medclip-vit needs vision_config (the Swin config folder or hf-hub id)")
-        swin_config = AutoConfig.from_pretrained(_pretrained_name(vision_config))
+        name, kwargs = _pretrained(vision_config)
+        swin_config = AutoConfig.from_pretrained(name, **kwargs)
     model = MedCLIP(found, bert_config, projection_dim, swin_config)
     try:
         load_exact(model, state_dict, f"MedCLIP-{found} checkpoint")  # strict: any missing/unexpected key raises
@@ -218,7 +235,8 @@ class MedCLIPTokenizer:
     """Bio_ClinicalBERT tokenizer used as MedCLIP does: one batch, padding to its longest, max 77."""
 
     def __init__(self, text_config: str) -> None:
-        self.tokenizer = AutoTokenizer.from_pretrained(_pretrained_name(text_config))
+        name, kwargs = _pretrained(text_config)
+        self.tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
 
     def __call__(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=MAX_TEXT_LENGTH,
@@ -254,5 +272,14 @@ class MedCLIPEncoder:
 def load_encoder(weights_path: str | Path, text_config: str, vision_config: str | None = None,
                  variant: str | None = None, device: str = "cpu") -> MedCLIPEncoder:
     """A ready MedCLIPEncoder from the released weights and the tower configs."""
-    model = build_medclip(weights_path, text_config, vision_config, variant)
-    return MedCLIPEncoder(model, MedCLIPTokenizer(text_config), device)
+    try:
+        model = build_medclip(weights_path, text_config, vision_config, variant)
+        tokenizer = MedCLIPTokenizer(text_config)
+    except OSError as exc:  # transformers: a config/tokenizer folder or Hub id that is not available offline
+        raise MissingWeightsError(
+            f"MedCLIP's tower config or tokenizer is not available ({str(exc).splitlines()[0]}). Looked for "
+            f"text_config={text_config} and vision_config={vision_config}. Point them at local folders, or download "
+            f"the Hub repos once (e.g. `hf download emilyalsentzer/Bio_ClinicalBERT` and "
+            f"`hf download microsoft/swin-tiny-patch4-window7-224`) so they are in the huggingface_hub cache."
+        ) from None
+    return MedCLIPEncoder(model, tokenizer, device)
