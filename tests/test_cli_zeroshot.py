@@ -46,6 +46,11 @@ def test_classify_table_json_and_chart(tmp_path, capsys):
     assert result["labels"] == ["edema", "no finding"] and result["model"] == "medclip-vit"
     assert result["predicted"] == result["labels"][int(np.argmax(result["logits"]))]
     assert sum(result["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+    assert main(["classify", image, "-c", TINY, "--labels", "edema, no finding", "--json",
+                 "--template", "{} on a frontal radiograph", "--template", "findings: {}"]) == 0
+    templated = json.loads(capsys.readouterr().out)["results"][0]
+    assert templated["labels"] == result["labels"] and templated["logits"] != result["logits"]
+    assert main(["classify", image, "-c", TINY, "--labels", "edema", "--template", "no placeholder"]) == 2
 
 
 def test_classify_prompt_file_and_ensemble(tmp_path, capsys):

@@ -31,6 +31,9 @@ def _add_label_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--labels", help="comma-separated labels, each scored with the model's prompt templates")
     group.add_argument("--preset", choices=tuple(PRESET_BUILDERS), help="a built-in prompt set")
     group.add_argument("--prompts", metavar="FILE.yaml", help="YAML mapping label -> list of prompts")
+    parser.add_argument("--template", action="append", default=[], metavar="TEXT",
+                        help="prompt template for --labels with one {} (repeatable; default: the model's,"
+                             " e.g. 'chest x-ray showing {}')")
     parser.add_argument("--ensemble", choices=("mean", "max"), default=None,
                         help="how prompt logits combine per label (default from config: mean, as MedCLIP)")
 
@@ -65,6 +68,8 @@ def _classifier(config: Config, args: argparse.Namespace):
     classifier = ZeroShotClassifier.from_config(config, args.model)
     if args.ensemble:
         classifier.ensemble = args.ensemble
+    if args.template:
+        classifier.templates = list(args.template)
     return classifier
 
 
