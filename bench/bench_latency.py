@@ -19,7 +19,10 @@ import logging
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -48,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: steadier on a shared 2-core machine)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser.parse_args(argv)
 
@@ -66,15 +71,45 @@ def count_calls(model, name: str) -> list[int]:
     return counter
 
 
-def run_conversation(xray: XrayGPT, image, reuse_kv: bool, turns: int, max_new_tokens: int) -> dict:
-    """One conversation of ``turns`` questions; returns encoding timings and per-turn figures."""
+def time_forward(llm) -> list[float]:
+    """Record the process CPU time of every LLM forward call (an instance attribute; the class is untouched).
+
+    CPU time is what the forward cost this process: unlike wall time it barely moves when other
+    processes share the cores.
+    """
+    cpu_times: list[float] = []
+    original = llm.forward
+
+    @functools.wraps(original)
+    def timed(*args, **kwargs):
+        start = time.process_time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            cpu_times.append(time.process_time() - start)
+
+    llm.forward = timed
+    return cpu_times
+
+
+def run_conversation(xray: XrayGPT, image, reuse_kv: bool, turns: int, max_new_tokens: int,
+                     cpu_times: list[float]) -> dict:
+    """One conversation of ``turns`` questions; returns encoding timings and per-turn figures.
+
+    ``min_length = max_new_tokens`` keeps the random model from ending an answer with EOS early, so
+    every turn adds the same number of generated tokens (XrayGPT's default min_length is 1).
+    """
     session = xray.chat(image, reuse_kv=reuse_kv)
     rows = []
     for i in range(turns):
-        result = session.ask(QUESTIONS[i % len(QUESTIONS)], do_sample=False, max_new_tokens=max_new_tokens)
+        cpu_times.clear()
+        result = session.ask(QUESTIONS[i % len(QUESTIONS)], do_sample=False, max_new_tokens=max_new_tokens,
+                             min_length=max_new_tokens)
         t = result.timings
         rows.append({"ttft_s": t["time_to_first_token_s"], "prefill_s": t["prefill_s"],
+                     "prefill_cpu_s": cpu_times[0],
                      "decode_per_token_s": t["decode_s"] / max(t["new_tokens"], 1),
+                     "decode_cpu_per_token_s": statistics.mean(cpu_times[1:]) if len(cpu_times) > 1 else 0.0,
                      "prefilled_tokens": t["prefilled_tokens"], "reused_tokens": t["reused_tokens"],
                      "new_tokens": t["new_tokens"], "token_ids": result.token_ids})
     return {"encoding": dict(session.encoding.timings), "turns": rows}
@@ -91,36 +126,45 @@ def summarise(runs: dict[bool, list[dict]], turns: int, encode_calls: int, conve
     stages = {key: statistics.median(run["encoding"][key] for run in all_runs)
               for key in ("preprocess_s", "vision_s", "qformer_s")}
     stages["prefill_turn1_s"] = statistics.median(run["turns"][0]["prefill_s"] for run in all_runs)
-    stages["decode_per_token_s"] = statistics.median(row["decode_per_token_s"] for run in all_runs
-                                                     for row in run["turns"])
+    for key in ("decode_per_token_s", "decode_cpu_per_token_s"):
+        stages[key] = statistics.median(row[key] for run in all_runs for row in run["turns"])
     table = [{"turn": i + 1, "prompt_tokens": full[0]["turns"][i]["prefilled_tokens"],
-              "ttft_reuse_s": median_of(reuse, "ttft_s", i),
               "prefilled_reuse": reuse[0]["turns"][i]["prefilled_tokens"],
-              "ttft_full_s": median_of(full, "ttft_s", i), "new_tokens": full[0]["turns"][i]["new_tokens"]}
+              "ttft_reuse_s": median_of(reuse, "ttft_s", i),
+              "prefill_cpu_reuse_s": median_of(reuse, "prefill_cpu_s", i),
+              "ttft_full_s": median_of(full, "ttft_s", i), "prefill_cpu_full_s": median_of(full, "prefill_cpu_s", i),
+              "new_tokens": full[0]["turns"][i]["new_tokens"]}
              for i in range(turns)]
     same = all(r["turns"][i]["token_ids"] == f["turns"][i]["token_ids"]
                for r, f in zip(reuse, full, strict=True) for i in range(turns))
-    ratio = table[-1]["ttft_reuse_s"] / table[1]["ttft_reuse_s"] if turns >= 2 else None
+    ratio = ratio_cpu = None
+    if turns >= 2:
+        ratio = table[-1]["ttft_reuse_s"] / table[1]["ttft_reuse_s"]
+        ratio_cpu = table[-1]["prefill_cpu_reuse_s"] / table[1]["prefill_cpu_reuse_s"]
     return {"stages_s": stages, "ttft": table, "ttft_ratio_last_vs_turn2_reuse": ratio,
+            "prefill_cpu_ratio_last_vs_turn2_reuse": ratio_cpu,
             "greedy_tokens_identical_reuse_vs_full": same, "encode_image_calls": encode_calls,
             "conversations": conversations}
 
 
-def print_text(summary: dict, description: str) -> None:
-    print(f"model: {description}")
-    print("per-stage latency (median, ms):")
+def print_text(summary: dict, description: str, threads: int) -> None:
+    print(f"model: {description}; torch threads: {threads}")
+    print("per-stage latency (median, ms; *_cpu = process CPU time):")
     for key, value in summary["stages_s"].items():
-        print(f"  {key:<20} {value * 1e3:8.1f}")
-    print("\nfollow-up time to first token (median, ms):")
-    print(f"  {'turn':>4} {'prompt tok':>10} {'KV reuse':>9} {'prefilled':>9} {'full':>9} {'full/reuse':>10}"
-          f" {'new tok':>7}")
+        print(f"  {key:<24} {value * 1e3:8.1f}")
+    print("\nfollow-up time to first token (median, ms): TTFT = wall time to the first token (TurnResult.timings);")
+    print("cpu = process CPU time of the prefill forward (robust to other load on the machine)")
+    print(f"  {'turn':>4} {'prompt':>6} | {'KV reuse: prefilled':>19} {'TTFT':>7} {'cpu':>7} |"
+          f" {'full recompute: TTFT':>20} {'cpu':>7} | {'full/reuse cpu':>14}")
     for row in summary["ttft"]:
-        print(f"  {row['turn']:>4} {row['prompt_tokens']:>10} {row['ttft_reuse_s'] * 1e3:>9.1f}"
-              f" {row['prefilled_reuse']:>9} {row['ttft_full_s'] * 1e3:>9.1f}"
-              f" {row['ttft_full_s'] / row['ttft_reuse_s']:>10.2f} {row['new_tokens']:>7}")
-    ratio = summary["ttft_ratio_last_vs_turn2_reuse"]
-    if ratio is not None:
-        print(f"\nTTFT(turn {len(summary['ttft'])}) / TTFT(turn 2) with KV reuse: {ratio:.2f} (target <= 1.2)")
+        print(f"  {row['turn']:>4} {row['prompt_tokens']:>6} | {row['prefilled_reuse']:>19}"
+              f" {row['ttft_reuse_s'] * 1e3:>7.1f} {row['prefill_cpu_reuse_s'] * 1e3:>7.1f} |"
+              f" {row['ttft_full_s'] * 1e3:>20.1f} {row['prefill_cpu_full_s'] * 1e3:>7.1f} |"
+              f" {row['prefill_cpu_full_s'] / row['prefill_cpu_reuse_s']:>14.2f}")
+    if summary["ttft_ratio_last_vs_turn2_reuse"] is not None:
+        last = len(summary["ttft"])
+        print(f"\nwith KV reuse, turn {last} / turn 2: TTFT {summary['ttft_ratio_last_vs_turn2_reuse']:.2f},"
+              f" prefill CPU time {summary['prefill_cpu_ratio_last_vs_turn2_reuse']:.2f} (target <= 1.2)")
     print(f"greedy tokens identical with and without KV reuse: {summary['greedy_tokens_identical_reuse_vs_full']}")
     print(f"encode_image calls: {summary['encode_image_calls']} for {summary['conversations']} conversations"
           f" (one per conversation: the image is never re-encoded per turn)")
@@ -131,22 +175,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="xraygpt-bench-") as tmp:
         config = args.config or midsize.build_midsize(Path(tmp))
-        description = args.config or "mid-size random model (bench/midsize.py), " + ", ".join(args.overrides or [])
+        description = args.config or "mid-size random model (bench/midsize.py)"
+        description += "".join(f" --set {item}" for item in args.overrides)
+        torch.set_num_threads(args.threads)
         xray = XrayGPT.from_config(config, args.overrides)
         image = midsize.sample_image()
         calls = count_calls(xray.model, "encode_image")
-        run_conversation(xray, image, True, 2, args.max_new_tokens)  # warm-up, not counted
+        cpu_times = time_forward(xray.model.llm)
+        run_conversation(xray, image, True, 2, args.max_new_tokens, cpu_times)  # warm-up, not counted
         calls[0] = 0
         runs: dict[bool, list[dict]] = {True: [], False: []}
         for _ in range(args.repeats):
-            for reuse in (True, False):
-                runs[reuse].append(run_conversation(xray, image, reuse, args.turns, args.max_new_tokens))
+            for reuse in (True, False):  # interleaved, so drifts in machine load hit both alike
+                runs[reuse].append(run_conversation(xray, image, reuse, args.turns, args.max_new_tokens, cpu_times))
     summary = summarise(runs, args.turns, calls[0], 2 * args.repeats)
-    summary["model"] = description
+    summary.update(model=description, threads=args.threads)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print_text(summary, description)
+        print_text(summary, description, args.threads)
     return 0
 
 
