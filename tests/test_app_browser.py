@@ -205,6 +205,12 @@ def test_phone_sized_viewport(server, browser):
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 400, f"the page scrolls sideways on a phone ({width} px)"
     _shot(page, "6-phone")
+    page.get_by_role("tab", name="Zero-shot").click()
+    page.locator("#zs-run").click()
+    page.wait_for_selector("#zs-chart svg .mark-rect path")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 400
+    page.locator("#zs-chart").scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "6b-phone-zero-shot.png"))  # the viewport, as a phone shows it
     context.close()
 
 

@@ -214,7 +214,7 @@ def _zeroshot_tab(services: Services, state: gr.State) -> None:
     run = gr.Button("Classify", variant="primary", elem_id="zs-run")
     zs_notice = gr.Markdown(elem_id="zs-notice")
     chart = gr.BarPlot(x="label", y="probability", label="Probability (softmax over the labels)",
-                       y_lim=[0, 1], elem_id="zs-chart")
+                       y_lim=[0, 1], x_label_angle=-35, elem_id="zs-chart")  # angled: phones are narrow
     table = gr.Dataframe(headers=["label", "probability", "logit", "sigmoid score"], label="Raw scores",
                          interactive=False, elem_id="zs-table")
 
