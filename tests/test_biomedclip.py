@@ -7,7 +7,10 @@ test points ``text_config`` at a local tiny BERT so nothing is downloaded.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import open_clip
@@ -112,3 +115,40 @@ def test_bad_folder_is_a_clear_error(tmp_path):
 def test_real_config_points_at_the_hub_id():
     config = load_config(REPO / "eval_configs" / "xraygpt_eval.yaml")
     assert f"hf-hub:{HUB_ID}" in config.zeroshot.models["biomedclip"].weights.sources
+
+
+def _cache_repo(hub: Path, repo_id: str, files: dict[str, Path]) -> None:
+    """Lay out a huggingface_hub cache entry (refs/main -> snapshots/<commit>/files) for an offline test."""
+    commit = "0" * 40
+    root = hub / f"models--{repo_id.replace('/', '--')}"
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    for name, source in files.items():
+        shutil.copy(source, snapshot / name)
+
+
+def test_hub_id_from_the_real_config_through_the_cache(tmp_path, model_dir):
+    """eval_configs/xraygpt_eval.yaml's `hf-hub:` BiomedCLIP, served from a huggingface_hub cache (offline)."""
+    folder, text_dir, reference = model_dir
+    hub = tmp_path / "hub"
+    _cache_repo(hub, HUB_ID, {p.name: p for p in folder.iterdir()})
+    _cache_repo(hub, PUBMEDBERT, {"config.json": text_dir / "config.json"})
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    image = SAMPLES / "nih_cxr14_00000001_000_pa_512.png"
+    command = [sys.executable, "-m", "xraygpt_app.cli", "classify", str(image), "--model", "biomedclip",
+               "--labels", "pleural effusion,normal chest", "--json",
+               "--set", "zeroshot.models.biomedclip.weights.sources=[hf-hub:" + HUB_ID + "]",
+               "-c", str(REPO / "eval_configs" / "xraygpt_eval.yaml")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (result,) = json.loads(done.stdout)["results"]
+    preprocess = image_transform_v2(PreprocessCfg(**reference.visual.preprocess_cfg), is_train=False)
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    with torch.no_grad():
+        image_embed = reference.encode_image(preprocess(Image.open(image).convert("RGB"))[None], normalize=True)
+        text = reference.encode_text(tokenizer(["this is a photo of pleural effusion",
+                                                "this is a photo of normal chest"]), normalize=True)
+        expected = (reference.logit_scale.exp() * image_embed @ text.T)[0].tolist()
+    assert result["logits"] == pytest.approx(expected, abs=1e-4)
