@@ -150,6 +150,11 @@ def test_report_follow_up_vqa_and_zero_shot(server, browser, samples_dir, upload
     assert page.locator("#zs-chart svg .mark-rect path").count() == 5
     assert "not a diagnosis" in page.locator(".xr-disclaimer:visible").first.inner_text()
     _shot(page, "3-zero-shot")
+
+    page.locator(".xr-example").nth(1).click()  # another image: no result about the old one may stay
+    page.wait_for_function("document.querySelector('#description').innerText.includes('640 × 755')")
+    page.wait_for_function("!document.querySelector('#zs-table').innerText.includes('Cardiomegaly')")
+    assert page.locator(BOT).count() == 0
     context.close()
 
 

@@ -63,11 +63,12 @@ def build_app(services: Services) -> gr.Blocks:
                 image = _image_panel(services, state)
             with gr.Column(scale=3, min_width=320), gr.Tabs():
                 with gr.Tab("Report chat", id="chat"):
-                    _chat_tab(services, state, image)
+                    resets = _chat_tab(services, state, image)
                 with gr.Tab("VQA", id="vqa"):
-                    _vqa_tab(services, state, image)
+                    resets += _vqa_tab(services, state, image)
                 with gr.Tab("Zero-shot", id="zeroshot"):
-                    _zeroshot_tab(services, state)
+                    resets += _zeroshot_tab(services, state)
+        _wire_image(services, state, image, resets)
         _api_endpoints(services)
     demo.queue(default_concurrency_limit=app_config.generation_concurrency, max_size=app_config.queue_max_size)
     return demo
@@ -99,16 +100,20 @@ def _image_panel(services: Services, state: gr.State) -> dict[str, Any]:
     return parts
 
 
-def _wire_image(services: Services, state: gr.State, image: dict[str, Any], chat_outputs: list) -> None:
-    """Upload and example buttons: decode, preview, and reset the conversation of a new image."""
+Resets = list[tuple[gr.components.Component, Any]]  # outputs about the image, with their empty value
+
+
+def _wire_image(services: Services, state: gr.State, image: dict[str, Any], resets: Resets) -> None:
+    """Upload and example buttons: decode, preview, and empty every output about the old image."""
     limits, size = services.config.image, services.config.vision.image_size
-    outputs = [state, image["preview"], image["description"], image["notice"], image["upload"], *chat_outputs]
+    outputs = [state, image["preview"], image["description"], image["notice"], image["upload"],
+               *[component for component, _ in resets]]
 
     def finish(result: tuple[h.UserState, str, str, str], old: h.UserState | None) -> tuple:
         new_state, preview, description, note = result
-        if note:  # the old image and conversation stay
-            return (old, gr.skip(), gr.skip(), note, None, *[gr.skip()] * len(chat_outputs))
-        return (new_state, preview, description, "", None, [], "", "")
+        if note:  # the old image and its results stay
+            return (old, gr.skip(), gr.skip(), note, None, *[gr.skip()] * len(resets))
+        return (new_state, preview, description, "", None, *[empty for _, empty in resets])
 
     def on_upload(path: str | None, old: h.UserState | None) -> tuple:
         if not path:
@@ -123,7 +128,7 @@ def _wire_image(services: Services, state: gr.State, image: dict[str, Any], chat
                      outputs, api_visibility="private", concurrency_limit=None)
 
 
-def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> None:
+def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Resets:
     disclaimer()
     _missing_box({"XrayGPT": services.xraygpt_missing} if services.xraygpt_missing else {}, "XrayGPT")
     chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot", buttons=["copy"],
@@ -138,8 +143,6 @@ def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Non
         clear_button = gr.Button("Clear", elem_id="clear")
     chat_notice = gr.Markdown(elem_id="chat-notice")
     download = gr.HTML(elem_id="download")
-    chat_outputs = [chatbot, chat_notice, download]
-    _wire_image(services, state, image, chat_outputs)
     outputs = [chatbot, state, chat_notice, download]
     sliders = image["sliders"]
     group = {"concurrency_id": GENERATION, "concurrency_limit": services.config.app.generation_concurrency,
@@ -165,9 +168,10 @@ def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Non
     stop_button.click(h.stop, [state], [chat_notice], queue=False, api_visibility="private")
     for trigger in (clear_button.click, chatbot.clear):  # the chatbot's own bin icon clears the state too
         trigger(h.clear_chat, [state], outputs, queue=False, api_visibility="private")
+    return [(chatbot, []), (chat_notice, ""), (download, "")]
 
 
-def _vqa_tab(services: Services, state: gr.State, image: dict[str, Any]) -> None:
+def _vqa_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Resets:
     disclaimer()
     _missing_box({"XrayGPT": services.xraygpt_missing} if services.xraygpt_missing else {}, "XrayGPT")
     gr.Markdown("One question at a time about the uploaded image; each answer starts a fresh conversation.")
@@ -190,16 +194,17 @@ def _vqa_tab(services: Services, state: gr.State, image: dict[str, Any]) -> None
         trigger(on_answer, [state, question, *image["sliders"]], [answer, vqa_notice], concurrency_id=GENERATION,
                 concurrency_limit=services.config.app.generation_concurrency, api_visibility="private")
     stop_button.click(h.stop, [state], [vqa_notice], queue=False, api_visibility="private")
+    return [(answer, ""), (vqa_notice, "")]
 
 
-def _zeroshot_tab(services: Services, state: gr.State) -> None:
+def _zeroshot_tab(services: Services, state: gr.State) -> Resets:
     disclaimer()
     choices = h.model_choices(services)
     missing = services.zeroshot_missing
     if not choices:
         _missing_box(_zeroshot_reasons(services) or {"Zero-shot": "No zero-shot model is configured."},
                      "Zero-shot classification")
-        return
+        return []
     if missing:
         with gr.Accordion(f"Models not available here ({len(missing)})", open=False):
             _missing_box(_zeroshot_reasons(services), "Some zero-shot models")
@@ -225,6 +230,7 @@ def _zeroshot_tab(services: Services, state: gr.State) -> None:
 
     run.click(on_classify, [state, model, preset, labels], [chart, table, zs_notice], concurrency_id=ZEROSHOT,
               concurrency_limit=services.config.app.generation_concurrency, api_visibility="private")
+    return [(chart, None), (table, None), (zs_notice, "")]
 
 
 def _api_endpoints(services: Services) -> None:
