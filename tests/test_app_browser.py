@@ -20,7 +20,7 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 NIH = "nih_cxr14_00000001_000_pa_512.png"
-HANNOVER = "hannover_1479fa94_pa_640x755.png"
+DICOM = "cr_siim_chest_pa_mono2_jpeg_baseline.dcm"  # JPEG-compressed DICOM, 1024x1024
 WAIT_MS = 120_000
 BOT = "#chatbot [data-testid='bot']"
 
@@ -174,7 +174,7 @@ def test_corrupt_upload_shows_a_notice(server, browser, uploaded):
 def test_two_browsers_keep_separate_conversations(server, browser, samples_dir, uploaded):
     (context_a, page_a), (context_b, page_b) = _open(browser, server), _open(browser, server)
     _upload(page_a, samples_dir / NIH, uploaded)
-    _upload(page_b, samples_dir / HANNOVER, uploaded)
+    _upload(page_b, samples_dir / DICOM, uploaded)  # DICOM through gr.File
     _set_number(page_a, "#beams", 8)  # a slower, unstreamed answer for A, so that B has to wait
     _set_number(page_a, "#max-new-tokens", 1000)
     page_a.locator("#generate-report").click()
@@ -195,7 +195,8 @@ def test_two_browsers_keep_separate_conversations(server, browser, samples_dir, 
     assert "from A" in chat_a and "from B" not in chat_a
     assert "from B" in chat_b and "from A" not in chat_b
     assert "512 × 512" in page_a.locator("#description").inner_text()
-    assert "640 × 755" in page_b.locator("#description").inner_text()
+    description_b = page_b.locator("#description").inner_text()
+    assert "1024 × 1024" in description_b and "DICOM" in description_b and "16d7f894" not in description_b
     _shot(page_b, "5-second-browser")
     context_a.close()
     context_b.close()
