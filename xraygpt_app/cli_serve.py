@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              f"(also ${AUTH_ENV})")
     parser.add_argument("--max-file-size", default=None, help="largest upload, e.g. 50mb (default from config)")
     parser.add_argument("--download", action="store_true",
-                        help=f"fetch missing XrayGPT weights from their Hub/URL sources at start-up "
+                        help=f"fetch missing weights from their Hub/URL sources at start-up "
                              f"(also ${DOWNLOAD_ENV}=1)")
     parser.add_argument("--mcp", action="store_true",
                         help="also serve the report/ask/classify endpoints as MCP tools (needs gradio[mcp])")

@@ -55,7 +55,7 @@ def build_services(config: Config, *, progress: Callable[[str], None] | None = N
     if with_xraygpt:
         services.xraygpt, services.xraygpt_missing = _load_xraygpt(config, say, download)
     if with_zeroshot:
-        services.classifiers, services.zeroshot_missing = _load_zeroshot(config, say)
+        services.classifiers, services.zeroshot_missing = _load_zeroshot(config, say, download)
     return services
 
 
@@ -76,13 +76,16 @@ def _load_xraygpt(config: Config, say: Callable[[str], None], download: bool) ->
     return model, None
 
 
-def _load_zeroshot(config: Config, say: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, str]]:
+def _load_zeroshot(config: Config, say: Callable[[str], None], download: bool
+                   ) -> tuple[dict[str, Any], dict[str, str]]:
     try:
         from . import zeroshot
     except ImportError as exc:
         reason = f"Zero-shot models could not be imported on this install: {exc}"
         say(reason)
         return {}, dict.fromkeys(ZEROSHOT_MODEL_NAMES, reason)
+    if download:
+        _fetch_zeroshot_weights(config, say)
     loaded: dict[str, Any] = {}
     missing: dict[str, str] = {}
     for name, reason in zeroshot.available_models(config).items():
@@ -100,3 +103,15 @@ def _load_zeroshot(config: Config, say: Callable[[str], None]) -> tuple[dict[str
             continue
         say(f"Zero-shot model {name} loaded in {time.perf_counter() - start:.1f} s.")
     return loaded, missing
+
+
+def _fetch_zeroshot_weights(config: Config, say: Callable[[str], None]) -> None:
+    """Download missing zero-shot weights into the cache, where ``available_models`` then finds them."""
+    from .weights import resolve_weights
+
+    for name, model in config.zeroshot.models.items():
+        try:
+            resolve_weights(model.weights, f"zeroshot.models.{name}.weights", download=True,
+                            cache_dir=config.weights.cache_dir)
+        except MissingWeightsError:
+            say(f"Zero-shot model {name}: weights could not be downloaded.")
