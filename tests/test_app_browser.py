@@ -118,6 +118,7 @@ def test_report_follow_up_vqa_and_zero_shot(server, browser, samples_dir, upload
     assert page.locator("#preview img").count() == 2
     assert "512 × 512" in page.locator("#description").inner_text()
     _greedy(page)
+    _set_number(page, "#max-new-tokens", 60)  # more pieces, so the stream is seen even on a fast machine
     _watch_stream(page)
     page.locator("#generate-report").click()
     _wait_for_answers(page, 1)
