@@ -27,7 +27,9 @@ CSS = """
 .xr-download {font-weight: 600}
 .xr-missing pre, .xr-missing code {white-space: pre-wrap; word-break: break-word}
 """
-FILE_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic"]
+# No extension filter: DICOM from PACS often has no extension, and the radiograph loader
+# decides by content and refuses anything else with a plain message.
+FILE_TYPES = None
 GENERATION = "generation"  # the concurrency group every model-generation event shares
 ZEROSHOT = "zeroshot"
 
@@ -77,7 +79,7 @@ def build_app(services: Services) -> gr.Blocks:
 def _image_panel(services: Services, state: gr.State) -> dict[str, Any]:
     """Upload, examples, preview, description and the generation settings; returns the parts."""
     config = services.config
-    upload = gr.File(label="Radiograph (PNG, JPEG or DICOM)", file_types=FILE_TYPES, type="filepath",
+    upload = gr.File(label="Radiograph (PNG, JPEG, TIFF, BMP, WebP or DICOM)", file_types=FILE_TYPES, type="filepath",
                      elem_id="upload")
     with gr.Row():
         example_buttons = {name: gr.Button(f"Example: {name}", size="sm", elem_classes=["xr-example"])
