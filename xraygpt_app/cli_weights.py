@@ -100,9 +100,10 @@ def gpu_memory_estimate(config: Config) -> Any:
     if not hasattr(module, "estimate"):
         return None
     try:
-        return module.estimate(config, assume_cuda=True)
+        result = module.estimate(config, assume_cuda=True)
     except XrayGPTError:
         return None
+    return result if any(device.startswith("cuda") for device in result.breakdown) else None  # runtime.device: cpu
 
 
 def _print_gpu_estimate(config: Config) -> None:
