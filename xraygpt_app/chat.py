@@ -167,7 +167,7 @@ class ChatSession:
     def _reuse_cache(self, ids: list[int]) -> int:
         """Crop the KV cache to the longest prefix shared with ``ids``; return its length."""
         shared = 0
-        for old, new in zip(self._cached_ids, ids):
+        for old, new in zip(self._cached_ids, ids, strict=False):
             if old != new:
                 break
             shared += 1
@@ -179,7 +179,9 @@ class ChatSession:
         return shared
 
     def _forward(self, **inputs) -> torch.Tensor:
-        out = self.model.llm(**inputs, past_key_values=self._cache, use_cache=True)
+        # Only the last position's logits are used: skipping the rest saves a prompt-length x
+        # vocabulary matmul and its memory in every prefill.
+        out = self.model.llm(**inputs, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
         return out.logits
 
     def _finished(self, generated: list[int]) -> bool:

@@ -12,7 +12,8 @@ What each part counts:
   Linear weights (and their biases) in float16 and everything else (LayerNorms, ``cls_token``,
   ``pos_embed``, ``q_bias``/``v_bias``) in float32; on the CPU (``low_resource``, fp32, bf16) the
   rounded weights are computed in float32 (bf16 if ``vision.precision`` is fp32 and mode bf16).
-- **qformer**: Q-Former, query tokens and ``llama_proj``, float32 next to the LLM, as in the reference.
+- **qformer**: Q-Former, query tokens and ``llama_proj`` next to the LLM, cast by ``qformer.cast_bridge``
+  (float32; Linear weights float16 on CUDA, where the reference's autocast computes them in float16).
 - **llm_weights**: unquantised parameters and buffers in the LLM dtype. 8-bit: transformers'
   bitsandbytes integration swaps every ``nn.Linear`` except the modules its quantizer skips
   (``get_modules_to_not_convert``: the output embedding ``lm_head``, tied weights, the last
@@ -24,9 +25,8 @@ What each part counts:
 - **kv_cache**: keys and values of every layer for ``min(llm.max_length, max_position_embeddings)``
   tokens (times ``generation.num_beams``), in the LLM compute dtype.
 - **activations**: the largest transient of a prefill over the full context with SDPA attention
-  (no n x n score matrix): the prefill's logits (every position, ``n x vocab`` in the LLM dtype,
-  since the chat engine asks for all of them) or one layer's MLP and attention tensors, whichever is
-  larger, plus the residual stream; bitsandbytes' int8 matmul adds an int32 accumulator. The
+  (no n x n score matrix): one layer's MLP and attention tensors (the chat engine keeps only the
+  last position's logits, ``logits_to_keep=1``), plus the residual stream; bitsandbytes' int8 matmul adds an int32 accumulator. The
   ViT's one-image activations go on the vision device.
 - **overhead**: on a GPU, ``CUDA_CONTEXT_BYTES`` for the CUDA context, kernels and cuBLAS
   workspace (not visible to ``torch.cuda.max_memory_allocated`` but visible to ``nvidia-smi``);
@@ -51,6 +51,8 @@ from .config import Config
 from .errors import MissingWeightsError
 from .model import build_parts
 from .placement import Placement, plan_placement
+from .qformer import cast_bridge
+from .vision import cast_vision
 from .weights import resolve_weights
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ def estimate(config: Config, assume_cuda: bool | None = None) -> MemoryEstimate:
     llm_config, notes = llm_architecture(config)
     with torch.device("meta"):
         vision, bridge = build_parts(config)
-    vision_bytes = tensor_bytes(cast_vision_like_loading(vision, placement))
+    vision_bytes = tensor_bytes(cast_vision(vision, placement))
     vision_params = sum(p.numel() for p in vision.parameters())
     llm_bytes = llm_weight_bytes(llm_config, placement)
     context = min(config.llm.max_length, llm_config.max_position_embeddings)
@@ -112,7 +114,7 @@ def estimate(config: Config, assume_cuda: bool | None = None) -> MemoryEstimate:
         parts[part] += int(size)
 
     add(llm_device, "llm_weights", llm_bytes)
-    add(llm_device, "qformer", tensor_bytes(bridge.float()))  # float32 next to the LLM, as the reference
+    add(llm_device, "qformer", tensor_bytes(cast_bridge(bridge, placement)))
     add(llm_device, "kv_cache", kv_cache_bytes(llm_config, context * config.generation.num_beams, placement))
     add(llm_device, "activations", llm_activation_bytes(llm_config, context, placement))
     add(vision_device, "vision", vision_bytes)
@@ -139,20 +141,6 @@ def llm_architecture(config: Config) -> tuple[PretrainedConfig, list[str]]:
             note += f", although llm.hidden_size is {config.llm.hidden_size}"
         return LlamaConfig(**VICUNA_7B), [note]
     return AutoConfig.from_pretrained(folder), []
-
-
-def cast_vision_like_loading(tower: nn.Module, placement: Placement) -> nn.Module:
-    """Give a (meta) vision tower the dtypes ``vision.place_vision`` gives the loaded one, without moving it."""
-    tower.float()
-    if placement.vision_half_weights:
-        if placement.vision_device.type == "cuda":
-            for module in tower.eva.modules():
-                if isinstance(module, (nn.Conv2d, nn.Linear)):
-                    module.half()
-        # on the CPU the fp16-rounded weights are computed in float32: nothing changes in size
-    elif placement.vision_dtype != torch.float32:
-        tower.eva.to(placement.vision_dtype)
-    return tower
 
 
 def tensor_bytes(module: nn.Module) -> int:
@@ -227,7 +215,7 @@ def llm_activation_bytes(llm_config: PretrainedConfig, tokens: int, placement: P
     """Largest transient of a prefill over ``tokens`` positions (SDPA attention; see the module docstring)."""
     element = torch.empty((), dtype=placement.llm_dtype).element_size()
     hidden, inter = llm_config.hidden_size, llm_config.intermediate_size
-    logits = tokens * llm_config.vocab_size * element
+    logits = llm_config.vocab_size * 4  # the chat engine keeps the last position's logits only
     layer = tokens * (3 * inter + 5 * hidden) * element  # gate, up, their product; q, k, v, attention out, normed
     if placement.llm_quantization == "8bit":
         layer += tokens * max(inter, hidden) * (4 + 1)  # int32 accumulator + int8 copy of the input

@@ -17,7 +17,7 @@ from .checkpoints import CheckpointKeyError, load_exact, read_state_dict, remap_
 from .config import Config
 from .llm import check_llm_config, load_llm, load_tokenizer, make_decoder
 from .placement import Placement, plan_placement
-from .qformer import VisionLanguageBridge
+from .qformer import VisionLanguageBridge, cast_bridge
 from .vision import VisionTower, place_vision, preprocess
 from .weights import resolve_weights
 
@@ -118,8 +118,7 @@ class XrayGPTModel:
         llm = load_llm(paths.llama_model, config.llm, placement)
         check_rotary_buffers(llm, inv_freq)
         vision = place_vision(vision, placement)
-        # The Q-Former and projection stay float32 next to the LLM, as in the reference.
-        bridge = bridge.float().to(placement.llm_device).eval().requires_grad_(False)
+        bridge = cast_bridge(bridge, placement).to(placement.llm_device).eval().requires_grad_(False)
         log.info("model loaded in %.1f s (mode %s)", time.perf_counter() - started, placement.mode)
         model = cls(config, vision, bridge, llm, load_tokenizer(paths.llama_model), placement)
         model.decode = make_decoder(paths.llama_model, model.tokenizer)

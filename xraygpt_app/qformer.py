@@ -7,6 +7,7 @@ from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
 from .config import QFormerConfig
+from .placement import Placement
 
 
 def qformer_config(config: QFormerConfig, vision_width: int) -> Blip2QFormerConfig:
@@ -36,3 +37,18 @@ class VisionLanguageBridge(nn.Module):
         hidden = self.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
                               encoder_attention_mask=image_mask).last_hidden_state
         return hidden, self.llama_proj(hidden)
+
+
+def cast_bridge(bridge: VisionLanguageBridge, placement: Placement) -> VisionLanguageBridge:
+    """Float32 as the reference keeps it; on CUDA its Linear layers in float16.
+
+    The reference runs the bridge under fp16 autocast on a GPU, which casts Linear weights to
+    float16 for every call anyway: storing them in float16 gives the same numbers in half the
+    memory. LayerNorms and the query tokens stay float32.
+    """
+    bridge.float()
+    if placement.llm_device.type == "cuda":
+        for module in bridge.modules():
+            if isinstance(module, nn.Linear):
+                module.half()
+    return bridge

@@ -64,7 +64,12 @@ class VisionTower(nn.Module):
 
 
 def place_vision(tower: VisionTower, placement: Placement) -> VisionTower:
-    """Apply XrayGPT's ViT precision: Conv/Linear weights rounded to float16, the rest float32."""
+    """Cast as :func:`cast_vision` does, then move to the vision device for inference."""
+    return cast_vision(tower, placement).to(placement.vision_device).eval().requires_grad_(False)
+
+
+def cast_vision(tower: VisionTower, placement: Placement) -> VisionTower:
+    """Apply XrayGPT's ViT precision (dtypes only): Conv/Linear weights rounded to float16, the rest float32."""
     tower.float()
     if placement.vision_half_weights:
         for module in tower.eva.modules():
@@ -77,4 +82,4 @@ def place_vision(tower: VisionTower, placement: Placement) -> VisionTower:
     elif placement.vision_dtype != torch.float32:
         tower.eva.to(placement.vision_dtype)
         tower.autocast_dtype = placement.vision_dtype if placement.vision_device.type == "cuda" else None
-    return tower.to(placement.vision_device).eval().requires_grad_(False)
+    return tower
