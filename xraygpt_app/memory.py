@@ -26,8 +26,8 @@ What each part counts:
   tokens (times ``generation.num_beams``), in the LLM compute dtype.
 - **activations**: the largest transient of a prefill over the full context with SDPA attention
   (no n x n score matrix): one layer's MLP and attention tensors (the chat engine keeps only the
-  last position's logits, ``logits_to_keep=1``), plus the residual stream; bitsandbytes' int8 matmul adds an int32 accumulator. The
-  ViT's one-image activations go on the vision device.
+  last position's logits, ``logits_to_keep=1``), plus the residual stream; bitsandbytes' int8
+  matmul adds an int32 accumulator. The ViT's one-image activations go on the vision device.
 - **overhead**: on a GPU, ``CUDA_CONTEXT_BYTES`` for the CUDA context, kernels and cuBLAS
   workspace (not visible to ``torch.cuda.max_memory_allocated`` but visible to ``nvidia-smi``);
   on the CPU, ``HOST_BASELINE_BYTES`` for Python with torch/transformers/timm imported, plus, when
