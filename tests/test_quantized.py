@@ -122,6 +122,16 @@ def test_explicit_devices() -> None:
     assert cpu_forced.mode == "fp32" and cpu_forced.llm_device == CPU
 
 
+@pytest.mark.parametrize("mode", ["fp16", "8bit", "4bit"])
+def test_vision_device_cpu_moves_only_the_vision_tower(mode: str) -> None:
+    default = plan_placement(RuntimeConfig(mode=mode), VisionConfig(), cuda_available=True)
+    split = plan_placement(RuntimeConfig(mode=mode, vision_device="cpu"), VisionConfig(), cuda_available=True)
+    assert (split.vision_device.type, split.vision_dtype) == ("cpu", torch.float32)
+    assert default.vision_device.type == "cuda"
+    assert (split.llm_device, split.llm_dtype, split.llm_quantization) == (
+        default.llm_device, default.llm_dtype, default.llm_quantization)
+
+
 def test_vision_fp32_precision_keeps_full_weights() -> None:
     placement = plan_placement(RuntimeConfig(mode="fp32"), VisionConfig(precision="fp32"), cuda_available=True)
     assert not placement.vision_half_weights and placement.vision_dtype == torch.float32

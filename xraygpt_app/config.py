@@ -102,6 +102,7 @@ class RuntimeConfig:
 
     mode: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    vision_device: str = "auto"  # auto (as the mode says) | cpu: the ViT in float32 on the CPU, saving GPU memory
 
 
 @dataclass
@@ -332,6 +333,8 @@ def _validate(config: Config, source: str) -> None:
     if config.runtime.mode not in RUNTIME_MODES:
         raise ConfigError(f"{source}: runtime.mode must be one of {', '.join(RUNTIME_MODES)},"
                           f" got {config.runtime.mode!r}")
+    if config.runtime.vision_device not in ("auto", "cpu"):
+        raise ConfigError(f"{source}: runtime.vision_device must be auto or cpu, got {config.runtime.vision_device!r}")
     if config.vision.precision not in ("fp16", "fp32"):
         raise ConfigError(f"{source}: vision.precision must be fp16 or fp32")
     if config.vision.embed_dim % config.vision.num_heads:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,8 @@ def plan_placement(runtime: RuntimeConfig, vision: VisionConfig, cuda_available:
 
     Modes: ``fp16`` (CUDA), ``8bit``/``4bit`` (bitsandbytes LLM), ``low_resource`` (ViT in float32
     on the CPU, 8-bit LLM, as MiniGPT-4 does and XrayGPT's comment intends), ``fp32``/``bf16``
-    (CPU or CUDA), ``auto`` (fp16 on CUDA, fp32 on the CPU).
+    (CPU or CUDA), ``auto`` (fp16 on CUDA, fp32 on the CPU). ``runtime.vision_device: cpu`` keeps
+    the ViT in float32 on the CPU in any mode (the image is encoded once per upload).
     """
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
     device = _main_device(runtime.device, cuda)
@@ -49,8 +51,9 @@ def plan_placement(runtime: RuntimeConfig, vision: VisionConfig, cuda_available:
         raise ConfigError("runtime.mode fp16 needs a CUDA GPU; on the CPU use fp32 or bf16")
     half_vit = vision.precision == "fp16"
     cpu = torch.device("cpu")
-    if mode == "low_resource":
-        return Placement(mode, cpu, torch.float32, half_vit, device, _half_or_float(device), "8bit")
+    if mode == "low_resource" or runtime.vision_device == "cpu":
+        llm = plan_placement(RuntimeConfig("8bit" if mode == "low_resource" else mode, runtime.device), vision, cuda)
+        return dataclasses.replace(llm, mode=mode, vision_device=cpu, vision_dtype=torch.float32)
     if mode in ("8bit", "4bit"):
         return Placement(mode, device, _half_or_float(device), half_vit, device, _half_or_float(device), mode)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[mode]
