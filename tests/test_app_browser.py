@@ -29,7 +29,7 @@ def _chromium() -> str:
     path = shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(path).exists():
         if os.environ.get("CI"):
-            pytest.fail("chromium is missing: scripts/setup-test-env.sh installs it (apt-get install chromium)")
+            pytest.fail("chromium is missing: scripts/setup.sh installs it (apt-get install chromium)")
         pytest.skip("chromium is not installed (apt-get install chromium)")
     return path
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv with the app and its test tools. Idempotent; safe to re-run.
+# Creates .venv with the app, its test tools and the browser the tests drive. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
