@@ -237,3 +237,13 @@ def test_preprocess_pads_to_a_grey_square():
     black, white = (0 - IMAGE_MEAN) / IMAGE_STD, (1 - IMAGE_MEAN) / IMAGE_STD
     assert pixels[0, 0, 112].item() == pytest.approx(black, abs=1e-5)
     assert pixels[0, 112, 112].item() == pytest.approx(white, abs=1e-5)
+
+
+def test_tower_config_repos_lists_the_hub_configs_the_real_config_reads() -> None:
+    from xraygpt_app.config import load_config
+    from xraygpt_app.zeroshot import tower_config_repos
+
+    repos = tower_config_repos(load_config(Path(__file__).parents[1] / "eval_configs" / "xraygpt_eval.yaml"))
+    assert repos["zeroshot.models.medclip-vit.vision_config"] == "microsoft/swin-tiny-patch4-window7-224"
+    assert repos["zeroshot.models.medclip-vit.text_config"] == "emilyalsentzer/Bio_ClinicalBERT"
+    assert repos["zeroshot.models.medclip-resnet.text_config"] == "emilyalsentzer/Bio_ClinicalBERT"

@@ -15,7 +15,7 @@ from typing import Any
 from .cli import add_config_options
 from .config import Config, iter_weight_specs, load_config
 from .errors import MissingWeightsError, XrayGPTError
-from .weights import WeightStatus, is_remote, resolve_weights, weights_status
+from .weights import WeightStatus, download_hub_configs, is_remote, resolve_weights, weights_status
 
 EXIT_MISSING = MissingWeightsError.exit_code
 
@@ -59,7 +59,24 @@ def run_fetch(args: argparse.Namespace) -> int:
         except MissingWeightsError as exc:
             missing += 1
             print(f"failed      {name}\n{_indent(str(exc))}")
-    return _summary(missing)
+    return _summary(missing + _fetch_tower_configs(config))
+
+
+def _fetch_tower_configs(config: Config) -> int:
+    """Config/tokenizer files of the zero-shot towers (after their weights); returns the failures."""
+    from .zeroshot import tower_config_repos
+
+    failed, fetched = 0, set()
+    for name, repo in tower_config_repos(config).items():
+        if repo in fetched:  # e.g. both MedCLIP variants read Bio_ClinicalBERT
+            continue
+        fetched.add(repo)
+        try:
+            print(f"configs     {name}: {download_hub_configs(repo)}")
+        except Exception as exc:  # huggingface_hub raises many types for offline/unknown repos
+            failed += 1
+            print(f"failed      {name}: hf-hub:{repo} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+    return failed
 
 
 def run_check(args: argparse.Namespace) -> int:

@@ -237,6 +237,18 @@ def _download_hub(hub: HubSource) -> Path:
     return folder / hub.subfolder if hub.subfolder else folder
 
 
+# Config and tokenizer files only: what the zero-shot towers read from a Hub model repo whose
+# weights come from elsewhere (MedCLIP's file, BiomedCLIP's checkpoint).
+CONFIG_FILE_PATTERNS = ("*.json", "*.txt", "*.model")
+
+
+def download_hub_configs(repo_id: str) -> Path:
+    """Fetch a Hub repo's config/tokenizer files into the huggingface_hub cache; return its folder."""
+    import huggingface_hub
+
+    return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=list(CONFIG_FILE_PATTERNS)))
+
+
 # --- downloads ---------------------------------------------------------------------------------
 
 def _download(source: str, sha256: str | None, cache_dir: str | None) -> Path:

@@ -8,6 +8,7 @@ feeds to AUC). Research and education only: a score is not a diagnosis.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -22,7 +23,7 @@ from PIL import Image
 from .config import Config, ZeroShotModelConfig
 from .errors import BadInputError, ConfigError, MissingWeightsError
 from .prompts import PromptSet, chexpert_prompts, covid_prompts, rsna_prompts, template_prompts
-from .weights import resolve_weights
+from .weights import HUB_PREFIX, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,33 @@ def build_encoder(config: Config, name: str) -> Encoder:
         encoder = load_medclip(path, model.text_config, model.vision_config, variant, _device(config))
     log.info("zero-shot model loaded in %.1f s", time.perf_counter() - start)
     return encoder
+
+
+def tower_config_repos(config: Config) -> dict[str, str]:
+    """Hub repos whose config/tokenizer files the zero-shot towers read, by config entry.
+
+    MedCLIP names its Swin and BERT configs; BiomedCLIP's open_clip_config.json names its text
+    tower and tokenizer (read only when its weights folder is present).
+    """
+    repos: dict[str, str] = {}
+    for name, model in config.zeroshot.models.items():
+        for field_name in ("vision_config", "text_config"):
+            value = getattr(model, field_name) or ""
+            if value.startswith(HUB_PREFIX):
+                repos[f"zeroshot.models.{name}.{field_name}"] = value[len(HUB_PREFIX):]
+        if model.kind == "biomedclip" and not model.text_config:
+            repos.update(_biomedclip_text_repos(config, name, model))
+    return repos
+
+
+def _biomedclip_text_repos(config: Config, name: str, model: ZeroShotModelConfig) -> dict[str, str]:
+    try:
+        folder = resolve_weights(model.weights, f"zeroshot.models.{name}.weights", cache_dir=config.weights.cache_dir)
+    except MissingWeightsError:
+        return {}
+    text_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"].get("text_cfg", {})
+    return {f"zeroshot.models.{name} text tower ({key})": text_cfg[key]
+            for key in ("hf_model_name", "hf_tokenizer_name") if text_cfg.get(key)}
 
 
 def available_models(config: Config) -> dict[str, str | None]:
