@@ -6,6 +6,7 @@ Exit codes: 0 ok; 2 bad input (image, CSV, labels, config); 3 missing weights.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -196,8 +197,9 @@ def evaluate_reports(config: Config, csv_path: Path, out: Path) -> str:
     hypotheses = [model.report(image).answer for image in images]
     log.info("generated %d reports in %.1f s", len(images), time.perf_counter() - start)
     metrics = report_metrics(hypotheses, references)
-    for path, item in zip(paths, metrics["per_item"], strict=True):
-        item["image"] = path
+    for path, hypothesis, item in zip(paths, hypotheses, metrics["per_item"], strict=True):
+        item["image"], item["generated_report"] = path, hypothesis  # kept so scores can be checked by reading
+    metrics["settings"]["generation"] = dataclasses.asdict(config.generation)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     overall = ", ".join(f"{k} {v:.3f}" for k, v in metrics["overall"].items())
     return f"{len(images)} reports: {overall}; wrote {out / 'metrics.json'}"
