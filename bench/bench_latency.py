@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: steadier on a shared 2-core machine)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--same-question", action="store_true",
+                        help="ask the same follow-up every turn, so only the context grows between turns")
     return parser.parse_args(argv)
 
 
@@ -93,7 +95,7 @@ def time_forward(llm) -> list[float]:
 
 
 def run_conversation(xray: XrayGPT, image, reuse_kv: bool, turns: int, max_new_tokens: int,
-                     cpu_times: list[float]) -> dict:
+                     cpu_times: list[float], same_question: bool = False) -> dict:
     """One conversation of ``turns`` questions; returns encoding timings and per-turn figures.
 
     ``min_length = max_new_tokens`` keeps the random model from ending an answer with EOS early, so
@@ -103,7 +105,8 @@ def run_conversation(xray: XrayGPT, image, reuse_kv: bool, turns: int, max_new_t
     rows = []
     for i in range(turns):
         cpu_times.clear()
-        result = session.ask(QUESTIONS[i % len(QUESTIONS)], do_sample=False, max_new_tokens=max_new_tokens,
+        question = QUESTIONS[1] if same_question and i else QUESTIONS[i % len(QUESTIONS)]
+        result = session.ask(question, do_sample=False, max_new_tokens=max_new_tokens,
                              min_length=max_new_tokens)
         t = result.timings
         rows.append({"ttft_s": t["time_to_first_token_s"], "prefill_s": t["prefill_s"],
@@ -191,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[bool, list[dict]] = {True: [], False: []}
         for _ in range(args.repeats):
             for reuse in (True, False):  # interleaved, so drifts in machine load hit both alike
-                runs[reuse].append(run_conversation(xray, image, reuse, args.turns, args.max_new_tokens, cpu_times))
+                runs[reuse].append(run_conversation(xray, image, reuse, args.turns, args.max_new_tokens, cpu_times,
+                                                    args.same_question))
     summary = summarise(runs, args.turns, calls[0], 2 * args.repeats)
     summary.update(model=description, threads=args.threads)
     if args.json:
