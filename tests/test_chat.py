@@ -156,6 +156,15 @@ def test_regenerate_without_turns_is_bad_input(model: XrayGPT, images: list) -> 
         list(model.chat(images[0]).regenerate())
 
 
+def test_failed_regenerate_keeps_the_old_answer(model: XrayGPT, images: list) -> None:
+    session = model.chat(images[0])
+    first = session.ask(QUESTIONS[0], **GREEDY)
+    with pytest.raises(BadInputError):  # these settings are refused before anything is generated
+        list(session.regenerate(**{**GREEDY, "max_new_tokens": 4096}))
+    assert session.turns == [first]
+    assert f"Doctor: {first.answer}###" in session.ask(QUESTIONS[1], **GREEDY).prompt
+
+
 # --- context budget ----------------------------------------------------------------------------
 
 def test_context_budget_drops_oldest_turns(model: XrayGPT, images: list) -> None:

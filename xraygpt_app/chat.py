@@ -88,9 +88,13 @@ class ChatSession:
         """Drop the last answer and answer its question again."""
         if not self.turns:
             raise BadInputError("There is no answer to regenerate yet.")
-        last = self.turns.pop()
-        self._history.pop()
-        yield from self.ask_stream(last.question, cancel=cancel, **generation)
+        last, stored = self.turns.pop(), self._history.pop()
+        try:
+            yield from self.ask_stream(last.question, cancel=cancel, **generation)
+        except BadInputError:  # e.g. new settings that no longer fit: keep the old answer
+            self.turns.append(last)
+            self._history.append(stored)
+            raise
 
     @property
     def context_limit(self) -> int:
@@ -120,29 +124,30 @@ class ChatSession:
         started = time.perf_counter()
         reused = self._reuse_cache(prompt.ids)
         logits = self._forward(inputs_embeds=prompt.embeds[:, reused:])
-        first_token_s = time.perf_counter() - started
-        generator = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
+        timings = {"reused_tokens": reused, "prefilled_tokens": len(prompt.ids) - reused}
+        generator = None
+        if settings.seed is not None:  # on the logits' device, as multinomial requires
+            generator = torch.Generator(device=logits.device).manual_seed(settings.seed)
         processors = logits_processors(settings, self.model.tokenizer.eos_token_id)
         generated: list[int] = []
         emitted, cancelled = "", False
-        while len(generated) < settings.max_new_tokens:
-            if cancel is not None and cancel.is_set():
-                cancelled = True
-                break
+        while not (cancelled := cancel is not None and cancel.is_set()):
             history = torch.tensor([generated], dtype=torch.long, device=logits.device)
             generated.append(next_token(logits[:, -1], history, processors, settings, generator))
-            if self._finished(generated):
+            if len(generated) == 1:  # picking the token waits for the device, so this is the real TTFT
+                timings["time_to_first_token_s"] = time.perf_counter() - started
+            if self._finished(generated) or len(generated) >= settings.max_new_tokens:
                 break
             piece = _stable_text(self._answer_text(generated))[len(emitted):]
             if piece:
                 emitted += piece
                 yield piece
             logits = self._forward(input_ids=torch.tensor([generated[-1:]], device=logits.device))
-        self._cached_ids = prompt.ids + generated[:-1]  # the last token was never fed back
-        answer = self._finish_turn(question, prompt, generated, cancelled, {
-            "prefill_s": first_token_s, "decode_s": time.perf_counter() - started - first_token_s,
-            "time_to_first_token_s": first_token_s, "reused_tokens": reused,
-            "prefilled_tokens": len(prompt.ids) - reused, "new_tokens": len(generated)})
+        # What the cache now holds: the prompt and every generated token that was fed back.
+        self._cached_ids = (prompt.ids + generated)[: self._cache.get_seq_length()]
+        ttft = timings.setdefault("time_to_first_token_s", time.perf_counter() - started)
+        timings.update(prefill_s=ttft, decode_s=time.perf_counter() - started - ttft, new_tokens=len(generated))
+        answer = self._finish_turn(question, prompt, generated, cancelled, timings)
         if answer.startswith(emitted) and answer != emitted:
             yield answer[len(emitted):]
 
