@@ -76,7 +76,7 @@ class ChatSession:
 
     def ask_stream(self, question: str, *, cancel: threading.Event | None = None, **generation) -> Iterator[str]:
         """Yield the answer in pieces; afterwards ``turns[-1]`` holds the finished turn."""
-        question = _checked_question(question)
+        question = check_question(question)
         settings = settings_with(self.model.config.generation, **generation)
         prompt = self._prepare(question, settings.max_new_tokens)
         if settings.num_beams > 1:
@@ -224,7 +224,8 @@ def _stable_text(text: str) -> str:
     return text
 
 
-def _checked_question(question: str) -> str:
+def check_question(question: str) -> str:
+    """The question as the prompt will carry it, or a BadInputError saying what is wrong."""
     if not isinstance(question, str) or not question.strip():
         raise BadInputError("Please type a question.")
     if len(question) > MAX_QUESTION_CHARS:

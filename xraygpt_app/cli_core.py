@@ -11,10 +11,10 @@ import argparse
 import json
 import sys
 
-from .chat import ChatSession
 from .cli import add_config_options
 from .config import load_config
 from .conversation import DEFAULT_REPORT_QUESTION
+from .errors import ImageLoadError
 from .image_io import load_radiograph
 
 DISCLAIMER = "Research and education only: machine-generated text, may be wrong, not a diagnosis."
@@ -53,15 +53,25 @@ def run_ask(args: argparse.Namespace) -> int:
 
 
 def _converse(args: argparse.Namespace, questions: list[str]) -> int:
-    from .api import XrayGPT  # torch and transformers load only for commands that need them
+    # torch and transformers load only for the commands that need them
+    from .api import XrayGPT
+    from .chat import check_question
+    from .generation import settings_with
 
     config = load_config(args.config, args.overrides)
-    radiograph = load_radiograph(args.image, config.image)  # bad files fail before the model loads
-    model = XrayGPT.from_config(config)
-    session = model.chat(radiograph.image, reuse_kv=not args.no_kv_reuse)
     generation = {"max_new_tokens": args.max_new_tokens, "seed": args.seed}
     if args.greedy:
         generation["do_sample"] = False
+    # Everything the user typed or pointed at is checked before the (slow) model load.
+    settings_with(config.generation, **generation)
+    for question in questions:
+        check_question(question)
+    try:
+        radiograph = load_radiograph(args.image, config.image)
+    except ImageLoadError as exc:
+        raise ImageLoadError(f"{args.image}: {exc}") from None
+    model = XrayGPT.from_config(config)
+    session = model.chat(radiograph.image, reuse_kv=not args.no_kv_reuse)
     if not args.json:
         print(DISCLAIMER, file=sys.stderr)
     for question in questions:
@@ -77,7 +87,7 @@ def _converse(args: argparse.Namespace, questions: list[str]) -> int:
     return 0
 
 
-def _run_turn(session: ChatSession, question: str, generation: dict, stream: bool) -> None:
+def _run_turn(session, question: str, generation: dict, stream: bool) -> None:
     if not stream:
         session.ask(question, **generation)
         return
