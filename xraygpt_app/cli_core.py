@@ -10,12 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from .cli import add_config_options
 from .config import load_config
 from .conversation import DEFAULT_REPORT_QUESTION
 from .errors import ImageLoadError
 from .image_io import load_radiograph
+
+if TYPE_CHECKING:
+    from .chat import ChatSession
 
 DISCLAIMER = "Research and education only: machine-generated text, may be wrong, not a diagnosis."
 
@@ -87,7 +91,7 @@ def _converse(args: argparse.Namespace, questions: list[str]) -> int:
     return 0
 
 
-def _run_turn(session, question: str, generation: dict, stream: bool) -> None:
+def _run_turn(session: ChatSession, question: str, generation: dict, stream: bool) -> None:
     if not stream:
         session.ask(question, **generation)
         return
