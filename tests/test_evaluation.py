@@ -42,6 +42,16 @@ def test_auc_known_by_construction():
     assert macro_auc(aucs) == pytest.approx((0.75 + 1.0 + 0.0) / 3)
 
 
+def test_auc_of_large_logits_is_not_tied_by_sigmoid_rounding():
+    # MedCLIP logits reach 100 (scale x cosine); sigmoid(38)..sigmoid(41) are all 1.0 in float64.
+    targets = np.array([[0], [1], [0], [1]])
+    logits = np.array([[38.0], [41.0], [40.0], [39.5]])  # 3 of 4 (positive, negative) pairs ordered
+    assert per_class_auc(targets, logits) == [pytest.approx(0.75)]
+    table = LabelTable(["a", "b", "c", "d"], ["x"], targets, single_label=False)
+    fpr, tpr, auc = roc_curves(table, logits)["x"]
+    assert auc == pytest.approx(0.75) and len(fpr) == len(tpr) > 3
+
+
 def test_ties_count_half():
     targets = np.array([[1], [0]])
     assert per_class_auc(targets, np.array([[0.3], [0.3]])) == [0.5]

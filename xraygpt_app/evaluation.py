@@ -1,9 +1,10 @@
 """Evaluation metrics: zero-shot classification (scikit-learn, bootstrap CIs) and report text (BLEU, ROUGE-L).
 
 Pure functions of arrays and strings; reading data and running models is the CLI's job.
-AUC is computed on sigmoid(logit) per label, as MedCLIP's evaluator does (AUC depends only on
-the ranking, so the logits give the same value). A label whose ground truth has only one class
-gets no AUC and a note instead of a number.
+AUC is that of sigmoid(logit) per label, as in MedCLIP's evaluator, but computed on the logits:
+the ranking is the same, and sigmoid rounds every logit above ~37 to exactly 1.0 (MedCLIP's
+scale is up to 100), which would turn distinct scores into ties. A label whose ground truth has
+only one class gets no AUC and a note instead of a number.
 """
 
 from __future__ import annotations
@@ -109,9 +110,8 @@ def accuracy(targets: np.ndarray, logits: np.ndarray, single_label: bool) -> flo
 
 
 def per_class_auc(targets: np.ndarray, logits: np.ndarray) -> list[float | None]:
-    """One-vs-rest AUC of sigmoid(logit) per label; None where only one class is present."""
-    scores = _sigmoid(logits)
-    return [_auc_or_none(targets[:, c], scores[:, c]) for c in range(targets.shape[1])]
+    """One-vs-rest AUC of sigmoid(logit) per label (ranked by the logit); None where only one class is present."""
+    return [_auc_or_none(targets[:, c], logits[:, c]) for c in range(targets.shape[1])]
 
 
 def macro_auc(aucs: Sequence[float | None]) -> float | None:
@@ -194,12 +194,11 @@ def _confusion(targets: np.ndarray, logits: np.ndarray, single_label: bool) -> d
 
 def roc_curves(table: LabelTable, logits: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
     """label -> (false positive rates, true positive rates, AUC) for labels where AUC is defined."""
-    scores = _sigmoid(logits)
     curves = {}
     for c, label in enumerate(table.labels):
-        auc = _auc_or_none(table.targets[:, c], scores[:, c])
+        auc = _auc_or_none(table.targets[:, c], logits[:, c])
         if auc is not None:
-            fpr, tpr, _ = roc_curve(table.targets[:, c], scores[:, c])
+            fpr, tpr, _ = roc_curve(table.targets[:, c], logits[:, c])  # same curve as sigmoid(logit), no ties
             curves[label] = (fpr, tpr, auc)
     return curves
 
