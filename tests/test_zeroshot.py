@@ -81,6 +81,10 @@ def test_templates_labels_and_prompt_file(tmp_path):
         "no finding": ["chest x-ray showing no finding", "no finding is present"]}
     with pytest.raises(BadInputError):
         template_prompts(["edema"], ["no placeholder"])
+    for template in ("{} at {site}", "{} {0}", "{} }"):
+        with pytest.raises(BadInputError, match="no braces other than"):
+            template_prompts(["edema"], [template])
+    assert template_prompts(["edema"], ["{{x}} {}"]) == {"edema": ["{x} edema"]}
     assert parse_labels(" edema, ,cardiomegaly,edema ") == ["edema", "cardiomegaly"]
     with pytest.raises(BadInputError):
         parse_labels(" , ")

@@ -154,6 +154,11 @@ def template_prompts(labels: Sequence[str], templates: Sequence[str] = (DEFAULT_
     for template in templates:
         if template.count("{}") != 1:
             raise BadInputError(f"prompt template {template!r} must contain exactly one '{{}}'")
+        try:
+            template.format("")
+        except (KeyError, IndexError, ValueError):  # other fields or stray braces, e.g. "{} at {site}"
+            raise BadInputError(f"prompt template {template!r} may hold no braces other than one '{{}}'"
+                                " (write '{{' and '}}' for literal braces)") from None
     return {label: [template.format(label) for template in templates] for label in labels}
 
 
