@@ -65,8 +65,12 @@ def test_classify_errors_have_exit_codes(tmp_path, capsys):
     not_image = tmp_path / "notes.png"
     not_image.write_text("this is not an image")
     assert main(["classify", str(not_image), "-c", TINY]) == 2
-    assert main(["classify", str(tmp_path / "absent.png"), "-c", TINY]) == 2
     image = str(SAMPLES / "nih_cxr14_00000001_000_pa_512.png")
+    assert main(["classify", image, str(tmp_path / "absent.png"), "-c", TINY]) == 2
+    assert "absent.png: No such file" in capsys.readouterr().err  # which of several images failed
+    assert main(["classify", image, "-c", TINY, "--chart", str(tmp_path / "no" / "dir" / "c.png")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the chart" in err and "Traceback" not in err
     missing = f"zeroshot.models.medclip-vit.weights={tmp_path / 'w.bin'}"
     assert main(["classify", image, "-c", TINY, "--set", missing]) == 3
     err = capsys.readouterr().err

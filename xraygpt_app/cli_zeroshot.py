@@ -17,7 +17,7 @@ import numpy as np
 
 from .cli import add_config_options
 from .config import Config, load_config
-from .errors import BadInputError
+from .errors import BadInputError, ImageLoadError
 from .image_io import load_radiograph
 from .prompts import PRESET_BUILDERS, PromptSet, load_prompt_file, parse_labels
 
@@ -84,7 +84,13 @@ def _request(args: argparse.Namespace) -> dict:
 
 
 def _load_images(paths: list[str], config: Config) -> list:
-    return [load_radiograph(path, config.image).image for path in paths]
+    images = []
+    for path in paths:
+        try:
+            images.append(load_radiograph(path, config.image).image)
+        except ImageLoadError as exc:  # name the file: with many images (or CSV rows) the user must know which
+            raise ImageLoadError(f"{path}: {exc}") from None
+    return images
 
 
 def run_classify(args: argparse.Namespace) -> int:
@@ -98,7 +104,10 @@ def run_classify(args: argparse.Namespace) -> int:
     if args.chart:
         from .charts import score_chart
 
-        score_chart(results, [Path(p).name for p in args.images], path=args.chart)
+        try:
+            score_chart(results, [Path(p).name for p in args.images], path=args.chart)
+        except OSError as exc:
+            raise BadInputError(f"cannot write the chart to {args.chart}: {exc.strerror or exc}") from None
     if args.json:
         payload = [{"image": path, "model": classifier.name, **r.to_dict()} for path, r in zip(args.images, results,
                                                                                                 strict=True)]
