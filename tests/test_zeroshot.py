@@ -5,6 +5,7 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -16,7 +17,14 @@ from transformers import AutoConfig, BertModel
 from xraygpt_app.checkpoints import CheckpointKeyError
 from xraygpt_app.config import load_config
 from xraygpt_app.errors import BadInputError, MissingWeightsError
-from xraygpt_app.medclip import IMAGE_MEAN, IMAGE_STD, medclip_preprocess, read_medclip_file, remap_medclip_state_dict
+from xraygpt_app.medclip import (
+    IMAGE_MEAN,
+    IMAGE_STD,
+    MedCLIP,
+    medclip_preprocess,
+    read_medclip_file,
+    remap_medclip_state_dict,
+)
 from xraygpt_app.prompts import (
     chexpert_prompts,
     covid_prompts,
@@ -232,6 +240,26 @@ def test_resnet_variant_from_released_zip(tmp_path, images):
             "kind": "medclip-vit", "weights": str(archive), "text_config": str(FIXTURE / "bert_tiny"),
             "vision_config": str(FIXTURE / "swin_tiny")}}}}))
         ZeroShotClassifier.from_config(load_config(config_path), "r")
+
+
+def test_logit_scale_is_clamped_like_medclip():
+    model = MedCLIP("vit", AutoConfig.from_pretrained(FIXTURE / "bert_tiny"), 64,
+                    AutoConfig.from_pretrained(FIXTURE / "swin_tiny"))
+    with torch.no_grad():
+        model.logit_scale.fill_(6.0)
+        assert model.scale() == pytest.approx(float(np.exp(4.6052)), rel=1e-6)  # at most 100
+        model.logit_scale.fill_(-1.0)
+        assert model.scale() == 1.0
+
+
+def test_tower_configs_of_the_wrong_kind_are_clear_errors(tmp_path):
+    swapped = f"zeroshot.models.medclip-vit.vision_config={FIXTURE / 'bert_tiny'}"
+    with pytest.raises(BadInputError, match="bert config; MedCLIP needs a swin one"):
+        ZeroShotClassifier.from_config(load_config(TINY_CONFIG, [swapped]), "medclip-vit")
+    (tmp_path / "config.json").write_text("{}")
+    empty = f"zeroshot.models.medclip-vit.text_config={tmp_path}"
+    with pytest.raises(BadInputError, match="not a transformers bert config"):
+        ZeroShotClassifier.from_config(load_config(TINY_CONFIG, [empty]), "medclip-vit")
 
 
 def test_preprocess_pads_to_a_grey_square():

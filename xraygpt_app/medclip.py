@@ -204,6 +204,19 @@ def _pretrained(source: str) -> tuple[str, dict]:
     return source, {}
 
 
+def _tower_config(source: str, model_type: str, field: str):
+    """The transformers config of one tower, checked to be of the architecture MedCLIP builds."""
+    name, kwargs = _pretrained(source)
+    try:
+        config = AutoConfig.from_pretrained(name, **kwargs)
+    except ValueError as exc:  # a folder whose config.json is absent or names no known model_type
+        raise BadInputError(f"{field} {source} is not a transformers {model_type} config:"
+                            f" {str(exc).splitlines()[0]}") from None
+    if config.model_type != model_type:
+        raise BadInputError(f"{field} {source} is a {config.model_type} config; MedCLIP needs a {model_type} one")
+    return config
+
+
 def build_medclip(weights_path: str | Path, text_config: str, vision_config: str | None = None,
                   variant: str | None = None) -> MedCLIP:
     """Build MedCLIP from a released weights file and the Swin/BERT config folders (or ``hf-hub:`` ids)."""
@@ -213,14 +226,12 @@ def build_medclip(weights_path: str | Path, text_config: str, vision_config: str
         raise BadInputError(f"the weights file is a MedCLIP-{found} checkpoint, but medclip-{variant} was asked for")
     state_dict = remap_medclip_state_dict(released)
     projection_dim = state_dict["text_model.projection_head.weight"].shape[0]
-    name, kwargs = _pretrained(text_config)
-    bert_config = AutoConfig.from_pretrained(name, **kwargs)
+    bert_config = _tower_config(text_config, "bert", "text_config")
     swin_config = None
     if found == "vit":
         if not vision_config:
             raise BadInputError("medclip-vit needs vision_config (the Swin config folder or hf-hub id)")
-        name, kwargs = _pretrained(vision_config)
-        swin_config = AutoConfig.from_pretrained(name, **kwargs)
+        swin_config = _tower_config(vision_config, "swin", "vision_config")
     model = MedCLIP(found, bert_config, projection_dim, swin_config)
     try:
         load_exact(model, state_dict, f"MedCLIP-{found} checkpoint")  # strict: any missing/unexpected key raises
