@@ -106,6 +106,13 @@ def test_read_label_table_both_layouts(tmp_path):
     bad.write_text("image,Edema\na.png,maybe\n")
     with pytest.raises(BadInputError, match="0 or 1"):
         read_label_table(bad)
+    for name, text, message in [("frac.csv", "image,Edema\na.png,0.7\n", "0 or 1"),
+                                ("uncertain.csv", "image,Edema\na.png,-1\n", "0 or 1"),
+                                ("dup.csv", "image,Edema,Edema\na.png,1,0\n", "repeated column"),
+                                ("ragged.csv", "image,Edema\na.png,1\nb.png,1,0\n", "data row 2 has more fields")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(BadInputError, match=message):
+            read_label_table(tmp_path / name)
     reports = tmp_path / "reports.csv"
     reports.write_text('image,report\na.png,"No acute findings."\n')
     assert read_report_table(reports) == (["a.png"], ["No acute findings."])

@@ -41,11 +41,18 @@ class LabelTable:
 def _sniff_rows(path: Path) -> list[dict[str, str]]:
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            rows = list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise BadInputError(f"cannot read CSV {path}: {exc}") from None
     if not rows:
         raise BadInputError(f"{path}: no data rows (a header row and one row per image are expected)")
+    header = [name.strip() for name in reader.fieldnames or []]  # the rows' dict keys hide repeated names
+    if len(set(header)) != len(header) or not all(header):
+        raise BadInputError(f"{path}: the header row has empty or repeated column names")
+    for number, row in enumerate(rows, start=1):
+        if None in row:  # DictReader files surplus fields under the key None
+            raise BadInputError(f"{path}: data row {number} has more fields than the header")
     return rows
 
 
@@ -82,11 +89,12 @@ def _binary_columns(path: Path, rows: list[dict], images: list[str], label_cols:
     if not label_cols:
         raise BadInputError(f"{path}: expected a label column or one 0/1 column per label")
     try:
-        targets = np.array([[int(float(row[c])) for c in label_cols] for row in rows], dtype=int)
+        values = np.array([[float(row[c]) for c in label_cols] for row in rows])
     except (TypeError, ValueError):
         raise BadInputError(f"{path}: label columns must hold 0 or 1 (or use an image,label layout)") from None
-    if not np.isin(targets, (0, 1)).all():
+    if not np.isin(values, (0.0, 1.0)).all():  # also refuses 0.7, -1 (CheXpert's "uncertain") and nan
         raise BadInputError(f"{path}: label columns must hold 0 or 1")
+    targets = values.astype(int)
     single = bool((targets.sum(axis=1) == 1).all())
     return LabelTable(images, [c.strip() for c in label_cols], targets, single_label=single)
 
