@@ -134,6 +134,7 @@ def test_evaluate_rejects_labels_the_prompts_lack(tmp_path, capsys):
     code = main(["evaluate", "--task", "zeroshot", "--data", str(csv_path), "-c", TINY, "--out", str(tmp_path / "o"),
                  "--preset", "covid"])
     assert code == 2 and "Cardiomegaly" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing written for a run that fails
 
 
 def test_evaluate_report_end_to_end(tmp_path, capsys):

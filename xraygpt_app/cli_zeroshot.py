@@ -143,8 +143,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.bootstrap < 1:
         raise BadInputError("--bootstrap must be at least 1")
     config = load_config(args.config, args.overrides)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # created only when there are results to write
     if args.task == "zeroshot":
         summary = evaluate_zeroshot(config, args, out)
     else:
@@ -152,6 +151,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(summary)
     print(NOTICE)
     return 0
+
+
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInputError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
 
 
 def _prompt_set_for(classifier, table, args: argparse.Namespace) -> PromptSet:
@@ -186,6 +192,7 @@ def evaluate_zeroshot(config: Config, args: argparse.Namespace, out: Path) -> st
     metrics["model"] = classifier.name
     metrics["ensemble"] = classifier.ensemble
     metrics["prompts_per_label"] = {label: len(p) for label, p in prompt_set.items()}
+    _make_folder(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     roc_chart(roc_curves(table, logits), path=out / "roc.png")
     auc_chart(metrics["per_class"], metrics["macro_auc"], path=out / "auc_per_class.png")
@@ -209,6 +216,7 @@ def evaluate_reports(config: Config, csv_path: Path, out: Path) -> str:
     for path, hypothesis, item in zip(paths, hypotheses, metrics["per_item"], strict=True):
         item["image"], item["generated_report"] = path, hypothesis  # kept so scores can be checked by reading
     metrics["settings"]["generation"] = dataclasses.asdict(config.generation)
+    _make_folder(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     overall = ", ".join(f"{k} {v:.3f}" for k, v in metrics["overall"].items())
     return f"{len(images)} reports: {overall}; wrote {out / 'metrics.json'}"
