@@ -151,6 +151,10 @@ def test_report_follow_up_vqa_and_zero_shot(server, browser, samples_dir, upload
     assert page.locator("#zs-chart svg .mark-rect path").count() == 5
     assert "not a diagnosis" in page.locator(".xr-disclaimer:visible").first.inner_text()
     _shot(page, "3-zero-shot")
+    page.get_by_role("radio", name="COVID", exact=True).check()  # a second run: the chart shows it, not the first
+    page.locator("#zs-run").click()
+    page.wait_for_function("document.querySelector('#zs-chart svg').textContent.includes('COVID')")
+    assert page.locator("#zs-chart svg .mark-rect path").count() == 2
 
     page.locator(".xr-example").nth(1).click()  # another image: no result about the old one may stay
     page.wait_for_function("document.querySelector('#description').innerText.includes('640 × 755')")

@@ -220,15 +220,14 @@ def _zeroshot_tab(services: Services, state: gr.State) -> Resets:
                         placeholder="e.g. pneumonia, pleural effusion, no finding", elem_id="zs-labels")
     run = gr.Button("Classify", variant="primary", elem_id="zs-run")
     zs_notice = gr.Markdown(elem_id="zs-notice")
-    chart = gr.BarPlot(x="label", y="probability", label="Probability (softmax over the labels)",
+    # sort="-y" is fixed here: a per-result gr.BarPlot(value=..., sort=...) update drew the previous result.
+    chart = gr.BarPlot(x="label", y="probability", label="Probability (softmax over the labels)", sort="-y",
                        y_lim=[0, 1], x_label_angle=-35, elem_id="zs-chart")  # angled: phones are narrow
     table = gr.Dataframe(headers=["label", "probability", "logit", "sigmoid score"], label="Raw scores",
                          interactive=False, elem_id="zs-table")
 
     def on_classify(st: h.UserState | None, name: str, chosen: str, text: str):
-        frame, rows, note = h.classify(st, services, name, chosen, text)
-        order = list(frame["label"]) if len(frame) else None
-        return gr.BarPlot(value=frame, sort=order), rows, note
+        return h.classify(st, services, name, chosen, text)
 
     run.click(on_classify, [state, model, preset, labels], [chart, table, zs_notice], concurrency_id=ZEROSHOT,
               concurrency_limit=services.config.app.generation_concurrency, api_visibility="private")
