@@ -24,6 +24,7 @@ weights, every place looked (with download errors) and how to get them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -289,6 +290,7 @@ def download_url(url: str, target: Path, sha256: str | None = None) -> Path:
     from tqdm.auto import tqdm  # deferred: only downloads need it
 
     _check_url(url)
+    new_folder = not target.parent.exists()
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
@@ -307,5 +309,8 @@ def download_url(url: str, target: Path, sha256: str | None = None) -> Path:
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
+        if new_folder:  # leave no empty <cache>/<hash>/ folder behind a failed download
+            with contextlib.suppress(OSError):  # another process may have put a file there meanwhile
+                target.parent.rmdir()
         raise
     return target
