@@ -110,6 +110,13 @@ def test_uncached_text_tower_is_missing_weights(tmp_path, model_dir):
 def test_bad_folder_is_a_clear_error(tmp_path):
     with pytest.raises(BadInputError, match="open_clip_config.json"):
         ZeroShotClassifier.from_config(_config(tmp_path, tmp_path, None))
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for text, message in [("{not json", "JSONDecodeError"), ('{"a": 1}', "no 'model_cfg'"),
+                          (json.dumps({"model_cfg": {"text_cfg": {"hf_model_name": str(folder)}}}), "no 'vision_cfg'")]:
+        (folder / "open_clip_config.json").write_text(text)
+        with pytest.raises(BadInputError, match=message):
+            ZeroShotClassifier.from_config(_config(tmp_path, folder, None))
 
 
 def test_real_config_points_at_the_hub_id():

@@ -26,13 +26,26 @@ DEFAULT_TEMPLATE = "this is a photo of {}"  # the model card's zero-shot templat
 CONFIG_NAME = "open_clip_config.json"
 
 
+def read_text_cfg(folder: str | Path) -> dict:
+    """The ``model_cfg.text_cfg`` of a folder's open_clip_config.json; BadInputError if it is unreadable."""
+    path = Path(folder) / CONFIG_NAME
+    try:
+        text_cfg = json.loads(path.read_text(encoding="utf-8"))["model_cfg"]["text_cfg"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        reason = f"no {exc}" if isinstance(exc, KeyError) else type(exc).__name__
+        raise BadInputError(f"{path} is not a usable open_clip config ({reason})") from None
+    if not isinstance(text_cfg, dict):
+        raise BadInputError(f"{path} is not a usable open_clip config (model_cfg.text_cfg is not a mapping)")
+    return text_cfg
+
+
 def _text_cfg_override(folder: Path, text_config: str | None) -> dict:
     """Point the text tower at a local folder: ``text_config``, or the Hub model's cached snapshot.
 
     open_clip would otherwise ask the Hub for the text model's config (with network retries on an
     offline machine); like weights, it is never downloaded at load time.
     """
-    text_cfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))["model_cfg"]["text_cfg"]
+    text_cfg = read_text_cfg(folder)
     local = text_config or _cached_hub_folder(text_cfg["hf_model_name"])
     # The full checkpoint brings the text weights: do not ask transformers for pretrained ones.
     return {"text_cfg": {**text_cfg, "hf_model_name": local, "hf_model_pretrained": False}}
@@ -68,8 +81,9 @@ def load_biomedclip(folder: str | Path, text_config: str | None = None, device: 
         # create_model_from_pretrained loads the checkpoint strictly (open_clip's load_checkpoint).
         model, preprocess = open_clip.create_model_from_pretrained(name, device=device, **overrides)
         tokenizer = open_clip.get_tokenizer(name)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise BadInputError(f"cannot load the open_clip model in {folder}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:  # KeyError: e.g. no vision_cfg
+        reason = f"no {exc}" if isinstance(exc, KeyError) else (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise BadInputError(f"cannot load the open_clip model in {folder}: {reason}") from None
     log.info("BiomedCLIP loaded (context length %d)", tokenizer.context_length)
     return model.eval(), preprocess, tokenizer
 

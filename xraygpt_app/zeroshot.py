@@ -8,7 +8,6 @@ feeds to AUC). Research and education only: a score is not a diagnosis.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -238,7 +237,12 @@ def _biomedclip_text_repos(config: Config, name: str, model: ZeroShotModelConfig
         folder = resolve_weights(model.weights, f"zeroshot.models.{name}.weights", cache_dir=config.weights.cache_dir)
     except MissingWeightsError:
         return {}
-    text_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"].get("text_cfg", {})
+    from .biomedclip import read_text_cfg
+
+    try:
+        text_cfg = read_text_cfg(folder)
+    except BadInputError:  # `fetch` and `check` report the repos they can name; loading reports the bad file
+        return {}
     return {f"zeroshot.models.{name} text tower ({key})": text_cfg[key]
             for key in ("hf_model_name", "hf_tokenizer_name") if text_cfg.get(key)}
 
