@@ -227,6 +227,19 @@ def test_exif_orientation_applied(chest_l):
     assert any("EXIF" in notice for notice in radiograph.info.notices)
 
 
+def test_file_metadata_is_not_carried_with_the_image(chest_l):
+    """PNG text chunks and EXIF (names, dates, phone details) stay behind: only pixels go on."""
+    from PIL import PngImagePlugin
+
+    text = PngImagePlugin.PngInfo()
+    text.add_text("PatientName", "Doe^Jane")
+    exif = Image.Exif()
+    exif[0x9003] = "2024:01:01 10:00:00"  # DateTimeOriginal
+    for data in (_encode(chest_l, "PNG", pnginfo=text), _encode(chest_l, "JPEG", exif=exif.tobytes())):
+        image = load_radiograph(data).image
+        assert image.info == {} and not image.getexif()
+
+
 def test_multi_frame_tiff_first_frame_with_notice(chest_l):
     first, second = chest_l, Image.eval(chest_l, lambda v: 255 - v)
     radiograph = load_radiograph(_encode(first, "TIFF", save_all=True, append_images=[second]))

@@ -223,6 +223,8 @@ def _load_pillow(data: bytes, limits: ImageConfig) -> Radiograph:
     output = to_display_mode(image, notices)
     if fmt == "PNG" and bit_depth == 16 and mode == "RGB":
         notices.append("16-bit colour PNG: only the top 8 bits of each channel are read.")
+    # PNG text chunks and EXIF can hold names and dates, and Gradio/Pillow copy ``info`` into the files they save.
+    output.info = {}
     info = ImageInfo(format=fmt, width=output.width, height=output.height, bit_depth=bit_depth,
                      photometric=mode, frames=frames, notices=tuple(notices))
     return Radiograph(image=output, info=info)
