@@ -55,6 +55,20 @@ def test_dicom_upload_is_described_without_identity(services, samples_dir):
     assert "16d7f894" not in description  # the pseudonymised patient id stays out of the page
 
 
+def test_dicom_header_text_cannot_inject_markdown(services, samples_dir):
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(samples_dir / "dx_canine_thorax_lateral_mono1_8bit_explicit_vr.dcm")
+    ds.ViewPosition, ds.BodyPartExamined = "![](//ex.co/a)", "[c](//ev.co)"  # an image fetch and a link
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    _, _, description, note = h.load_image(None, buffer.getvalue(), services.config.image)
+    assert note == "" and "ex.co" in description and "ev.co" in description.lower()
+    assert re.search(r"(?<!\\)[\[\]!<]", description) is None  # every bracket, ! and < escaped
+
+
 def test_corrupt_upload_is_a_notice_and_keeps_the_old_image(services, loaded):
     state, preview, description, note = h.load_image(loaded, b"\x89PNG\r\n\x1a\n" + b"\0" * 300)
     assert note.startswith("⚠️") and len(note) > 10

@@ -11,6 +11,7 @@ import base64
 import io
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -164,9 +165,15 @@ def describe_image(info: dict[str, Any]) -> str:
             ("Bit depth", info.get("bit_depth")), ("Photometric", info.get("photometric")),
             ("Frames", info.get("frames")), ("Modality", info.get("modality")),
             ("View", info.get("view_position")), ("Body part", info.get("body_part"))]
-    lines = [f"- **{name}:** {value}" for name, value in rows if value not in (None, "", [])]
-    lines += [f"- ℹ️ {text}" for text in info.get("notices") or []]
+    lines = [f"- **{name}:** {_md_text(value)}" for name, value in rows if value not in (None, "", [])]
+    lines += [f"- ℹ️ {_md_text(text)}" for text in info.get("notices") or []]
     return "\n".join(lines)
+
+
+def _md_text(value: Any) -> str:
+    """``value`` as literal Markdown text: DICOM header fields come from the file, so they must not
+    become links, images (a request to any host) or HTML in the page."""
+    return re.sub(r"([\\`*_\[\]<>!|~$#])", r"\\\1", str(value))
 
 
 # ---- report chat --------------------------------------------------------------------------
