@@ -19,7 +19,7 @@ from .cli import add_config_options
 from .config import Config, load_config
 from .errors import BadInputError, ImageLoadError
 from .image_io import load_radiograph
-from .prompts import PRESET_BUILDERS, PromptSet, load_prompt_file, parse_labels
+from .prompts import PRESETS, PromptSet, load_prompt_file, parse_labels
 
 log = logging.getLogger(__name__)
 NOTICE = "Research and education only: these scores are not a diagnosis."
@@ -30,7 +30,7 @@ def _add_label_options(parser: argparse.ArgumentParser) -> None:
                         help="zero-shot model name from the config (e.g. medclip-vit, medclip-resnet, biomedclip)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--labels", help="comma-separated labels, each scored with the model's prompt templates")
-    group.add_argument("--preset", choices=tuple(PRESET_BUILDERS), help="a built-in prompt set")
+    group.add_argument("--preset", choices=tuple(PRESETS), help="a built-in prompt set")
     group.add_argument("--prompts", metavar="FILE.yaml", help="YAML mapping label -> list of prompts")
     parser.add_argument("--template", action="append", default=[], metavar="TEXT",
                         help="prompt template for --labels with one {} (repeatable; default: the model's,"

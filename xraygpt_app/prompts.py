@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -131,14 +132,23 @@ def rsna_prompts(n: int | None = None, seed: int = 42) -> PromptSet:
     return {"Normal": list(NORMAL_PROMPTS), **generate_prompts(RSNA_CLASS_PARTS, n, random.Random(seed))}
 
 
-PRESET_BUILDERS = {"chexpert5": chexpert_prompts, "covid": covid_prompts, "rsna": rsna_prompts}
+@dataclass(frozen=True)
+class Preset:
+    """A named prompt set: its labels and a builder ``(n, seed) -> PromptSet``."""
+
+    description: str
+    labels: tuple[str, ...]
+    build: Callable[[int | None, int], PromptSet]
 
 
-def preset_prompts(name: str, n: int | None = None, seed: int = 42) -> PromptSet:
-    """The prompt set of a named preset; raises BadInputError naming the known presets."""
-    if name not in PRESET_BUILDERS:
-        raise BadInputError(f"unknown preset {name!r} (known: {', '.join(PRESET_BUILDERS)})")
-    return PRESET_BUILDERS[name](n, seed)
+# The one registry of presets (classifier, CLI choices); pure Python, so the CLI lists them without torch.
+PRESETS: dict[str, Preset] = {
+    "chexpert5": Preset("CheXpert competition tasks with MedCLIP's prompt generator",
+                        ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"),
+                        chexpert_prompts),
+    "covid": Preset("Normal vs COVID (MedCLIP's COVID prompts)", ("Normal", "COVID"), covid_prompts),
+    "rsna": Preset("Normal vs pneumonia (MedCLIP's RSNA prompts)", ("Normal", "Pneumonia"), rsna_prompts),
+}
 
 
 def parse_labels(text: str) -> list[str]:

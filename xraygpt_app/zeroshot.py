@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -21,28 +21,10 @@ from PIL import Image
 
 from .config import Config, ZeroShotModelConfig
 from .errors import BadInputError, ConfigError, MissingWeightsError
-from .prompts import PromptSet, chexpert_prompts, covid_prompts, rsna_prompts, template_prompts
+from .prompts import PRESETS, PromptSet, template_prompts
 from .weights import HUB_PREFIX, resolve_weights
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named prompt set: its labels and a builder ``(n, seed) -> PromptSet``."""
-
-    description: str
-    labels: tuple[str, ...]
-    build: Callable[[int | None, int], PromptSet]
-
-
-PRESETS: dict[str, Preset] = {
-    "chexpert5": Preset("CheXpert competition tasks with MedCLIP's prompt generator",
-                        ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"),
-                        chexpert_prompts),
-    "covid": Preset("Normal vs COVID (MedCLIP's COVID prompts)", ("Normal", "COVID"), covid_prompts),
-    "rsna": Preset("Normal vs pneumonia (MedCLIP's RSNA prompts)", ("Normal", "Pneumonia"), rsna_prompts),
-}
 
 
 class Encoder(Protocol):
