@@ -17,6 +17,7 @@ from transformers import AutoConfig, BertModel
 from xraygpt_app.checkpoints import CheckpointKeyError
 from xraygpt_app.config import load_config
 from xraygpt_app.errors import BadInputError, MissingWeightsError
+from xraygpt_app.image_io import load_radiograph
 from xraygpt_app.medclip import (
     IMAGE_MEAN,
     IMAGE_STD,
@@ -153,6 +154,16 @@ def test_batching_does_not_change_scores(classifier, images):
     for a, b in zip(one, many, strict=True):
         assert a.logits == pytest.approx(b.logits, abs=1e-5)
         assert a.labels == ["Normal", "COVID"]
+
+
+def test_raw_pil_images_are_converted_as_the_loader_does(classifier):
+    """A 16-bit PIL image handed to the Python API scores like the loader's 8-bit image, not clipped to white."""
+    path = SAMPLES / "cr_nema_rg1_chest_pa_16bit_gray_15bit_range_DERIVED.png"
+    with Image.open(path) as raw:
+        assert raw.mode == "I;16"
+        (direct,) = classifier.classify([raw], labels=["a", "b"])
+    (loaded,) = classifier.classify([load_radiograph(path).image], labels=["a", "b"])
+    assert direct.logits == pytest.approx(loaded.logits, abs=1e-5)
 
 
 def test_request_errors(classifier, images):

@@ -21,6 +21,7 @@ from PIL import Image
 
 from .config import Config, ZeroShotModelConfig
 from .errors import BadInputError, ConfigError, MissingWeightsError
+from .image_io import to_display_mode
 from .prompts import PRESETS, PromptSet, template_prompts
 from .weights import HUB_PREFIX, resolve_weights
 
@@ -52,6 +53,14 @@ class ZeroShotResult:
     def to_dict(self) -> dict:
         """Plain JSON-ready dict."""
         return asdict(self)
+
+
+def model_ready(image: Image.Image) -> Image.Image:
+    """The loader's 8-bit L/RGB image as is; any other PIL image (16-bit, palette, alpha...) converted its way.
+
+    The Python API takes PIL images: without this a raw 16-bit PNG would be clipped to white by the towers.
+    """
+    return image if image.mode in ("L", "RGB") else to_display_mode(image, [])
 
 
 def ensemble_logits(image_embeds: torch.Tensor, class_embeds: Sequence[torch.Tensor], scale: float,
@@ -145,6 +154,7 @@ class ZeroShotClassifier:
         if not images:
             raise BadInputError("no images to classify")
         start = time.perf_counter()
+        images = [model_ready(image) for image in images]
         parts = [self.encoder.encode_images(images[i:i + self.batch_size])
                  for i in range(0, len(images), self.batch_size)]
         log.info("encoded %d images in %.2f s", len(images), time.perf_counter() - start)
