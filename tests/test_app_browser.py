@@ -243,4 +243,5 @@ def test_no_uploaded_bytes_remain_in_gradio_cache(server, uploaded):
     assert uploaded, "the tests above should have uploaded files"
     for data in uploaded:
         assert files_holding(server.cache_dir, data) == []
+    assert [p for p in server.cache_dir.rglob("*") if p.is_file()] == []  # not even empty leftovers
     assert "pleural effusion" not in server.log().lower()  # no user text in the server log

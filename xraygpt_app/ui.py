@@ -117,14 +117,16 @@ def _wire_image(services: Services, state: gr.State, image: dict[str, Any], rese
             return (old, gr.skip(), gr.skip(), note, None, *[gr.skip()] * len(resets))
         return (new_state, preview, description, "", None, *[empty for _, empty in resets])
 
-    def on_upload(path: str | None, old: h.UserState | None) -> tuple:
-        if not path:
+    def on_upload(file: dict | None, old: h.UserState | None) -> tuple:
+        if not file or not file.get("path"):
             return tuple(gr.skip() for _ in outputs)
-        data = h.read_upload(path, get_upload_folder())
+        data = h.read_upload(file["path"], get_upload_folder())
         return finish(h.load_image(old, data, limits, size), old)
 
+    # preprocess=False: the handler gets the upload's FileData; gr.File's own preprocessing (type="filepath")
+    # leaves an empty NamedTemporaryFile in the cache per upload that delete_cache never removes.
     image["upload"].upload(on_upload, [image["upload"], state], outputs, api_visibility="private",
-                           concurrency_limit=None)
+                           concurrency_limit=None, preprocess=False)
     for name, button in image["examples"].items():
         button.click(lambda old, name=name: finish(h.load_example(old, name, limits, size), old), [state],
                      outputs, api_visibility="private", concurrency_limit=None)
