@@ -90,7 +90,8 @@ def auc_chart(per_class: Mapping[str, Mapping], macro: float | None = None, path
     for i, label in enumerate(labels):
         entry = per_class[label]
         if entry["auc"] is None:
-            ax.text(i, 0.02, "n/a", ha="center", fontsize=9)
+            ax.text(i, 0.3, "n/a\n(one class\nonly)", ha="center", va="center", fontsize=8,
+                    bbox={"facecolor": "white", "edgecolor": "none"})  # above the legend, over the chance line
             bars[i].set_alpha(0.0)
             continue
         ci = entry.get("auc_ci95")
