@@ -125,6 +125,14 @@ def test_regenerate_replaces_the_last_answer(services, loaded):
     assert messages[1]["content"] == state.session.turns[-1].answer
 
 
+def test_failed_regenerate_keeps_the_old_answer_in_the_chat(services, loaded):
+    messages, *_ = _run(h.generate_report(loaded, services, GREEDY))[-1]
+    too_long = dict(GREEDY, max_new_tokens=loaded.session.context_limit)  # cannot fit with any prompt
+    after, state, note, download = _run(h.regenerate(loaded, services, too_long))[-1]
+    assert note.startswith("⚠️") and after == messages and state.messages == messages
+    assert after[-1]["content"] == state.session.turns[-1].answer and download
+
+
 def test_regenerate_before_any_answer_is_a_notice(services, loaded):
     messages, _, note, _ = _run(h.regenerate(loaded, services, GREEDY))[-1]
     assert messages == [] and note.startswith("⚠️")

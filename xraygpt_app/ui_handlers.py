@@ -199,6 +199,7 @@ def _chat_ready(state: UserState | None, services: Services) -> str:
 def _stream(state: UserState, start: Callable[[], Iterator[str]], question: str,
             replace_last: bool) -> Iterator[ChatOutput]:
     """Stream one answer into the conversation; the final yield carries the recorded turn."""
+    before = list(state.messages)  # shown again if the answer fails (a failed Regenerate keeps the old answer)
     if replace_last:
         state.messages = state.messages[:-1]
     else:
@@ -216,7 +217,7 @@ def _stream(state: UserState, start: Callable[[], Iterator[str]], question: str,
             state.messages[-1] = {"role": "assistant", "content": text}
             yield list(state.messages), state, "", ""
     except XrayGPTError as exc:
-        state.messages = state.messages[:-1] if replace_last else state.messages[:-2]
+        state.messages = before
         yield list(state.messages), state, notice(str(exc)), download_link_html(state)
         return
     if state.epoch == epoch:
