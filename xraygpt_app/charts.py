@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 DISCLAIMER = "Research and education only - not a diagnosis"
-_MAX_PANELS = 12
+MAX_PANELS = 12
 
 
 def _render(fig: Figure, path: str | Path | None) -> bytes:
@@ -49,7 +49,7 @@ def score_chart(results: Sequence, titles: Sequence[str] | None = None, path: st
 
     The predicted label is marked with a triangle. At most 12 panels are drawn.
     """
-    results = list(results)[:_MAX_PANELS]
+    results = list(results)[:MAX_PANELS]
     titles = list(titles or [f"image {i + 1}" for i in range(len(results))])
     n_labels = max(len(r.labels) for r in results)
     fig = Figure(figsize=(7.5, (0.55 * n_labels + 1.2) * len(results) + 0.6), layout="constrained")

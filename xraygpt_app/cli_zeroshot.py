@@ -117,7 +117,10 @@ def run_classify(args: argparse.Namespace) -> int:
     for path, result in zip(args.images, results, strict=True):
         print(_table(path, result))
     if args.chart:
-        print(f"chart written to {args.chart}")
+        from .charts import MAX_PANELS
+
+        shown = f" (the first {MAX_PANELS} of {len(results)} images)" if len(results) > MAX_PANELS else ""
+        print(f"chart written to {args.chart}{shown}")
     print(NOTICE)
     return 0
 
