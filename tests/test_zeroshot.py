@@ -263,6 +263,16 @@ def test_logit_scale_is_clamped_like_medclip():
         assert model.scale() == 1.0
 
 
+def test_unusable_weights_files_are_clear_errors(tmp_path):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(MissingWeightsError, match="holds no pytorch_model.bin"):
+        read_medclip_file(tmp_path / "folder")
+    archive = tmp_path / "medclip-vit-pretrained.zip"
+    archive.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(BadInputError, match="cannot read MedCLIP weights"):
+        read_medclip_file(archive)
+
+
 def test_tower_configs_of_the_wrong_kind_are_clear_errors(tmp_path):
     swapped = f"zeroshot.models.medclip-vit.vision_config={FIXTURE / 'bert_tiny'}"
     with pytest.raises(BadInputError, match="bert config; MedCLIP needs a swin one"):

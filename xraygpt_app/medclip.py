@@ -174,13 +174,18 @@ def read_medclip_file(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict from ``pytorch_model.bin``, a folder holding it, or the released zip."""
     path = Path(path)
     if path.is_dir():
+        if not (path / WEIGHTS_NAME).is_file():  # else the tower-config message below would be misleading
+            raise MissingWeightsError(f"the MedCLIP weights folder {path} holds no {WEIGHTS_NAME}")
         path = path / WEIGHTS_NAME
     if path.suffix == ".zip":  # the released archive (torch's own format is a zip too: go by the suffix)
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n.endswith(WEIGHTS_NAME)]
-            if not names:
-                raise BadInputError(f"{path.name}: the zip holds no {WEIGHTS_NAME}")
-            data = io.BytesIO(archive.read(names[0]))
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith(WEIGHTS_NAME)]
+                if not names:
+                    raise BadInputError(f"{path.name}: the zip holds no {WEIGHTS_NAME}")
+                data = io.BytesIO(archive.read(names[0]))
+        except (zipfile.BadZipFile, EOFError) as exc:  # a truncated or partial download
+            raise BadInputError(f"cannot read MedCLIP weights {path.name}: {exc}") from None
         return _torch_load(data, path)
     return _torch_load(path, path)
 
