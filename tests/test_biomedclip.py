@@ -112,6 +112,10 @@ def test_bad_folder_is_a_clear_error(tmp_path):
         ZeroShotClassifier.from_config(_config(tmp_path, tmp_path, None))
     folder = tmp_path / "broken"
     folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps(_open_clip_config(str(BERT_TINY))))
+    with pytest.raises(MissingWeightsError, match="no weights file"):  # exit 3, as for any absent weights
+        ZeroShotClassifier.from_config(_config(tmp_path, folder, None))
+    (folder / "open_clip_pytorch_model.bin").write_bytes(b"")  # the malformed configs below fail first
     for text, message in [("{not json", "JSONDecodeError"), ('{"a": 1}', "no 'model_cfg'"),
                           (json.dumps({"model_cfg": {"text_cfg": {"hf_model_name": str(folder)}}}), "no 'vision_cfg'")]:
         (folder / "open_clip_config.json").write_text(text)

@@ -75,6 +75,9 @@ def load_biomedclip(folder: str | Path, text_config: str | None = None, device: 
     folder = Path(folder)
     if not (folder / CONFIG_NAME).is_file():
         raise BadInputError(f"{folder} is not an open_clip model folder: it has no {CONFIG_NAME}")
+    if not any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.pth")):  # open_clip's glob
+        raise MissingWeightsError(f"{folder} has {CONFIG_NAME} but no weights file (open_clip_pytorch_model.bin):"
+                                  f" copy it from the Hub repo {HUB_ID} or run `xraygpt fetch`.")
     name = f"local-dir:{folder}"
     overrides = _text_cfg_override(folder, text_config)
     try:
