@@ -16,7 +16,7 @@ from transformers import AutoConfig, BertModel
 
 from xraygpt_app.checkpoints import CheckpointKeyError
 from xraygpt_app.config import load_config
-from xraygpt_app.errors import BadInputError, MissingWeightsError
+from xraygpt_app.errors import BadInputError, ConfigError, MissingWeightsError
 from xraygpt_app.image_io import load_radiograph
 from xraygpt_app.medclip import (
     IMAGE_MEAN,
@@ -261,6 +261,12 @@ def test_logit_scale_is_clamped_like_medclip():
         assert model.scale() == pytest.approx(float(np.exp(4.6052)), rel=1e-6)  # at most 100
         model.logit_scale.fill_(-1.0)
         assert model.scale() == 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_a_gpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        ZeroShotClassifier.from_config(load_config(TINY_CONFIG, ["runtime.device=cuda"]), "medclip-vit")
 
 
 def test_unusable_weights_files_are_clear_errors(tmp_path):

@@ -43,7 +43,7 @@ def plan_placement(runtime: RuntimeConfig, vision: VisionConfig, cuda_available:
     the ViT in float32 on the CPU in any mode (the image is encoded once per upload).
     """
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
-    device = _main_device(runtime.device, cuda)
+    device = main_device(runtime.device, cuda)
     mode = runtime.mode
     if mode == "auto":
         mode = "fp16" if device.type == "cuda" else "fp32"
@@ -61,7 +61,8 @@ def plan_placement(runtime: RuntimeConfig, vision: VisionConfig, cuda_available:
     return Placement(mode, device, vision_dtype, half_vit, device, dtype, None)
 
 
-def _main_device(name: str, cuda: bool) -> torch.device:
+def main_device(name: str, cuda: bool) -> torch.device:
+    """``runtime.device`` as a torch device (``auto``: CUDA when present); ConfigError for CUDA without a GPU."""
     if name == "auto":
         return torch.device("cuda:0" if cuda else "cpu")
     device = torch.device(name)

@@ -173,10 +173,9 @@ class ZeroShotClassifier:
 
 
 def _device(config: Config) -> str:
-    device = config.runtime.device
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    from .placement import main_device  # the same resolution and check as the XrayGPT model's
+
+    return str(main_device(config.runtime.device, torch.cuda.is_available()))
 
 
 def _model_config(config: Config, name: str) -> ZeroShotModelConfig:
