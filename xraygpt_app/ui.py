@@ -169,7 +169,7 @@ def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Res
     for trigger in (ask_button.click, question.submit):
         trigger(on_ask, [state, question, *sliders], [*outputs, question], **group)
     regenerate_button.click(on_regenerate, [state, *sliders], outputs, **group)
-    stop_button.click(h.stop, [state], [chat_notice], queue=False, api_visibility="private")
+    stop_button.click(h.stop, [state], None, queue=False, api_visibility="private")
     for trigger in (clear_button.click, chatbot.clear):  # the chatbot's own bin icon clears the state too
         trigger(h.clear_chat, [state], outputs, queue=False, api_visibility="private")
     return [(chatbot, []), (chat_notice, ""), (download, "")]
@@ -197,7 +197,7 @@ def _vqa_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Rese
     for trigger in (ask_button.click, question.submit):
         trigger(on_answer, [state, question, *image["sliders"]], [answer, vqa_notice], concurrency_id=GENERATION,
                 concurrency_limit=services.config.app.generation_concurrency, api_visibility="private")
-    stop_button.click(h.stop, [state], [vqa_notice], queue=False, api_visibility="private")
+    stop_button.click(h.stop, [state], None, queue=False, api_visibility="private")
     return [(answer, ""), (vqa_notice, "")]
 
 

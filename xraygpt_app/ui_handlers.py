@@ -270,12 +270,15 @@ def regenerate(state: UserState | None, services: Services, settings: dict[str, 
                        session.turns[-1].question, replace_last=True)
 
 
-def stop(state: UserState | None) -> str:
-    """Ask the running generations of this session to stop (chat and VQA)."""
+def stop(state: UserState | None) -> None:
+    """Ask the running generations of this session to stop (chat and VQA).
+
+    It writes no output: the stopped answer's own last update says "Generation stopped.", and an
+    output here could arrive after it and wipe that notice.
+    """
     if state is not None:
         state.cancel.set()
         state.vqa_cancel.set()
-    return ""
 
 
 def clear_chat(state: UserState | None) -> ChatOutput:
