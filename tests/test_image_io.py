@@ -21,7 +21,7 @@ from PIL import Image
 
 from xraygpt_app.config import ImageConfig
 from xraygpt_app.errors import ImageLoadError
-from xraygpt_app.image_io import Radiograph, describe_content, load_radiograph, looks_like_dicom
+from xraygpt_app.image_io import Radiograph, describe_content, load_radiograph, looks_like_dicom, model_ready
 
 ROWS = sample_rows()
 PNG_8BIT = "nih_cxr14_00000001_000_pa_512.png"
@@ -225,6 +225,15 @@ def test_exif_orientation_applied(chest_l):
     radiograph = load_radiograph(_encode(wide, "JPEG", exif=exif.tobytes()))
     assert radiograph.image.size == (300, 512)
     assert any("EXIF" in notice for notice in radiograph.info.notices)
+
+
+def test_model_ready_keeps_loader_images_and_converts_raw_pil_images_its_way():
+    path = SAMPLES / "cr_nema_rg1_chest_pa_16bit_gray_15bit_range_DERIVED.png"
+    loaded = load_radiograph(path).image
+    assert model_ready(loaded) is loaded  # 8-bit L/RGB: untouched (reference parity)
+    with Image.open(path) as raw:
+        assert raw.mode == "I;16"
+        np.testing.assert_array_equal(np.asarray(model_ready(raw)), np.asarray(loaded))
 
 
 def test_file_metadata_is_not_carried_with_the_image(chest_l):

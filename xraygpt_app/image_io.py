@@ -333,6 +333,15 @@ def to_display_mode(image: Image.Image, notices: list[str]) -> Image.Image:
     return output
 
 
+def model_ready(image: Image.Image) -> Image.Image:
+    """The loader's 8-bit L/RGB image as is; any other PIL image (16-bit, palette, alpha...) converted the loader's way.
+
+    For the Python APIs, which take PIL images: a raw 16-bit PNG would otherwise be clipped to white by
+    ``convert("RGB")`` or a paste into mode L.
+    """
+    return image if image.mode in ("L", "RGB") else to_display_mode(image, [])
+
+
 def _drop_alpha(image: Image.Image, notices: list[str]) -> Image.Image:
     """Drop a fully opaque alpha channel; composite a real one onto black (X-ray background)."""
     grey = image.mode in ("LA", "La")

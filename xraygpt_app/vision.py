@@ -12,6 +12,7 @@ from torch import nn
 from torchvision import transforms
 
 from .config import VisionConfig
+from .image_io import model_ready
 from .placement import Placement
 
 
@@ -25,8 +26,12 @@ def build_preprocess(config: VisionConfig) -> transforms.Compose:
 
 
 def preprocess(image: Image.Image, config: VisionConfig) -> torch.Tensor:
-    """PIL image (any mode) -> ``(1, 3, S, S)`` float32 tensor, as XrayGPT's ``upload_img``."""
-    return build_preprocess(config)(image.convert("RGB")).unsqueeze(0)
+    """PIL image (any mode) -> ``(1, 3, S, S)`` float32 tensor, as XrayGPT's ``upload_img``.
+
+    The loader's 8-bit images go straight to ``convert("RGB")`` as in the reference; other modes (a raw
+    16-bit PNG from the Python API) are first scaled to 8 bits as the loader does, not clipped to white.
+    """
+    return build_preprocess(config)(model_ready(image).convert("RGB")).unsqueeze(0)
 
 
 def build_eva(config: VisionConfig) -> timm.models.eva.Eva:

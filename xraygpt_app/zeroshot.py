@@ -21,7 +21,7 @@ from PIL import Image
 
 from .config import Config, ZeroShotModelConfig
 from .errors import BadInputError, ConfigError, MissingWeightsError
-from .image_io import to_display_mode
+from .image_io import model_ready
 from .prompts import PRESETS, PromptSet, template_prompts
 from .weights import HUB_PREFIX, resolve_weights
 
@@ -53,14 +53,6 @@ class ZeroShotResult:
     def to_dict(self) -> dict:
         """Plain JSON-ready dict."""
         return asdict(self)
-
-
-def model_ready(image: Image.Image) -> Image.Image:
-    """The loader's 8-bit L/RGB image as is; any other PIL image (16-bit, palette, alpha...) converted its way.
-
-    The Python API takes PIL images: without this a raw 16-bit PNG would be clipped to white by the towers.
-    """
-    return image if image.mode in ("L", "RGB") else to_display_mode(image, [])
 
 
 def ensemble_logits(image_embeds: torch.Tensor, class_embeds: Sequence[torch.Tensor], scale: float,
