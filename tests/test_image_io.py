@@ -225,6 +225,9 @@ def test_exif_orientation_applied(chest_l):
     radiograph = load_radiograph(_encode(wide, "JPEG", exif=exif.tobytes()))
     assert radiograph.image.size == (300, 512)
     assert any("EXIF" in notice for notice in radiograph.info.notices)
+    exif[0x0112] = 9  # not an orientation: nothing is done, and nothing is claimed
+    radiograph = load_radiograph(_encode(wide, "JPEG", exif=exif.tobytes()))
+    assert radiograph.image.size == (512, 300) and not any("EXIF" in n for n in radiograph.info.notices)
 
 
 def test_model_ready_keeps_loader_images_and_converts_raw_pil_images_its_way():

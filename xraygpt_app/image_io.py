@@ -217,7 +217,7 @@ def _load_pillow(data: bytes, limits: ImageConfig) -> Radiograph:
     notices: list[str] = []
     if frames > 1:
         notices.append(f"The file holds {frames} images (frames); only the first is used.")
-    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+    if image.getexif().get(_EXIF_ORIENTATION, 1) in range(2, 9):  # 1 is upright; other values are invalid
         image = ImageOps.exif_transpose(image)
         notices.append("Rotated/flipped as its EXIF orientation tag says.")
     output = to_display_mode(image, notices)
