@@ -252,7 +252,7 @@ def _api_endpoints(services: Services) -> None:
             return ui_api.api_answer(services, read(image), question,
                                 h.generation_kwargs(max_new_tokens, temperature, top_p, num_beams))
         except XrayGPTError as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(str(exc), print_exception=False) from None  # bad input: no traceback in the log
 
     def report(image: FileData, max_new_tokens: int = gen.max_new_tokens, temperature: float = gen.temperature,
                top_p: float = gen.top_p, num_beams: int = gen.num_beams) -> str:
@@ -271,7 +271,7 @@ def _api_endpoints(services: Services) -> None:
         try:
             return ui_api.api_classify(services, read(image), model, preset, labels)
         except XrayGPTError as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(str(exc), print_exception=False) from None  # bad input: no traceback in the log
 
     gr.api(report, api_name="report", concurrency_id=GENERATION, **limit)
     gr.api(ask, api_name="ask", concurrency_id=GENERATION, **limit)
