@@ -109,6 +109,7 @@ def test_read_label_table_both_layouts(tmp_path):
     for name, text, message in [("frac.csv", "image,Edema\na.png,0.7\n", "0 or 1"),
                                 ("uncertain.csv", "image,Edema\na.png,-1\n", "0 or 1"),
                                 ("dup.csv", "image,Edema,Edema\na.png,1,0\n", "repeated column"),
+                                ("binary.csv", "image,label\na.png,1\nb.png,0\n", "holds 0/1"),
                                 ("ragged.csv", "image,Edema\na.png,1\nb.png,1,0\n", "data row 2 has more fields")]:
         (tmp_path / name).write_text(text)
         with pytest.raises(BadInputError, match=message):

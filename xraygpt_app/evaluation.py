@@ -80,6 +80,9 @@ def read_label_table(path: str | Path) -> LabelTable:
         labels = list(dict.fromkeys(sorted(n for n in names if n)))
         if len(labels) != len(set(names)):
             raise BadInputError(f"{path}: some rows have an empty label")
+        if set(labels) <= {"0", "1"}:  # else "0"/"1" would become class names scored as "chest x-ray showing 1"
+            raise BadInputError(f"{path}: column {label_col!r} holds 0/1, not finding names: name the column after"
+                                " the finding (e.g. image,Edema) or write the finding name in each row")
         targets = np.array([[name == label for label in labels] for name in names], dtype=int)
         return LabelTable(images, labels, targets, single_label=True)
     return _binary_columns(path, rows, images, others)
