@@ -249,8 +249,8 @@ def _api_endpoints(services: Services) -> None:
     def answer(image: FileData, question: str, max_new_tokens: int, temperature: float, top_p: float,
                num_beams: int) -> str:
         try:
-            return ui_api.api_answer(services, read(image), question,
-                                h.generation_kwargs(max_new_tokens, temperature, top_p, num_beams))
+            settings = h.generation_kwargs(max_new_tokens, temperature, top_p, num_beams, gen.do_sample)
+            return ui_api.api_answer(services, read(image), question, settings)
         except XrayGPTError as exc:
             raise gr.Error(str(exc), print_exception=False) from None  # bad input: no traceback in the log
 
