@@ -6,7 +6,6 @@ Exit codes: 0 every weight present; 2 invalid config; 3 some weights missing.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import textwrap
@@ -92,32 +91,21 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def memory_estimate(config: Config) -> tuple[dict[str, int] | None, str]:
-    """Peak bytes per device from ``xraygpt_app.memory`` if that module exists, else (None, reason)."""
+    """Peak bytes per device on this machine, or (None, why not)."""
+    from .memory import estimate_peak_memory  # imports torch: only when check runs
+
     try:
-        module = importlib.import_module("xraygpt_app.memory")
-    except ModuleNotFoundError as exc:
-        if exc.name != "xraygpt_app.memory":
-            raise  # a dependency of the module is missing: a real bug, not "not built yet"
-        return None, "not available"
-    estimate = getattr(module, "estimate_peak_memory", None)
-    if estimate is None:
-        return None, "not available"
-    try:
-        return dict(estimate(config)), ""
-    except XrayGPTError as exc:  # e.g. the LLM's config.json is needed and its folder is missing
+        return dict(estimate_peak_memory(config)), ""
+    except XrayGPTError as exc:  # e.g. runtime.mode fp16 on a machine without CUDA
         return None, f"not available ({str(exc).splitlines()[0]})"
 
 
 def gpu_memory_estimate(config: Config) -> Any:
-    """``xraygpt_app.memory.estimate(config, assume_cuda=True)``: a GPU's figures even on a CPU-only machine."""
+    """The estimate for a CUDA GPU, even on a CPU-only machine; None if the config keeps everything on the CPU."""
+    from .memory import estimate
+
     try:
-        module = importlib.import_module("xraygpt_app.memory")
-    except ModuleNotFoundError:
-        return None
-    if not hasattr(module, "estimate"):
-        return None
-    try:
-        result = module.estimate(config, assume_cuda=True)
+        result = estimate(config, assume_cuda=True)
     except XrayGPTError:
         return None
     return result if any(device.startswith("cuda") for device in result.breakdown) else None  # runtime.device: cpu
