@@ -176,6 +176,14 @@ def test_corrupt_upload_shows_a_notice(server, browser, uploaded):
     context.close()
 
 
+def test_refused_question_stays_in_the_box(server, browser):
+    context, page = _open(browser, server)
+    _ask(page, "Is there a pneumothorax?")  # no image yet: refused with a notice
+    page.wait_for_function("document.querySelector('#chat-notice').innerText.includes('Upload')")
+    assert page.locator("#question textarea").input_value() == "Is there a pneumothorax?"
+    context.close()
+
+
 def test_two_browsers_keep_separate_conversations(server, browser, samples_dir, uploaded):
     (context_a, page_a), (context_b, page_b) = _open(browser, server), _open(browser, server)
     _upload(page_a, samples_dir / NIH, uploaded)

@@ -159,8 +159,9 @@ def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Res
         if not (text or "").strip():
             yield gr.skip(), st, h.notice("Type a question first."), gr.skip(), gr.skip()
             return
+        before = len(st.messages) if st else 0
         for out in h.ask(st, services, text, h.generation_kwargs(*values)):
-            yield (*out, "")
+            yield (*out, "" if len(out[0]) > before else gr.skip())  # a refused question stays in the box
 
     def on_regenerate(st: h.UserState | None, *values: Any):
         yield from h.regenerate(st, services, h.generation_kwargs(*values))
