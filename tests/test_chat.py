@@ -221,6 +221,15 @@ def test_beam_search_answers(model: XrayGPT, images: list) -> None:
     assert again.token_ids == turn.token_ids
 
 
+def test_stop_ends_beam_search(model: XrayGPT, images: list) -> None:
+    stop = threading.Event()
+    stop.set()  # already pressed: generate must stop after its first step
+    session = model.chat(images[0])
+    list(session.ask_stream(QUESTIONS[0], cancel=stop, num_beams=2, do_sample=False, max_new_tokens=50, min_length=50))
+    turn = session.turns[-1]
+    assert turn.cancelled and len(turn.token_ids) == 1
+
+
 def test_sessions_do_not_affect_each_other(model: XrayGPT, images: list) -> None:
     alone = _ids(model.chat(images[0]), QUESTIONS[:3], **GREEDY)
     a, b = model.chat(images[0]), model.chat(images[1])

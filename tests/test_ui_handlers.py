@@ -235,3 +235,13 @@ def test_app_exposes_the_api_names(services):
     demo = build_app(services)
     names = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
     assert {"report", "ask", "classify"} <= names
+
+
+def test_forgotten_session_lets_go_of_image_and_conversation(services, loaded):
+    from xraygpt_app.ui import _forget_session
+
+    _run(h.generate_report(loaded, services, GREEDY))
+    assert loaded.session is not None and loaded.image is not None
+    _forget_session(loaded)  # what Gradio calls when the session's state expires or the tab closes
+    assert loaded.session is None and loaded.image is None and loaded.messages == []
+    assert loaded.cancel.is_set()

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from .conversation import SEPARATOR, Turn, clean_answer, display_answer, render_prompt, split_on_image
 from .errors import BadInputError
-from .generation import StopOnSequences, ends_with_any, logits_processors, next_token, settings_with
+from .generation import StopOnEvent, StopOnSequences, ends_with_any, logits_processors, next_token, settings_with
 from .llm import stop_token_sequences
 from .model import ImageEncoding, XrayGPTModel
 
@@ -80,7 +80,7 @@ class ChatSession:
         settings = settings_with(self.model.config.generation, **generation)
         prompt = self._prepare(question, settings.max_new_tokens)
         if settings.num_beams > 1:
-            yield from self._beam_search(question, prompt, settings)
+            yield from self._beam_search(question, prompt, settings, cancel)
         else:
             yield from self._decode(question, prompt, settings, cancel)
 
@@ -151,7 +151,7 @@ class ChatSession:
         if answer.startswith(emitted) and answer != emitted:
             yield answer[len(emitted):]
 
-    def _beam_search(self, question: str, prompt: _PreparedPrompt, settings) -> Iterator[str]:
+    def _beam_search(self, question: str, prompt: _PreparedPrompt, settings, cancel) -> Iterator[str]:
         """Beams go through ``generate`` (no streaming, no KV reuse), as the reference does."""
         started = time.perf_counter()
         if settings.seed is not None:
@@ -163,10 +163,11 @@ class ChatSession:
                 max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams, do_sample=settings.do_sample,
                 top_p=settings.top_p, temperature=settings.temperature, min_length=settings.min_length,
                 repetition_penalty=settings.repetition_penalty, length_penalty=settings.length_penalty,
-                stopping_criteria=[StopOnSequences(self._stops)], pad_token_id=self.model.tokenizer.pad_token_id)
+                stopping_criteria=[StopOnSequences(self._stops), *([StopOnEvent(cancel)] if cancel else [])],
+                pad_token_id=self.model.tokenizer.pad_token_id)
         self._cache, self._cached_ids = None, []
         generated = out[0].tolist()
-        yield self._finish_turn(question, prompt, generated, False,
+        yield self._finish_turn(question, prompt, generated, bool(cancel and cancel.is_set()),
                                 {"generate_s": time.perf_counter() - started, "new_tokens": len(generated)})
 
     def _reuse_cache(self, ids: list[int]) -> int:

@@ -171,6 +171,7 @@ class AppConfig:
     generation_concurrency: int = 1
     queue_max_size: int = 32
     delete_cache_seconds: int = 600  # Gradio's delete_cache (frequency, age); uploads are deleted at once anyway
+    session_idle_seconds: int = 1800  # a session untouched this long is forgotten: image, chat, KV cache
 
 
 @dataclass

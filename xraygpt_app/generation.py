@@ -83,3 +83,13 @@ class StopOnSequences(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         done = [ends_with_any(row.tolist(), self.sequences) for row in input_ids]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class StopOnEvent(StoppingCriteria):
+    """For ``generate``: stop every sequence once ``event`` is set (the user pressed Stop)."""
+
+    def __init__(self, event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)

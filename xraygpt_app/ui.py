@@ -51,13 +51,22 @@ def _zeroshot_reasons(services: Services) -> dict[str, str]:
     return {ZEROSHOT_TITLES.get(k, k): v for k, v in services.zeroshot_missing.items()}
 
 
+def _forget_session(state: h.UserState | None) -> None:
+    """Gradio deleted this session's state: stop its answers and let go of its image and cache."""
+    if isinstance(state, h.UserState):
+        state.reset()
+        state.image, state.info = None, {}
+
+
 def build_app(services: Services) -> gr.Blocks:
     """Build the whole app around already-loaded services (nothing is loaded here)."""
     app_config = services.config.app
     seconds = app_config.delete_cache_seconds
     with gr.Blocks(title="XrayGPT — chest radiograph assistant", analytics_enabled=False,
                    delete_cache=(seconds, seconds)) as demo:
-        state = gr.State(None)
+        # Gradio drops a closed tab's state only after an hour; an idle limit bounds the images and
+        # KV caches (about 1 GB each on the real model) that sessions hold.
+        state = gr.State(None, time_to_live=app_config.session_idle_seconds, delete_callback=_forget_session)
         gr.Markdown("# XrayGPT — chest radiograph assistant\nUpload a chest X-ray (PNG, JPEG or DICOM), read a "
                     "draft report, ask follow-up questions and check zero-shot finding scores.")
         with gr.Row(equal_height=False):
