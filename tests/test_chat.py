@@ -8,10 +8,11 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from xraygpt_app.api import XrayGPT
 from xraygpt_app.conversation import DEFAULT_REPORT_QUESTION, IMAGE_MESSAGE, SYSTEM_TEXT
-from xraygpt_app.errors import BadInputError
+from xraygpt_app.errors import BadInputError, ModelMemoryError
 from xraygpt_app.image_io import load_radiograph
 
 CONFIG = Path(__file__).resolve().parents[1] / "eval_configs" / "tiny_fixture.yaml"
@@ -228,6 +229,24 @@ def test_stop_ends_beam_search(model: XrayGPT, images: list) -> None:
     list(session.ask_stream(QUESTIONS[0], cancel=stop, num_beams=2, do_sample=False, max_new_tokens=50, min_length=50))
     turn = session.turns[-1]
     assert turn.cancelled and len(turn.token_ids) == 1
+
+
+def test_out_of_memory_leaves_the_conversation_as_it_was(model: XrayGPT, images: list, monkeypatch) -> None:
+    session = model.chat(images[0])
+    first = session.ask(QUESTIONS[0], **GREEDY)
+
+    def exhausted(**inputs):  # fault injection: the device runs out of memory in the prefill
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(session, "_forward", exhausted)
+    with pytest.raises(ModelMemoryError):
+        session.ask(QUESTIONS[1], **GREEDY)
+    assert session.turns == [first]
+    monkeypatch.undo()
+    again = session.ask(QUESTIONS[1], **GREEDY)  # starts from an empty cache, same answer as a fresh recompute
+    fresh = model.chat(images[0], reuse_kv=False)
+    fresh.ask(QUESTIONS[0], **GREEDY)
+    assert again.token_ids == fresh.ask(QUESTIONS[1], **GREEDY).token_ids
 
 
 def test_sessions_do_not_affect_each_other(model: XrayGPT, images: list) -> None:

@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from .conversation import SEPARATOR, Turn, clean_answer, display_answer, render_prompt, split_on_image
-from .errors import BadInputError
+from .errors import BadInputError, ModelMemoryError
 from .generation import StopOnEvent, StopOnSequences, ends_with_any, logits_processors, next_token, settings_with
 from .llm import stop_token_sequences
 from .model import ImageEncoding, XrayGPTModel
@@ -79,10 +79,17 @@ class ChatSession:
         question = check_question(question)
         settings = settings_with(self.model.config.generation, **generation)
         prompt = self._prepare(question, settings.max_new_tokens)
-        if settings.num_beams > 1:
-            yield from self._beam_search(question, prompt, settings, cancel)
-        else:
-            yield from self._decode(question, prompt, settings, cancel)
+        try:
+            if settings.num_beams > 1:
+                yield from self._beam_search(question, prompt, settings, cancel)
+            else:
+                yield from self._decode(question, prompt, settings, cancel)
+        except torch.OutOfMemoryError:
+            self._cache, self._cached_ids = None, []  # a forward may have stopped half-way through the cache
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise ModelMemoryError("The model ran out of memory on this answer. Try fewer new tokens or beams, or"
+                                   " Clear to start a shorter conversation.") from None
 
     def regenerate(self, *, cancel: threading.Event | None = None, **generation) -> Iterator[str]:
         """Drop the last answer and answer its question again."""

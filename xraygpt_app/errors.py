@@ -25,3 +25,7 @@ class MissingWeightsError(XrayGPTError):
     """A weights file is absent; the message says which, where we looked and how to get it."""
 
     exit_code = 3
+
+
+class ModelMemoryError(XrayGPTError):
+    """The device ran out of memory during an answer; the conversation is left as it was."""
