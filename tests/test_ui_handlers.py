@@ -242,6 +242,24 @@ def test_forgotten_session_lets_go_of_image_and_conversation(services, loaded):
 
     _run(h.generate_report(loaded, services, GREEDY))
     assert loaded.session is not None and loaded.image is not None
+    running = loaded.cancel  # what an answer still being written would be holding
     _forget_session(loaded)  # what Gradio calls when the session's state expires or the tab closes
     assert loaded.session is None and loaded.image is None and loaded.messages == []
-    assert loaded.cancel.is_set()
+    assert running.is_set()
+
+
+def test_stop_pressed_while_queued_stops_the_answer_when_it_starts(services, loaded):
+    loaded.arm()  # the request is submitted (before the queue) ...
+    h.stop(loaded)  # ... and Stop is pressed while it waits
+    messages, state, note, _ = _run(h.generate_report(loaded, services, GREEDY))[-1]
+    assert state.session.turns[-1].cancelled and "stopped" in note.lower()
+    loaded.arm()  # the next request starts clean: that Stop was spent
+    _run(h.ask(loaded, services, "Any effusion?", GREEDY))
+    assert not loaded.session.turns[-1].cancelled
+
+
+def test_a_stop_with_nothing_running_does_not_cancel_the_next_request(services, loaded):
+    h.stop(loaded)
+    loaded.arm()
+    _run(h.generate_report(loaded, services, GREEDY))
+    assert not loaded.session.turns[-1].cancelled

@@ -8,6 +8,7 @@ time by default and waiting users see their queue position.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
@@ -49,6 +50,16 @@ def _missing_box(reasons: dict[str, str], what: str) -> None:
 
 def _zeroshot_reasons(services: Services) -> dict[str, str]:
     return {ZEROSHOT_TITLES.get(k, k): v for k, v in services.zeroshot_missing.items()}
+
+
+def _arm(state: h.UserState | None) -> None:
+    if isinstance(state, h.UserState):
+        state.arm()
+
+
+def _armed(trigger: Callable, state: gr.State) -> Any:
+    """``trigger`` first clears the session's Stop switches outside the queue (see UserState.arm)."""
+    return trigger(_arm, [state], None, queue=False, api_visibility="private")
 
 
 def _forget_session(state: h.UserState | None) -> None:
@@ -175,10 +186,10 @@ def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Res
     def on_regenerate(st: h.UserState | None, *values: Any):
         yield from h.regenerate(st, services, h.generation_kwargs(*values))
 
-    report_button.click(on_report, [state, *sliders], outputs, **group)
+    _armed(report_button.click, state).then(on_report, [state, *sliders], outputs, **group)
     for trigger in (ask_button.click, question.submit):
-        trigger(on_ask, [state, question, *sliders], [*outputs, question], **group)
-    regenerate_button.click(on_regenerate, [state, *sliders], outputs, **group)
+        _armed(trigger, state).then(on_ask, [state, question, *sliders], [*outputs, question], **group)
+    _armed(regenerate_button.click, state).then(on_regenerate, [state, *sliders], outputs, **group)
     stop_button.click(h.stop, [state], None, queue=False, api_visibility="private")
     for trigger in (clear_button.click, chatbot.clear):  # the chatbot's own bin icon clears the state too
         trigger(h.clear_chat, [state], outputs, queue=False, api_visibility="private")
@@ -205,8 +216,9 @@ def _vqa_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Rese
         yield from h.vqa_answer(st, services, text, h.generation_kwargs(*values))
 
     for trigger in (ask_button.click, question.submit):
-        trigger(on_answer, [state, question, *image["sliders"]], [answer, vqa_notice], concurrency_id=GENERATION,
-                concurrency_limit=services.config.app.generation_concurrency, api_visibility="private")
+        _armed(trigger, state).then(on_answer, [state, question, *image["sliders"]], [answer, vqa_notice],
+                                    concurrency_id=GENERATION, api_visibility="private",
+                                    concurrency_limit=services.config.app.generation_concurrency)
     stop_button.click(h.stop, [state], None, queue=False, api_visibility="private")
     return [(answer, ""), (vqa_notice, "")]
 

@@ -64,12 +64,18 @@ class UserState:
         The object is changed in place: a stream still running for the old conversation holds
         this same object, sees the new epoch and stops writing into it.
         """
-        self.cancel.set()
+        self.cancel.set()  # the old conversation's answers hold these events and stop
         self.vqa_cancel.set()
+        self.cancel, self.vqa_cancel = threading.Event(), threading.Event()
         if image is not None:
             self.image, self.info = image, info or {}
         self.session, self.messages = None, []
         self.epoch += 1
+
+    def arm(self) -> None:
+        """On submit, before the queue: forget earlier Stops (one pressed while queued still counts)."""
+        self.cancel.clear()
+        self.vqa_cancel.clear()
 
 
 def generation_kwargs(max_new_tokens: float, temperature: float, top_p: float, num_beams: float,
@@ -205,7 +211,6 @@ def _stream(state: UserState, start: Callable[[], Iterator[str]], question: str,
     else:
         state.messages = [*state.messages, {"role": "user", "content": question}]
     state.messages.append({"role": "assistant", "content": ""})
-    state.cancel.clear()
     began, text, epoch = time.perf_counter(), "", state.epoch
     stream = start()
     try:
@@ -221,6 +226,7 @@ def _stream(state: UserState, start: Callable[[], Iterator[str]], question: str,
         yield list(state.messages), state, notice(str(exc)), download_link_html(state)
         return
     if state.epoch == epoch:
+        state.cancel.clear()  # this Stop was for this answer
         yield _finish_turn(state, began)
 
 
@@ -319,7 +325,6 @@ def vqa_answer(state: UserState | None, services: Services, question: str, setti
     if problem:
         yield "", problem
         return
-    state.vqa_cancel.clear()
     session, text, began, epoch = services.xraygpt.chat(state.image), "", time.perf_counter(), state.epoch
     try:
         for piece in session.ask_stream(question, cancel=state.vqa_cancel, **settings):
@@ -332,6 +337,7 @@ def vqa_answer(state: UserState | None, services: Services, question: str, setti
         yield "", notice(str(exc))
         return
     turn = session.turns[-1]
+    state.vqa_cancel.clear()  # this Stop was for this answer
     logger.info("vqa answer: %d tokens in %.2f s", len(turn.token_ids), time.perf_counter() - began)
     yield turn.answer, notice("Generation stopped." if turn.cancelled else "")
 
