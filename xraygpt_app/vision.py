@@ -25,13 +25,20 @@ def build_preprocess(config: VisionConfig) -> transforms.Compose:
     ])
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_preprocess(image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> transforms.Compose:
+    # Keyed by value, not by the (mutable, unhashable) config: built once per image geometry, not per upload.
+    return build_preprocess(VisionConfig(image_size=image_size, mean=mean, std=std))
+
+
 def preprocess(image: Image.Image, config: VisionConfig) -> torch.Tensor:
     """PIL image (any mode) -> ``(1, 3, S, S)`` float32 tensor, as XrayGPT's ``upload_img``.
 
     The loader's 8-bit images go straight to ``convert("RGB")`` as in the reference; other modes (a raw
     16-bit PNG from the Python API) are first scaled to 8 bits as the loader does, not clipped to white.
     """
-    return build_preprocess(config)(model_ready(image).convert("RGB")).unsqueeze(0)
+    transform = _cached_preprocess(config.image_size, tuple(config.mean), tuple(config.std))
+    return transform(model_ready(image).convert("RGB")).unsqueeze(0)
 
 
 def build_eva(config: VisionConfig) -> timm.models.eva.Eva:
