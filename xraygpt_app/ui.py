@@ -8,7 +8,8 @@ time by default and waiting users see their queue position.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gradio as gr
@@ -48,6 +49,10 @@ def _missing_box(reasons: dict[str, str], what: str) -> None:
                     "configuration*) for how to fetch the weights, then restart the app.", elem_classes=["xr-missing"])
 
 
+def _xraygpt_missing_box(services: Services) -> None:
+    _missing_box({"XrayGPT": services.xraygpt_missing} if services.xraygpt_missing else {}, "XrayGPT")
+
+
 def _zeroshot_reasons(services: Services) -> dict[str, str]:
     return {ZEROSHOT_TITLES.get(k, k): v for k, v in services.zeroshot_missing.items()}
 
@@ -82,7 +87,7 @@ def build_app(services: Services) -> gr.Blocks:
                     "draft report, ask follow-up questions and check zero-shot finding scores.")
         with gr.Row(equal_height=False):
             with gr.Column(scale=2, min_width=300):
-                image = _image_panel(services, state)
+                image = _image_panel(services)
             with gr.Column(scale=3, min_width=320), gr.Tabs():
                 with gr.Tab("Report chat", id="chat"):
                     resets = _chat_tab(services, state, image)
@@ -96,7 +101,7 @@ def build_app(services: Services) -> gr.Blocks:
     return demo
 
 
-def _image_panel(services: Services, state: gr.State) -> dict[str, Any]:
+def _image_panel(services: Services) -> dict[str, Any]:
     """Upload, examples, preview, description and the generation settings; returns the parts."""
     config = services.config
     upload = gr.File(label="Radiograph (PNG, JPEG, TIFF, BMP, WebP or DICOM)", file_types=FILE_TYPES, type="filepath",
@@ -117,9 +122,8 @@ def _image_panel(services: Services, state: gr.State) -> dict[str, Any]:
             gr.Slider(1, 10, value=gen.num_beams, step=1, label="Beams", elem_id="beams"),
             gr.Checkbox(value=gen.do_sample, label="Sample (off: greedy, reproducible)", elem_id="do-sample"),
         ]
-    parts = {"upload": upload, "notice": image_notice, "preview": preview, "description": description,
-             "sliders": sliders, "examples": example_buttons}
-    return parts
+    return {"upload": upload, "notice": image_notice, "preview": preview, "description": description,
+            "sliders": sliders, "examples": example_buttons}
 
 
 Resets = list[tuple[gr.components.Component, Any]]  # outputs about the image, with their empty value
@@ -154,7 +158,7 @@ def _wire_image(services: Services, state: gr.State, image: dict[str, Any], rese
 
 def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Resets:
     disclaimer()
-    _missing_box({"XrayGPT": services.xraygpt_missing} if services.xraygpt_missing else {}, "XrayGPT")
+    _xraygpt_missing_box(services)
     chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot", buttons=["copy"],
                          placeholder="Upload a radiograph, then press **Generate report**.")
     with gr.Row():
@@ -198,7 +202,7 @@ def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Res
 
 def _vqa_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Resets:
     disclaimer()
-    _missing_box({"XrayGPT": services.xraygpt_missing} if services.xraygpt_missing else {}, "XrayGPT")
+    _xraygpt_missing_box(services)
     gr.Markdown("One question at a time about the uploaded image; each answer starts a fresh conversation.")
     question = gr.Textbox(label="Question", placeholder="e.g. Is there evidence of pleural effusion?",
                           elem_id="vqa-question")
@@ -258,6 +262,15 @@ def _zeroshot_tab(services: Services, state: gr.State) -> Resets:
     return [(chart, None), (table, None), (zs_notice, "")]
 
 
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """An XrayGPTError (bad input) reaches the API caller as its message, with no traceback in the log."""
+    try:
+        yield
+    except XrayGPTError as exc:
+        raise gr.Error(str(exc), print_exception=False) from None
+
+
 def _api_endpoints(services: Services) -> None:
     """Stateless endpoints for gradio_client and MCP: one image in, text or scores out."""
     gen = services.config.generation
@@ -270,11 +283,9 @@ def _api_endpoints(services: Services) -> None:
 
     def answer(image: FileData, question: str, max_new_tokens: int, temperature: float, top_p: float,
                num_beams: int) -> str:
-        try:
+        with _user_errors():
             settings = h.generation_kwargs(max_new_tokens, temperature, top_p, num_beams, gen.do_sample)
             return ui_api.api_answer(services, read(image), question, settings)
-        except XrayGPTError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None  # bad input: no traceback in the log
 
     def report(image: FileData, max_new_tokens: int = gen.max_new_tokens, temperature: float = gen.temperature,
                top_p: float = gen.top_p, num_beams: int = gen.num_beams) -> str:
@@ -290,10 +301,8 @@ def _api_endpoints(services: Services) -> None:
                  preset: str = services.config.zeroshot.preset, labels: str = "") -> dict:
         """Zero-shot label scores for a chest radiograph: a preset (chexpert5, covid, rsna) or comma-separated
         labels. Research use only, not a diagnosis."""
-        try:
+        with _user_errors():
             return ui_api.api_classify(services, read(image), model, preset, labels)
-        except XrayGPTError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None  # bad input: no traceback in the log
 
     gr.api(report, api_name="report", concurrency_id=GENERATION, **limit)
     gr.api(ask, api_name="ask", concurrency_id=GENERATION, **limit)
