@@ -24,6 +24,8 @@ from transformers import AutoConfig, AutoTokenizer, BertModel, SwinModel
 
 from .checkpoints import CheckpointKeyError, load_exact
 from .errors import BadInputError, MissingWeightsError
+from .prompts import DEFAULT_TEMPLATE
+from .weights import HUB_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,6 @@ IMAGE_STD = 0.27950088968644304
 MAX_TEXT_LENGTH = 77
 LOGIT_SCALE_MAX = 4.6052  # MedCLIP clamps log(scale) to [0, 4.6052] before exp(): scale <= 100
 WEIGHTS_NAME = "pytorch_model.bin"
-HF_PREFIX = "hf-hub:"
 
 # transformers 4.24 SwinModel block names -> 5.x names (suffix after "...blocks.{i}.").
 # None drops the key on purpose: relative_position_index is a non-persistent buffer in 5.x.
@@ -204,8 +205,8 @@ def _pretrained(source: str) -> tuple[str, dict]:
 
     Like weights, tower configs are never downloaded at load time (no network retries on offline machines).
     """
-    if source.startswith(HF_PREFIX):
-        return source[len(HF_PREFIX):], {"local_files_only": True}
+    if source.startswith(HUB_PREFIX):
+        return source.removeprefix(HUB_PREFIX), {"local_files_only": True}
     return source, {}
 
 
@@ -263,7 +264,7 @@ class MedCLIPTokenizer:
 class MedCLIPEncoder:
     """Adapter with the zero-shot encoder interface: normalised image/text embeddings and a logit scale."""
 
-    default_template = "chest x-ray showing {}"
+    default_template = DEFAULT_TEMPLATE
 
     def __init__(self, model: MedCLIP, tokenizer: MedCLIPTokenizer, device: str = "cpu") -> None:
         self.model, self.tokenizer, self.device = model.to(device), tokenizer, device

@@ -209,7 +209,7 @@ def tower_config_repos(config: Config) -> dict[str, str]:
         for field_name in ("vision_config", "text_config"):
             value = getattr(model, field_name) or ""
             if value.startswith(HUB_PREFIX):
-                repos[f"zeroshot.models.{name}.{field_name}"] = value[len(HUB_PREFIX):]
+                repos[f"zeroshot.models.{name}.{field_name}"] = value.removeprefix(HUB_PREFIX)
         if model.kind == "biomedclip" and not model.text_config:
             repos.update(_biomedclip_text_repos(config, name, model))
     return repos
