@@ -134,20 +134,23 @@ def rsna_prompts(n: int | None = None, seed: int = 42) -> PromptSet:
 
 @dataclass(frozen=True)
 class Preset:
-    """A named prompt set: its labels and a builder ``(n, seed) -> PromptSet``."""
+    """A named prompt set: its display title, labels and a builder ``(n, seed) -> PromptSet``."""
 
+    title: str  # as the web app lists it
     description: str
     labels: tuple[str, ...]
     build: Callable[[int | None, int], PromptSet]
 
 
-# The one registry of presets (classifier, CLI choices); pure Python, so the CLI lists them without torch.
+# The one registry of presets (classifier, CLI choices, web app titles); pure Python, so the CLI and the
+# UI handlers list them without torch.
 PRESETS: dict[str, Preset] = {
-    "chexpert5": Preset("CheXpert competition tasks with MedCLIP's prompt generator",
+    "chexpert5": Preset("CheXpert-5", "CheXpert competition tasks with MedCLIP's prompt generator",
                         ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"),
                         chexpert_prompts),
-    "covid": Preset("Normal vs COVID (MedCLIP's COVID prompts)", ("Normal", "COVID"), covid_prompts),
-    "rsna": Preset("Normal vs pneumonia (MedCLIP's RSNA prompts)", ("Normal", "Pneumonia"), rsna_prompts),
+    "covid": Preset("COVID", "Normal vs COVID (MedCLIP's COVID prompts)", ("Normal", "COVID"), covid_prompts),
+    "rsna": Preset("RSNA pneumonia", "Normal vs pneumonia (MedCLIP's RSNA prompts)", ("Normal", "Pneumonia"),
+                   rsna_prompts),
 }
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from PIL import Image
 
 from .errors import XrayGPTError
+from .prompts import PRESETS
 from .services import ZEROSHOT_TITLES, Services
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ SUGGESTED_QUESTIONS = (
     "Are there any signs of pneumonia?",
     "Is there a pneumothorax?",
 )
-PRESET_TITLES = {"chexpert5": "CheXpert-5", "covid": "COVID", "rsna": "RSNA pneumonia"}
+PRESET_TITLES = {name: preset.title for name, preset in PRESETS.items()}
 CUSTOM = "Custom labels"
 PREVIEW_SIDE = 512  # display copy only; the model gets the loader's full image
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
