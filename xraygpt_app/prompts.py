@@ -154,9 +154,14 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def split_labels(text: str) -> list[str]:
+    """Split a comma-separated label list, dropping blanks and duplicates (order kept); may be empty."""
+    return list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+
+
 def parse_labels(text: str) -> list[str]:
-    """Split a comma-separated label list, dropping blanks and duplicates (order kept)."""
-    labels = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    """Split a comma-separated label list, dropping blanks and duplicates (order kept); BadInputError if none."""
+    labels = split_labels(text)
     if not labels:
         raise BadInputError("no labels given: pass a comma-separated list such as 'edema,cardiomegaly'")
     return labels

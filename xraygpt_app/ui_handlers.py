@@ -23,7 +23,7 @@ from typing import Any
 from PIL import Image
 
 from .errors import XrayGPTError
-from .prompts import PRESETS
+from .prompts import PRESETS, split_labels
 from .services import ZEROSHOT_TITLES, Services
 
 logger = logging.getLogger(__name__)
@@ -352,12 +352,7 @@ def model_choices(services: Services) -> list[tuple[str, str]]:
 
 def parse_labels(text: str) -> list[str]:
     """Custom labels: one per line or separated by commas; blanks and repeats dropped."""
-    labels: list[str] = []
-    for item in text.replace("\n", ",").split(","):
-        item = item.strip()
-        if item and item not in labels:
-            labels.append(item)
-    return labels
+    return split_labels(text.replace("\n", ","))
 
 
 def classify(state: UserState | None, services: Services, model: str, preset: str, labels_text: str
