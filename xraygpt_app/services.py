@@ -107,11 +107,10 @@ def _load_zeroshot(config: Config, say: Callable[[str], None], download: bool
 
 def _fetch_zeroshot_weights(config: Config, say: Callable[[str], None]) -> None:
     """Download missing zero-shot weights into the cache, where ``available_models`` then finds them."""
-    from .weights import resolve_weights
+    from .zeroshot import resolve_zeroshot_weights
 
-    for name, model in config.zeroshot.models.items():
+    for name in config.zeroshot.models:
         try:
-            resolve_weights(model.weights, f"zeroshot.models.{name}.weights", download=True,
-                            cache_dir=config.weights.cache_dir)
+            resolve_zeroshot_weights(config, name, download=True)
         except MissingWeightsError:
             say(f"Zero-shot model {name}: weights could not be downloaded.")

@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -178,10 +179,17 @@ def _model_config(config: Config, name: str) -> ZeroShotModelConfig:
     return models[name]
 
 
+def resolve_zeroshot_weights(config: Config, name: str, download: bool = False) -> Path:
+    """The local weights of ``config.zeroshot.models[name]``; MissingWeightsError if they are absent."""
+    model = config.zeroshot.models[name]
+    return resolve_weights(model.weights, f"zeroshot.models.{name}.weights", download=download,
+                           cache_dir=config.weights.cache_dir)
+
+
 def build_encoder(config: Config, name: str) -> Encoder:
     """Resolve the model's weights and load its encoder (MedCLIP or BiomedCLIP)."""
     model = _model_config(config, name)
-    path = resolve_weights(model.weights, f"zeroshot.models.{name}.weights", cache_dir=config.weights.cache_dir)
+    path = resolve_zeroshot_weights(config, name)
     start = time.perf_counter()
     if model.kind == "biomedclip":
         from .biomedclip import load_encoder as load_biomedclip
@@ -217,7 +225,7 @@ def tower_config_repos(config: Config) -> dict[str, str]:
 
 def _biomedclip_text_repos(config: Config, name: str, model: ZeroShotModelConfig) -> dict[str, str]:
     try:
-        folder = resolve_weights(model.weights, f"zeroshot.models.{name}.weights", cache_dir=config.weights.cache_dir)
+        folder = resolve_zeroshot_weights(config, name)
     except MissingWeightsError:
         return {}
     from .biomedclip import read_text_cfg
@@ -233,9 +241,9 @@ def _biomedclip_text_repos(config: Config, name: str, model: ZeroShotModelConfig
 def available_models(config: Config) -> dict[str, str | None]:
     """Model name -> None when its weights are present, else the missing-weights message."""
     status: dict[str, str | None] = {}
-    for name, model in config.zeroshot.models.items():
+    for name in config.zeroshot.models:
         try:
-            resolve_weights(model.weights, f"zeroshot.models.{name}.weights", cache_dir=config.weights.cache_dir)
+            resolve_zeroshot_weights(config, name)
             status[name] = None
         except MissingWeightsError as exc:
             status[name] = str(exc)
