@@ -106,7 +106,7 @@ def estimate(config: Config, assume_cuda: bool | None = None) -> MemoryEstimate:
     vision_params = sum(p.numel() for p in vision.parameters())
     llm_bytes = llm_weight_bytes(llm_config, placement)
     context = min(config.llm.max_length, llm_config.max_position_embeddings)
-    llm_device, vision_device = _device_name(placement.llm_device), _device_name(placement.vision_device)
+    llm_device, vision_device = str(placement.llm_device), str(placement.vision_device)  # CUDA always indexed
     breakdown: dict[str, dict[str, int]] = {}
 
     def add(device: str, part: str, size: int) -> None:
@@ -177,7 +177,7 @@ def quantized_bytes(model: nn.Module, dtype: torch.dtype, bnb_config: BitsAndByt
     """Bytes of a meta model after bitsandbytes replacement: quantised weights as stored, the rest in ``dtype``."""
     import bitsandbytes as bnb
 
-    element = torch.empty((), dtype=dtype).element_size()
+    element = dtype.itemsize
     total, quantized = 0, set()
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear8bitLt):
@@ -207,13 +207,13 @@ def kv_cache_bytes(llm_config: PretrainedConfig, tokens: int, placement: Placeme
     heads = llm_config.num_attention_heads
     kv_heads = getattr(llm_config, "num_key_value_heads", None) or heads
     head_dim = getattr(llm_config, "head_dim", None) or llm_config.hidden_size // heads
-    element = torch.empty((), dtype=placement.llm_dtype).element_size()
+    element = placement.llm_dtype.itemsize
     return 2 * llm_config.num_hidden_layers * kv_heads * head_dim * tokens * element
 
 
 def llm_activation_bytes(llm_config: PretrainedConfig, tokens: int, placement: Placement) -> int:
     """Largest transient of a prefill over ``tokens`` positions (SDPA attention; see the module docstring)."""
-    element = torch.empty((), dtype=placement.llm_dtype).element_size()
+    element = placement.llm_dtype.itemsize
     hidden, inter = llm_config.hidden_size, llm_config.intermediate_size
     logits = llm_config.vocab_size * 4  # the chat engine keeps the last position's logits only
     layer = tokens * (3 * inter + 5 * hidden) * element  # gate, up, their product; q, k, v, attention out, normed
@@ -231,12 +231,6 @@ def vision_activation_bytes(config: Config, placement: Placement) -> int:
     per_block = tokens * (4 * vision.embed_dim + 2 * mlp_hidden) * element
     scores = vision.num_heads * tokens * tokens * 4
     return per_block + scores + tokens * vision.embed_dim * 4 * 2  # plus the float32 output and ln_vision
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{device.index or 0}"
-    return str(device)
 
 
 def format_breakdown(result: MemoryEstimate) -> list[str]:
