@@ -10,6 +10,7 @@ from pathlib import Path
 from .cli import add_config_options
 from .config import Config, load_config
 from .errors import BadInputError
+from .weights import LOOPBACK_HOSTS
 
 AUTH_ENV = "XRAYGPT_AUTH"
 CONFIG_ENV = "XRAYGPT_CONFIG"
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         _check_mcp()
     if config.app.share and not auth:
         print(SHARE_WARNING, file=sys.stderr, flush=True)
-    if config.app.host not in ("127.0.0.1", "localhost", "::1") and not auth:
+    if config.app.host not in LOOPBACK_HOSTS and not auth:
         print(f"Note: binding {config.app.host} without --auth: anyone on this network can use the app.",
               file=sys.stderr, flush=True)
 
