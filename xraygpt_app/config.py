@@ -317,10 +317,12 @@ def _absolute(source: str, base: Path) -> str:
     return str((base / source).resolve())
 
 
+XRAYGPT_WEIGHTS = ("ckpt", "llama_model", "eva_vit_g", "blip2_qformer")  # the WeightSpec fields of WeightsConfig
+
+
 def iter_weight_specs(config: Config) -> dict[str, WeightSpec]:
     """Every weights entry of a config by a readable name (for fetch/check)."""
-    specs = {f"weights.{name}": getattr(config.weights, name)
-             for name in ("ckpt", "llama_model", "eva_vit_g", "blip2_qformer")}
+    specs = {f"weights.{name}": getattr(config.weights, name) for name in XRAYGPT_WEIGHTS}
     for name, model in config.zeroshot.models.items():
         specs[f"zeroshot.models.{name}.weights"] = model.weights
     return specs

@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from .checkpoints import CheckpointKeyError, load_exact, read_state_dict, remap_blip2, remap_eva_vit, remap_xraygpt
-from .config import Config
+from .config import XRAYGPT_WEIGHTS, Config
 from .llm import check_llm_config, load_llm, load_tokenizer, make_decoder
 from .placement import Placement, plan_placement
 from .qformer import VisionLanguageBridge, cast_bridge
@@ -47,9 +47,9 @@ class WeightPaths:
 def resolve_model_weights(config: Config, download: bool = False) -> WeightPaths:
     """Find every file the model needs, or raise one MissingWeightsError per file."""
     w = config.weights
-    return WeightPaths(*(resolve_weights(getattr(w, name), f"weights.{name}", download=download,
-                                         cache_dir=w.cache_dir)
-                         for name in ("ckpt", "llama_model", "eva_vit_g", "blip2_qformer")))
+    return WeightPaths(**{name: resolve_weights(getattr(w, name), f"weights.{name}", download=download,
+                                                cache_dir=w.cache_dir)
+                          for name in XRAYGPT_WEIGHTS})
 
 
 def build_parts(config: Config) -> tuple[VisionTower, VisionLanguageBridge]:
