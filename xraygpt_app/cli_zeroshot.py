@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .cli import add_config_options
-from .config import Config, load_config
+from .config import ENSEMBLES, Config, load_config
 from .errors import BadInputError, ImageLoadError
 from .image_io import load_radiograph
 from .prompts import PRESETS, PromptSet, load_prompt_file, parse_labels
@@ -35,7 +35,7 @@ def _add_label_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", action="append", default=[], metavar="TEXT",
                         help="prompt template for --labels with one {} (repeatable; default: the model's,"
                              " e.g. 'chest x-ray showing {}')")
-    parser.add_argument("--ensemble", choices=("mean", "max"), default=None,
+    parser.add_argument("--ensemble", choices=ENSEMBLES, default=None,
                         help="how prompt logits combine per label (default from config: mean, as MedCLIP)")
 
 

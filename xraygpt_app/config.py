@@ -144,6 +144,7 @@ class ZeroShotModelConfig:
 
 
 ZEROSHOT_KINDS = ("medclip-vit", "medclip-resnet", "biomedclip")
+ENSEMBLES = ("mean", "max")  # how a label's prompt logits combine
 
 
 @dataclass
@@ -355,7 +356,7 @@ def _validate(config: Config, source: str) -> None:
 
 
 def _validate_zeroshot(zs: ZeroShotConfig, source: str) -> None:
-    if zs.ensemble not in ("mean", "max"):
+    if zs.ensemble not in ENSEMBLES:
         raise ConfigError(f"{source}: zeroshot.ensemble must be mean or max, got {zs.ensemble!r}")
     if zs.batch_size < 1 or (zs.prompts_per_class is not None and zs.prompts_per_class < 1):
         raise ConfigError(f"{source}: zeroshot.batch_size and zeroshot.prompts_per_class must be at least 1")

@@ -20,7 +20,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from .config import Config, ZeroShotModelConfig
+from .config import ENSEMBLES, Config, ZeroShotModelConfig
 from .errors import BadInputError, ConfigError, MissingWeightsError
 from .image_io import model_ready
 from .prompts import PRESETS, PromptSet, template_prompts
@@ -81,7 +81,7 @@ class ZeroShotClassifier:
     def __init__(self, encoder: Encoder, name: str, *, ensemble: str = "mean", prompts_per_class: int | None = None,
                  seed: int = 42, batch_size: int = 16, preset: str = "chexpert5", templates: Sequence[str] = (),
                  cache_size: int = 32) -> None:
-        if ensemble not in ("mean", "max"):
+        if ensemble not in ENSEMBLES:
             raise BadInputError(f"ensemble must be mean or max, got {ensemble!r}")
         self.encoder, self.name, self.ensemble = encoder, name, ensemble
         self.prompts_per_class, self.seed, self.batch_size = prompts_per_class, seed, batch_size
