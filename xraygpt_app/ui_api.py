@@ -12,9 +12,10 @@ from typing import Any
 
 from PIL import Image
 
+from .conversation import DEFAULT_REPORT_QUESTION
 from .errors import XrayGPTError
 from .services import Services
-from .ui_handlers import parse_labels, report_question
+from .ui_handlers import parse_labels
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def api_answer(services: Services, data: bytes, question: str, settings: dict[st
     if services.xraygpt is None:
         raise XrayGPTError(services.xraygpt_missing or "XrayGPT is not loaded.")
     began = time.perf_counter()
-    turn = services.xraygpt.chat(_api_image(data, services)).ask(question or report_question(), **settings)
+    turn = services.xraygpt.chat(_api_image(data, services)).ask(question or DEFAULT_REPORT_QUESTION, **settings)
     logger.info("api answer: %d bytes in, %d tokens in %.2f s", len(data), len(turn.token_ids),
                 time.perf_counter() - began)
     return turn.answer

@@ -22,6 +22,7 @@ from typing import Any
 
 from PIL import Image
 
+from .conversation import DEFAULT_REPORT_QUESTION  # pure Python: no torch
 from .errors import XrayGPTError
 from .prompts import PRESETS, split_labels
 from .services import ZEROSHOT_TITLES, Services
@@ -185,13 +186,6 @@ def _md_text(value: Any) -> str:
 
 # ---- report chat --------------------------------------------------------------------------
 
-def report_question() -> str:
-    """The core's default report question (imported lazily: the core loads torch)."""
-    from .api import DEFAULT_REPORT_QUESTION
-
-    return DEFAULT_REPORT_QUESTION
-
-
 ChatOutput = tuple[list[dict[str, str]], UserState, str, str]  # messages, state, notice, download
 
 
@@ -261,7 +255,7 @@ def ask(state: UserState | None, services: Services, question: str, settings: di
 
 def generate_report(state: UserState | None, services: Services, settings: dict[str, Any]) -> Iterator[ChatOutput]:
     """Ask the report question in the conversation (a new one if there is none)."""
-    yield from ask(state, services, report_question(), settings)
+    yield from ask(state, services, DEFAULT_REPORT_QUESTION, settings)
 
 
 def regenerate(state: UserState | None, services: Services, settings: dict[str, Any]) -> Iterator[ChatOutput]:
