@@ -254,9 +254,10 @@ def report_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict
     overall = {f"bleu{n}": _bleu(n, False).corpus_score(list(hypotheses), [list(references)]).score / 100
                for n in range(1, 5)}
     overall["rougeL"] = float(np.mean(rouge))
+    sentence_bleu = {n: _bleu(n, True) for n in range(1, 5)}  # built once, not per report
     per_item = []
     for hyp, ref, rouge_l in zip(hypotheses, references, rouge, strict=True):
-        item = {f"bleu{n}": _bleu(n, True).sentence_score(hyp, [ref]).score / 100 for n in range(1, 5)}
+        item = {f"bleu{n}": bleu.sentence_score(hyp, [ref]).score / 100 for n, bleu in sentence_bleu.items()}
         item["rougeL"] = rouge_l
         per_item.append(item)
     return {"overall": overall, "per_item": per_item,
