@@ -239,11 +239,8 @@ def build_medclip(weights_path: str | Path, text_config: str, vision_config: str
             raise BadInputError("medclip-vit needs vision_config (the Swin config folder or hf-hub id)")
         swin_config = _tower_config(vision_config, "swin", "vision_config")
     model = MedCLIP(found, bert_config, projection_dim, swin_config)
-    try:
-        load_exact(model, state_dict, f"MedCLIP-{found} checkpoint")  # strict: any missing/unexpected key raises
-    except RuntimeError as exc:  # shape mismatch: the Swin/BERT config does not match the weights
-        raise CheckpointKeyError(f"MedCLIP-{found} checkpoint does not fit the configured towers: "
-                                 f"{str(exc).splitlines()[-1].strip()}") from None
+    # Strict: a missing/unexpected key or a shape mismatch (towers vs weights) raises CheckpointKeyError.
+    load_exact(model, state_dict, f"MedCLIP-{found} checkpoint")
     log.info("MedCLIP-%s loaded: %d tensors, projection %d", found, len(state_dict), projection_dim)
     return model.eval()
 
