@@ -141,6 +141,11 @@ def _resolve(csv_path: Path, image: str) -> Path:
     return path if path.is_absolute() else csv_path.parent / path
 
 
+def _load_csv_images(csv_path: Path, images: list[str], config: Config) -> list:
+    """The CSV's images, relative paths taken from the CSV's folder."""
+    return _load_images([str(_resolve(csv_path, p)) for p in images], config)
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     """Dispatch to the zero-shot or report evaluation; both write metrics.json into --out."""
     if args.bootstrap < 1:
@@ -187,7 +192,7 @@ def evaluate_zeroshot(config: Config, args: argparse.Namespace, out: Path) -> st
 
     csv_path = Path(args.data)
     table = read_label_table(csv_path)
-    images = _load_images([str(_resolve(csv_path, p)) for p in table.images], config)
+    images = _load_csv_images(csv_path, table.images, config)
     classifier = _classifier(config, args)
     prompt_set = _prompt_set_for(classifier, table, args)
     logits = classifier.logits(images, prompt_set).numpy().astype(np.float64)
@@ -210,7 +215,7 @@ def evaluate_reports(config: Config, csv_path: Path, out: Path) -> str:
     from .evaluation import read_report_table, report_metrics
 
     paths, references = read_report_table(csv_path)
-    images = _load_images([str(_resolve(csv_path, p)) for p in paths], config)
+    images = _load_csv_images(csv_path, paths, config)
     model = XrayGPT.from_config(config)
     start = time.perf_counter()
     hypotheses = [model.report(image).answer for image in images]
