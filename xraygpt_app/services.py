@@ -13,12 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import Config
+from .config import ZEROSHOT_KINDS, Config
 from .errors import MissingWeightsError, XrayGPTError
 
 logger = logging.getLogger(__name__)
 
-ZEROSHOT_MODEL_NAMES = ("medclip-vit", "medclip-resnet", "biomedclip")
 ZEROSHOT_TITLES = {"medclip-vit": "MedCLIP ViT", "medclip-resnet": "MedCLIP ResNet", "biomedclip": "BiomedCLIP"}
 
 
@@ -83,7 +82,7 @@ def _load_zeroshot(config: Config, say: Callable[[str], None], download: bool
     except ImportError as exc:
         reason = f"Zero-shot models could not be imported on this install: {exc}"
         say(reason)
-        return {}, dict.fromkeys(ZEROSHOT_MODEL_NAMES, reason)
+        return {}, dict.fromkeys(ZEROSHOT_KINDS, reason)
     if download:
         _fetch_zeroshot_weights(config, say)
     loaded: dict[str, Any] = {}
