@@ -39,6 +39,7 @@ SUGGESTED_QUESTIONS = (
 )
 PRESET_TITLES = {name: preset.title for name, preset in PRESETS.items()}
 CUSTOM = "Custom labels"
+NO_IMAGE = "Upload a radiograph first (or pick an example)."
 PREVIEW_SIDE = 512  # display copy only; the model gets the loader's full image
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLES = {
@@ -193,7 +194,7 @@ def _chat_ready(state: UserState | None, services: Services) -> str:
     if services.xraygpt is None:
         return notice(services.xraygpt_missing or "XrayGPT is not loaded.")
     if state is None or state.image is None:
-        return notice("Upload a radiograph first (or pick an example).")
+        return notice(NO_IMAGE)
     return ""
 
 
@@ -239,12 +240,17 @@ def _finish_turn(state: UserState, began: float) -> ChatOutput:
     return list(state.messages), state, notice(" ".join(notes)), download_link_html(state)
 
 
+def _refused(state: UserState | None, problem: str) -> ChatOutput:
+    """The conversation unchanged, with the notice saying why nothing was asked."""
+    return (list(state.messages) if state else []), state or UserState(), problem, ""
+
+
 def ask(state: UserState | None, services: Services, question: str, settings: dict[str, Any]
         ) -> Iterator[ChatOutput]:
     """Ask ``question`` in the session's conversation and stream the answer into the chat."""
     problem = _chat_ready(state, services)
     if problem:
-        yield (list(state.messages) if state else []), state or UserState(), problem, ""
+        yield _refused(state, problem)
         return
     if state.session is None:  # encodes the image once per conversation
         state.session = services.xraygpt.chat(state.image)
@@ -264,7 +270,7 @@ def regenerate(state: UserState | None, services: Services, settings: dict[str, 
     if not problem and (state.session is None or not state.session.turns):
         problem = notice("There is no answer to regenerate yet.")
     if problem:
-        yield (list(state.messages) if state else []), state or UserState(), problem, ""
+        yield _refused(state, problem)
         return
     session = state.session
     yield from _stream(state, lambda: session.regenerate(cancel=state.cancel, **settings),
@@ -356,7 +362,7 @@ def classify(state: UserState | None, services: Services, model: str, preset: st
 
     empty = pd.DataFrame({"label": [], "probability": []})
     if state is None or state.image is None:
-        return empty, [], notice("Upload a radiograph first (or pick an example).")
+        return empty, [], notice(NO_IMAGE)
     try:
         classifier = services.classifier(model)
     except KeyError as exc:
