@@ -67,6 +67,12 @@ def _armed(trigger: Callable, state: gr.State) -> Any:
     return trigger(_arm, [state], None, queue=False, api_visibility="private")
 
 
+def _queued(services: Services, group: str) -> dict[str, Any]:
+    """Options of a UI event that runs a model: its queue group and limit, and no public API."""
+    return {"concurrency_id": group, "concurrency_limit": services.config.app.generation_concurrency,
+            "api_visibility": "private"}
+
+
 def _forget_session(state: h.UserState | None) -> None:
     """Gradio deleted this session's state: stop its answers and let go of its image and cache."""
     if isinstance(state, h.UserState):
@@ -173,8 +179,7 @@ def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Res
     download = gr.HTML(elem_id="download")
     outputs = [chatbot, state, chat_notice, download]
     sliders = image["sliders"]
-    group = {"concurrency_id": GENERATION, "concurrency_limit": services.config.app.generation_concurrency,
-             "api_visibility": "private"}
+    group = _queued(services, GENERATION)
 
     def on_report(st: h.UserState | None, *values: Any):
         yield from h.generate_report(st, services, h.generation_kwargs(*values))
@@ -221,8 +226,7 @@ def _vqa_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Rese
 
     for trigger in (ask_button.click, question.submit):
         _armed(trigger, state).then(on_answer, [state, question, *image["sliders"]], [answer, vqa_notice],
-                                    concurrency_id=GENERATION, api_visibility="private",
-                                    concurrency_limit=services.config.app.generation_concurrency)
+                                    **_queued(services, GENERATION))
     stop_button.click(h.stop, [state], None, queue=False, api_visibility="private")
     return [(answer, ""), (vqa_notice, "")]
 
@@ -257,8 +261,7 @@ def _zeroshot_tab(services: Services, state: gr.State) -> Resets:
     def on_classify(st: h.UserState | None, name: str, chosen: str, text: str):
         return h.classify(st, services, name, chosen, text)
 
-    run.click(on_classify, [state, model, preset, labels], [chart, table, zs_notice], concurrency_id=ZEROSHOT,
-              concurrency_limit=services.config.app.generation_concurrency, api_visibility="private")
+    run.click(on_classify, [state, model, preset, labels], [chart, table, zs_notice], **_queued(services, ZEROSHOT))
     return [(chart, None), (table, None), (zs_notice, "")]
 
 
