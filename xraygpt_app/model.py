@@ -139,10 +139,8 @@ class XrayGPTModel:
         return ImageEncoding(projected.to(self.placement.llm_dtype), pixel_values, vit, hidden, projected, timings)
 
     def _bridge_autocast(self) -> contextlib.AbstractContextManager:
-        # XrayGPT runs the Q-Former and projection under fp16 autocast whenever it is on a GPU.
-        if self.placement.llm_device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
+        dtype = self.placement.bridge_autocast_dtype
+        return contextlib.nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
 
     @torch.inference_mode()
     def embed_ids(self, ids: list[int]) -> torch.Tensor:

@@ -33,6 +33,18 @@ class Placement:
         """``device_map`` for ``from_pretrained``: the whole LLM on one device."""
         return {"": str(self.llm_device)}
 
+    @property
+    def vision_autocast_dtype(self) -> torch.dtype | None:
+        """The ViT runs under autocast on CUDA when it is not float32 (the reference's fp16 ViT only does)."""
+        if self.vision_device.type != "cuda" or self.vision_dtype == torch.float32:
+            return None
+        return self.vision_dtype
+
+    @property
+    def bridge_autocast_dtype(self) -> torch.dtype | None:
+        """XrayGPT runs the Q-Former and projection under fp16 autocast whenever they are on a GPU."""
+        return torch.float16 if self.llm_device.type == "cuda" else None
+
 
 def plan_placement(runtime: RuntimeConfig, vision: VisionConfig, cuda_available: bool | None = None) -> Placement:
     """Turn ``runtime.mode``/``runtime.device`` into a :class:`Placement`.

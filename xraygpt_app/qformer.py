@@ -47,7 +47,7 @@ def cast_bridge(bridge: VisionLanguageBridge, placement: Placement) -> VisionLan
     memory. LayerNorms and the query tokens stay float32.
     """
     bridge.float()
-    if placement.llm_device.type == "cuda":
+    if placement.bridge_autocast_dtype is not None:
         for module in bridge.modules():
             if isinstance(module, nn.Linear):
                 module.half()

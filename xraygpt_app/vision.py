@@ -83,15 +83,13 @@ def place_vision(tower: VisionTower, placement: Placement) -> VisionTower:
 def cast_vision(tower: VisionTower, placement: Placement) -> VisionTower:
     """Apply XrayGPT's ViT precision (dtypes only): Conv/Linear weights rounded to float16, the rest float32."""
     tower.float()
+    tower.autocast_dtype = placement.vision_autocast_dtype
     if placement.vision_half_weights:
         for module in tower.eva.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 module.half()
-        if placement.vision_device.type == "cuda":
-            tower.autocast_dtype = torch.float16  # the reference ViT only runs under autocast
-        else:
-            tower.eva.float()  # low-resource path: fp16-rounded weights computed in float32
+        if tower.autocast_dtype is None:
+            tower.eva.float()  # low-resource path (CPU): fp16-rounded weights computed in float32
     elif placement.vision_dtype != torch.float32:
         tower.eva.to(placement.vision_dtype)
-        tower.autocast_dtype = placement.vision_dtype if placement.vision_device.type == "cuda" else None
     return tower
