@@ -167,6 +167,11 @@ def _edited(path: Path, target: Path, container: bool, add: dict | None = None, 
     return target
 
 
+def _native_file(tiny: tm.TinyModels, which: str) -> Path:
+    """The tiny model's file for a weights entry, in its native format."""
+    return {"eva_vit_g": tiny.eva, "blip2_qformer": tiny.blip2, "ckpt": tiny.ckpt}[which]
+
+
 @pytest.mark.parametrize("which, container, key", [
     ("eva_vit_g", False, "blocks.0.attn.relative_position_bias_table"),
     ("eva_vit_g", False, "norm.weight"),
@@ -177,7 +182,7 @@ def _edited(path: Path, target: Path, container: bool, add: dict | None = None, 
 ])
 def test_unknown_key_is_named(tiny_xraygpt: tm.TinyModels, tmp_path: Path, which: str, container: bool,
                               key: str) -> None:
-    source = {"eva_vit_g": tiny_xraygpt.eva, "blip2_qformer": tiny_xraygpt.blip2, "ckpt": tiny_xraygpt.ckpt}[which]
+    source = _native_file(tiny_xraygpt, which)
     edited = _edited(source, tmp_path / source.name, container, add={key: torch.zeros(4)})
     with pytest.raises(CheckpointKeyError, match=re.escape(key)):
         _load(tiny_xraygpt, f"weights.{which}={edited}")
@@ -192,7 +197,7 @@ def test_unknown_key_is_named(tiny_xraygpt: tm.TinyModels, tmp_path: Path, which
 ])
 def test_missing_key_raises(tiny_xraygpt: tm.TinyModels, tmp_path: Path, which: str, container: bool,
                             key: str) -> None:
-    source = {"eva_vit_g": tiny_xraygpt.eva, "blip2_qformer": tiny_xraygpt.blip2, "ckpt": tiny_xraygpt.ckpt}[which]
+    source = _native_file(tiny_xraygpt, which)
     edited = _edited(source, tmp_path / source.name, container, drop=(key,))
     with pytest.raises(CheckpointKeyError, match="missing"):
         _load(tiny_xraygpt, f"weights.{which}={edited}")

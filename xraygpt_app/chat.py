@@ -86,7 +86,7 @@ class ChatSession:
                 yield from self._decode(question, prompt, settings, cancel)
         except torch.OutOfMemoryError:
             self._cache, self._cached_ids = None, []  # a forward may have stopped half-way through the cache
-            if torch.cuda.is_available():
+            if self.model.placement.llm_device.type == "cuda":
                 torch.cuda.empty_cache()
             raise ModelMemoryError("The model ran out of memory on this answer. Try fewer new tokens or beams, or"
                                    " Clear to start a shorter conversation.") from None
