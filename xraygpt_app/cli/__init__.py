@@ -10,24 +10,16 @@ import importlib
 import logging
 import sys
 
-from .errors import XrayGPTError
+from ..errors import XrayGPTError
 
 # Each module defines register(subparsers), adding its commands with set_defaults(func=...).
 COMMAND_MODULES = (
-    "xraygpt_app.cli_core",
-    "xraygpt_app.cli_serve",
-    "xraygpt_app.cli_weights",
-    "xraygpt_app.cli_inspect",
-    "xraygpt_app.cli_zeroshot",
+    "xraygpt_app.cli.core",
+    "xraygpt_app.cli.serve",
+    "xraygpt_app.cli.weights",
+    "xraygpt_app.cli.inspect",
+    "xraygpt_app.cli.zeroshot",
 )
-
-
-def add_config_options(parser: argparse.ArgumentParser) -> None:
-    """--config and --set, shared by every command that builds models."""
-    parser.add_argument("--config", "-c", default=None,
-                        help="YAML config (default: eval_configs/xraygpt_eval.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set generation.max_new_tokens=50 (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +46,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("xraygpt: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,10 +11,10 @@ import sys
 import textwrap
 from typing import Any
 
-from .cli import add_config_options
-from .config import Config, iter_weight_specs, load_config
-from .errors import MissingWeightsError, XrayGPTError
-from .weights import WeightStatus, download_hub_configs, is_remote, resolve_weights, weights_status
+from .options import add_config_options
+from ..config import Config, iter_weight_specs, load_config
+from ..errors import MissingWeightsError, XrayGPTError
+from ..weights import WeightStatus, download_hub_configs, is_remote, resolve_weights, weights_status
 
 EXIT_MISSING = MissingWeightsError.exit_code
 
@@ -63,7 +63,7 @@ def run_fetch(args: argparse.Namespace) -> int:
 
 def _fetch_tower_configs(config: Config) -> int:
     """Config/tokenizer files of the zero-shot towers (after their weights); returns the failures."""
-    from .zeroshot import tower_config_repos
+    from ..zeroshot import tower_config_repos
 
     failed, fetched = 0, set()
     for name, repo in tower_config_repos(config).items():
@@ -92,7 +92,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 def memory_estimate(config: Config) -> tuple[dict[str, int] | None, str]:
     """Peak bytes per device on this machine, or (None, why not)."""
-    from .memory import estimate_peak_memory  # imports torch: only when check runs
+    from ..memory import estimate_peak_memory  # imports torch: only when check runs
 
     try:
         return dict(estimate_peak_memory(config)), ""
@@ -102,7 +102,7 @@ def memory_estimate(config: Config) -> tuple[dict[str, int] | None, str]:
 
 def gpu_memory_estimate(config: Config) -> Any:
     """The estimate for a CUDA GPU, even on a CPU-only machine; None if the config keeps everything on the CPU."""
-    from .memory import estimate
+    from ..memory import estimate
 
     try:
         result = estimate(config, assume_cuda=True)
@@ -115,7 +115,7 @@ def _print_gpu_estimate(config: Config) -> None:
     result = gpu_memory_estimate(config)
     if result is None:
         return
-    from .memory import format_breakdown
+    from ..memory import format_breakdown
 
     print(f"memory estimate on a CUDA GPU (mode {result.mode}; an estimate, not a measurement), peak per device:")
     for line in format_breakdown(result):

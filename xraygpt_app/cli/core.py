@@ -12,14 +12,14 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from .cli import add_config_options
-from .config import load_config
-from .conversation import DEFAULT_REPORT_QUESTION
-from .errors import ImageLoadError
-from .image_io import load_radiograph
+from .options import add_config_options
+from ..config import load_config
+from ..conversation import DEFAULT_REPORT_QUESTION
+from ..errors import ImageLoadError
+from ..image_io import load_radiograph
 
 if TYPE_CHECKING:
-    from .chat import ChatSession
+    from ..chat import ChatSession
 
 DISCLAIMER = "Research and education only: machine-generated text, may be wrong, not a diagnosis."
 
@@ -58,9 +58,9 @@ def run_ask(args: argparse.Namespace) -> int:
 
 def _converse(args: argparse.Namespace, questions: list[str]) -> int:
     # torch and transformers load only for the commands that need them
-    from .api import XrayGPT
-    from .chat import check_question
-    from .generation import settings_with
+    from ..api import XrayGPT
+    from ..chat import check_question
+    from ..generation import settings_with
 
     config = load_config(args.config, args.overrides)
     generation = {"max_new_tokens": args.max_new_tokens, "seed": args.seed}

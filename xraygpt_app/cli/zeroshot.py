@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import add_config_options
-from .config import ENSEMBLES, Config, load_config
-from .errors import BadInputError, ImageLoadError
-from .image_io import load_radiograph
-from .prompts import PRESETS, PromptSet, load_prompt_file, parse_labels
+from .options import add_config_options
+from ..config import ENSEMBLES, Config, load_config
+from ..errors import BadInputError, ImageLoadError
+from ..image_io import load_radiograph
+from ..prompts import PRESETS, PromptSet, load_prompt_file, parse_labels
 
 log = logging.getLogger(__name__)
 NOTICE = "Research and education only: these scores are not a diagnosis."
@@ -64,7 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _classifier(config: Config, args: argparse.Namespace):
-    from .zeroshot import ZeroShotClassifier  # deferred: torch import only for commands that need it
+    from ..zeroshot import ZeroShotClassifier  # deferred: torch import only for commands that need it
 
     classifier = ZeroShotClassifier.from_config(config, args.model)
     if args.ensemble:
@@ -102,7 +102,7 @@ def run_classify(args: argparse.Namespace) -> int:
     results = classifier.classify(images, **_request(args))
     log.info("classified %d images in %.2f s", len(images), time.perf_counter() - start)
     if args.chart:
-        from .charts import score_chart
+        from ..charts import score_chart
 
         try:
             score_chart(results, [Path(p).name for p in args.images], path=args.chart)
@@ -117,7 +117,7 @@ def run_classify(args: argparse.Namespace) -> int:
     for path, result in zip(args.images, results, strict=True):
         print(_table(path, result))
     if args.chart:
-        from .charts import MAX_PANELS
+        from ..charts import MAX_PANELS
 
         shown = f" (the first {MAX_PANELS} of {len(results)} images)" if len(results) > MAX_PANELS else ""
         print(f"chart written to {args.chart}{shown}")
@@ -187,8 +187,8 @@ def _prompt_set_for(classifier, table, args: argparse.Namespace) -> PromptSet:
 
 def evaluate_zeroshot(config: Config, args: argparse.Namespace, out: Path) -> str:
     """Score every labelled image, write metrics.json, roc.png and auc_per_class.png; return a summary line."""
-    from .charts import auc_chart, roc_chart
-    from .evaluation import read_label_table, roc_curves, zeroshot_metrics
+    from ..charts import auc_chart, roc_chart
+    from ..evaluation import read_label_table, roc_curves, zeroshot_metrics
 
     csv_path = Path(args.data)
     table = read_label_table(csv_path)
@@ -211,8 +211,8 @@ def evaluate_zeroshot(config: Config, args: argparse.Namespace, out: Path) -> st
 
 def evaluate_reports(config: Config, csv_path: Path, out: Path) -> str:
     """Generate a report per image with XrayGPT, score BLEU-1..4 and ROUGE-L, write metrics.json."""
-    from .api import XrayGPT
-    from .evaluation import read_report_table, report_metrics
+    from ..api import XrayGPT
+    from ..evaluation import read_report_table, report_metrics
 
     paths, references = read_report_table(csv_path)
     images = _load_csv_images(csv_path, paths, config)

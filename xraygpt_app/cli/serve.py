@@ -7,10 +7,10 @@ import os
 import sys
 from pathlib import Path
 
-from .cli import add_config_options
-from .config import Config, load_config
-from .errors import BadInputError
-from .weights import LOOPBACK_HOSTS
+from .options import add_config_options
+from ..config import Config, load_config
+from ..errors import BadInputError
+from ..weights import LOOPBACK_HOSTS
 
 AUTH_ENV = "XRAYGPT_AUTH"
 CONFIG_ENV = "XRAYGPT_CONFIG"
@@ -93,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"Note: binding {config.app.host} without --auth: anyone on this network can use the app.",
               file=sys.stderr, flush=True)
 
-    from .services import build_services
-    from .ui import CSS, build_app
+    from ..services import build_services
+    from ..ui import CSS, build_app
 
     download = args.download or os.environ.get(DOWNLOAD_ENV, "").lower() in ("1", "true", "yes")
     services = build_services(config, progress=lambda message: print(message, flush=True), download=download)
