@@ -42,7 +42,7 @@ def test_share_without_auth_warns_before_loading(monkeypatch, capsys):
     def stop(*_args, **_kwargs):
         raise RuntimeError("stop before loading models")
 
-    monkeypatch.setattr("xraygpt_app.services.build_services", stop)
+    monkeypatch.setattr("xraygpt_app.web.services.build_services", stop)
     monkeypatch.delenv("XRAYGPT_AUTH", raising=False)
     with pytest.raises(RuntimeError, match="stop before"):
         cli_serve.run(_args("--config", str(TINY), "--share"))

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from xraygpt_app import ui_api
-from xraygpt_app import ui_handlers as h
+from xraygpt_app.web import api as ui_api
+from xraygpt_app.web import handlers as h
 from xraygpt_app.config import load_config
-from xraygpt_app.services import build_services
+from xraygpt_app.web.services import build_services
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "eval_configs" / "tiny_fixture.yaml"
@@ -222,7 +222,7 @@ def test_missing_weights_do_not_stop_the_app(shared_dir, tmp_path):
     note = _run(h.generate_report(h.UserState(), services, GREEDY))[-1][2]
     assert "absent.pth" in note
 
-    from xraygpt_app.ui import build_app
+    from xraygpt_app.web.ui import build_app
 
     demo = build_app(services)  # builds, with the reasons shown in place of the controls
     page_text = str(demo.config)
@@ -230,7 +230,7 @@ def test_missing_weights_do_not_stop_the_app(shared_dir, tmp_path):
 
 
 def test_app_exposes_the_api_names(services):
-    from xraygpt_app.ui import build_app
+    from xraygpt_app.web.ui import build_app
 
     demo = build_app(services)
     names = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
@@ -238,7 +238,7 @@ def test_app_exposes_the_api_names(services):
 
 
 def test_forgotten_session_lets_go_of_image_and_conversation(services, loaded):
-    from xraygpt_app.ui import _forget_session
+    from xraygpt_app.web.ui import _forget_session
 
     _run(h.generate_report(loaded, services, GREEDY))
     assert loaded.session is not None and loaded.image is not None

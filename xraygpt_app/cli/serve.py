@@ -93,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"Note: binding {config.app.host} without --auth: anyone on this network can use the app.",
               file=sys.stderr, flush=True)
 
-    from ..services import build_services
-    from ..ui import CSS, build_app
+    from ..web.services import build_services
+    from ..web.ui import CSS, build_app
 
     download = args.download or os.environ.get(DOWNLOAD_ENV, "").lower() in ("1", "true", "yes")
     services = build_services(config, progress=lambda message: print(message, flush=True), download=download)

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ZEROSHOT_KINDS, Config
-from .errors import MissingWeightsError, XrayGPTError
+from ..config import ZEROSHOT_KINDS, Config
+from ..errors import MissingWeightsError, XrayGPTError
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def _load_xraygpt(config: Config, say: Callable[[str], None], download: bool) ->
     say("Loading XrayGPT (vision encoder, Q-Former, language model)...")
     start = time.perf_counter()
     try:
-        from .api import XrayGPT
+        from ..api import XrayGPT
 
         model = XrayGPT.from_config(config, download=download)
     except MissingWeightsError as exc:
@@ -78,7 +78,7 @@ def _load_xraygpt(config: Config, say: Callable[[str], None], download: bool) ->
 def _load_zeroshot(config: Config, say: Callable[[str], None], download: bool
                    ) -> tuple[dict[str, Any], dict[str, str]]:
     try:
-        from . import zeroshot
+        from .. import zeroshot
     except ImportError as exc:
         reason = f"Zero-shot models could not be imported on this install: {exc}"
         say(reason)
@@ -106,7 +106,7 @@ def _load_zeroshot(config: Config, say: Callable[[str], None], download: bool
 
 def _fetch_zeroshot_weights(config: Config, say: Callable[[str], None]) -> None:
     """Download missing zero-shot weights into the cache, where ``available_models`` then finds them."""
-    from .zeroshot import resolve_zeroshot_weights
+    from ..zeroshot import resolve_zeroshot_weights
 
     for name in config.zeroshot.models:
         try:

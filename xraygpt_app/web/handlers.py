@@ -22,9 +22,9 @@ from typing import Any
 
 from PIL import Image
 
-from .conversation import DEFAULT_REPORT_QUESTION  # pure Python: no torch
-from .errors import XrayGPTError
-from .prompts import PRESETS, split_labels
+from ..conversation import DEFAULT_REPORT_QUESTION  # pure Python: no torch
+from ..errors import XrayGPTError
+from ..prompts import PRESETS, split_labels
 from .services import ZEROSHOT_TITLES, Services
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def load_image(state: UserState | None, data: bytes, limits: Any = None,
     A new image starts a new conversation. A file that cannot be used leaves the previous
     image in place and returns a plain-language notice.
     """
-    from .image_io import load_radiograph
+    from ..image_io import load_radiograph
 
     state = state or UserState()
     start = time.perf_counter()

@@ -12,15 +12,15 @@ from typing import Any
 
 from PIL import Image
 
-from .conversation import DEFAULT_REPORT_QUESTION
-from .errors import XrayGPTError
+from ..conversation import DEFAULT_REPORT_QUESTION
+from ..errors import XrayGPTError
 from .services import Services
-from .ui_handlers import parse_labels
+from .handlers import parse_labels
 
 logger = logging.getLogger(__name__)
 
 def _api_image(data: bytes, services: Services) -> Image.Image:
-    from .image_io import load_radiograph
+    from ..image_io import load_radiograph
 
     return load_radiograph(data, services.config.image).image
 
