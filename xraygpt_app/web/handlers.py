@@ -41,7 +41,7 @@ PRESET_TITLES = {name: preset.title for name, preset in PRESETS.items()}
 CUSTOM = "Custom labels"
 NO_IMAGE = "Upload a radiograph first (or pick an example)."
 PREVIEW_SIDE = 512  # display copy only; the model gets the loader's full image
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 EXAMPLES = {
     "NIH PA (512 px)": "nih_cxr14_00000001_000_pa_512.png",
     "Hannover PA": "hannover_1479fa94_pa_640x755.png",
