@@ -34,7 +34,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from .config import ImageConfig
 from .errors import ImageLoadError
-from .image_io import ImageInfo, Radiograph, check_dimensions, scale_to_uint8, to_display_mode
+from .radiograph import ImageInfo, Radiograph, check_dimensions, scale_to_uint8, to_display_mode
 
 logger = logging.getLogger(__name__)
 
