@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from _app_server import TINY  # noqa: I001
 
-from xraygpt_app.cli import serve as cli_serve
 from xraygpt_app.cli import build_parser
+from xraygpt_app.cli import serve as cli_serve
 from xraygpt_app.config import load_config
 from xraygpt_app.errors import BadInputError
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from xraygpt_app.config import load_config
 from xraygpt_app.web import api as ui_api
 from xraygpt_app.web import handlers as h
-from xraygpt_app.config import load_config
 from xraygpt_app.web.services import build_services
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,11 +12,11 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from .options import add_config_options
 from ..config import load_config
 from ..conversation import DEFAULT_REPORT_QUESTION
 from ..errors import ImageLoadError
 from ..image_io import load_radiograph
+from .options import add_config_options
 
 if TYPE_CHECKING:
     from ..chat import ChatSession

@@ -10,10 +10,10 @@ import json
 import logging
 from pathlib import Path
 
-from .options import add_config_options
 from ..config import ImageConfig, load_config
 from ..errors import ImageLoadError
 from ..image_io import ImageInfo, Radiograph, load_radiograph
+from .options import add_config_options
 
 logger = logging.getLogger(__name__)
 

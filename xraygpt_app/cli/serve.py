@@ -7,10 +7,10 @@ import os
 import sys
 from pathlib import Path
 
-from .options import add_config_options
 from ..config import Config, load_config
 from ..errors import BadInputError
 from ..weights import LOOPBACK_HOSTS
+from .options import add_config_options
 
 AUTH_ENV = "XRAYGPT_AUTH"
 CONFIG_ENV = "XRAYGPT_CONFIG"

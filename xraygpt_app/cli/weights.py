@@ -11,10 +11,10 @@ import sys
 import textwrap
 from typing import Any
 
-from .options import add_config_options
 from ..config import Config, iter_weight_specs, load_config
 from ..errors import MissingWeightsError, XrayGPTError
 from ..weights import WeightStatus, download_hub_configs, is_remote, resolve_weights, weights_status
+from .options import add_config_options
 
 EXIT_MISSING = MissingWeightsError.exit_code
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .options import add_config_options
 from ..config import ENSEMBLES, Config, load_config
 from ..errors import BadInputError, ImageLoadError
 from ..image_io import load_radiograph
 from ..prompts import PRESETS, PromptSet, load_prompt_file, parse_labels
+from .options import add_config_options
 
 log = logging.getLogger(__name__)
 NOTICE = "Research and education only: these scores are not a diagnosis."

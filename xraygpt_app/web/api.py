@@ -14,8 +14,8 @@ from PIL import Image
 
 from ..conversation import DEFAULT_REPORT_QUESTION
 from ..errors import XrayGPTError
-from .services import Services
 from .handlers import parse_labels
+from .services import Services
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ import gradio as gr
 from gradio.data_classes import FileData
 from gradio.utils import get_upload_folder
 
+from ..errors import XrayGPTError
 from . import api as ui_api
 from . import handlers as h
-from ..errors import XrayGPTError
 from .services import ZEROSHOT_TITLES, Services
 
 CSS = """
