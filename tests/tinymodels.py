@@ -285,3 +285,23 @@ def build_all(root: Path, dims: TinyDims = TinyDims(), llm_format: str = "safete
 def with_dims(**changes) -> TinyDims:
     """``TinyDims`` with some fields changed."""
     return replace(TinyDims(), **changes)
+
+
+def with_vocabulary(model: LlamaForCausalLM, rows: int, extra_rows: torch.Tensor | None = None) -> LlamaForCausalLM:
+    """A copy of ``model`` with ``rows`` embedding and output rows (a padded or cropped vocabulary).
+
+    The first rows are ``model``'s; padding rows get ``extra_rows`` in the output layer (to make
+    them win the argmax) or small random values.
+    """
+    config = model.config.__class__.from_dict({**model.config.to_dict(), "vocab_size": rows})
+    padded = LlamaForCausalLM(config).eval()
+    state = dict(model.state_dict())
+    keep = min(rows, model.config.vocab_size)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        full = padded.state_dict()[name].clone().half().float()
+        full[:keep] = state[name][:keep]
+        if name == "lm_head.weight" and extra_rows is not None:
+            full[keep:keep + len(extra_rows)] = extra_rows
+        state[name] = full
+    padded.load_state_dict(state)
+    return padded

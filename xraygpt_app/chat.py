@@ -135,7 +135,7 @@ class ChatSession:
         generator = None
         if settings.seed is not None:  # on the logits' device, as multinomial requires
             generator = torch.Generator(device=logits.device).manual_seed(settings.seed)
-        processors = logits_processors(settings, self.model.tokenizer.eos_token_id)
+        processors = logits_processors(settings, self.model.tokenizer.eos_token_id, self.model.suppressed_ids)
         generated: list[int] = []
         emitted, cancelled = "", False
         while not (cancelled := cancel is not None and cancel.is_set()):
@@ -171,7 +171,7 @@ class ChatSession:
                 top_p=settings.top_p, temperature=settings.temperature, min_length=settings.min_length,
                 repetition_penalty=settings.repetition_penalty, length_penalty=settings.length_penalty,
                 stopping_criteria=[StopOnSequences(self._stops), *([StopOnEvent(cancel)] if cancel else [])],
-                pad_token_id=self.model.tokenizer.pad_token_id)
+                pad_token_id=self.model.tokenizer.pad_token_id, suppress_tokens=self.model.suppressed_ids or None)
         self._cache, self._cached_ids = None, []
         generated = out[0].tolist()
         yield self._finish_turn(question, prompt, generated, bool(cancel and cancel.is_set()),

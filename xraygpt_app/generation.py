@@ -16,6 +16,7 @@ from transformers import (
     MinLengthLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -44,9 +45,15 @@ def settings_with(base: GenerationConfig, **overrides) -> GenerationConfig:
     return settings
 
 
-def logits_processors(settings: GenerationConfig, eos_token_id: int | None) -> LogitsProcessorList:
-    """Processors (always) then warpers (sampling only), as transformers 4.29 orders them."""
+def logits_processors(settings: GenerationConfig, eos_token_id: int | None,
+                      suppressed_ids: list[int] = ()) -> LogitsProcessorList:
+    """Processors (always) then warpers (sampling only), as transformers 4.29 orders them.
+
+    ``suppressed_ids`` (ids the tokenizer cannot decode) are masked first, so no later step can pick them.
+    """
     processors = LogitsProcessorList()
+    if suppressed_ids:
+        processors.append(SuppressTokensLogitsProcessor(suppressed_ids))
     if settings.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
     if settings.min_length > 0 and eos_token_id is not None:

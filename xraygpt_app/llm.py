@@ -40,9 +40,12 @@ def make_decoder(folder: Path, tokenizer: PreTrainedTokenizerBase) -> Callable[[
     """
     model_file = folder / "tokenizer.model"
     if not model_file.is_file():
-        return tokenizer.decode
+        return tokenizer.decode  # skips ids it does not know
     processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    pieces = processor.get_piece_size()
     special = dict(zip(tokenizer.all_special_ids, tokenizer.all_special_tokens, strict=True))
+    # Tokens added beyond the SentencePiece model (e.g. a pad token) are spliced in like special ones.
+    special |= {i: str(token) for i, token in tokenizer.added_tokens_decoder.items() if i >= pieces}
 
     def decode(ids: list[int]) -> str:
         text, run, previous_special = "", [], False
@@ -50,9 +53,11 @@ def make_decoder(folder: Path, tokenizer: PreTrainedTokenizerBase) -> Callable[[
             if token_id in special:  # the slow tokenizer splices special tokens in literally
                 text += (" " if not previous_special and i else "") + processor.decode(run) + special[token_id]
                 run, previous_special = [], True
-            else:
+            elif 0 <= token_id < pieces:
                 run.append(token_id)
                 previous_special = False
+            else:  # generation masks these; never let one end the conversation with a traceback
+                log.warning("dropped token id %d: the tokenizer has no piece for it", token_id)
         return text + processor.decode(run)
 
     return decode
@@ -73,6 +78,27 @@ def check_llm_config(folder: Path, config: LLMConfig) -> None:
     if hidden != config.hidden_size:
         raise ConfigError(f"llm.hidden_size is {config.hidden_size} but the LLM in {folder} has hidden size"
                           f" {hidden}; set llm.hidden_size: {hidden}")
+
+
+def check_vocabulary(folder: Path, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a tokenizer with more pieces than the LLM has embedding rows (its ids would index past them)."""
+    rows = AutoConfig.from_pretrained(folder).vocab_size
+    if len(tokenizer) > rows:
+        raise CheckpointKeyError(
+            f"The tokenizer in {folder} has {len(tokenizer)} tokens but the LLM's embedding has only {rows} rows:"
+            " the tokenizer does not belong to these weights. Use the tokenizer files that came with the model.")
+
+
+def undecodable_ids(tokenizer: PreTrainedTokenizerBase, rows: int) -> list[int]:
+    """Ids the LLM can produce but the tokenizer cannot decode: the padding rows of a padded vocabulary.
+
+    Real folders often have more embedding rows than tokens (Qwen2.5: 151936 rows, about 151665
+    tokens; LLaMA variants padded to a multiple of 64); generation masks these ids.
+    """
+    if rows > len(tokenizer):
+        log.info("the LLM has %d embedding rows for %d tokens: ids %d..%d are never generated",
+                 rows, len(tokenizer), len(tokenizer), rows - 1)
+    return list(range(len(tokenizer), rows))
 
 
 def _quiet_int8_cast_warning(record: logging.LogRecord) -> bool:

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .checkpoints import CheckpointKeyError, load_exact, read_state_dict, remap_blip2, remap_eva_vit, remap_xraygpt
 from .config import XRAYGPT_WEIGHTS, Config
-from .llm import check_llm_config, load_llm, load_tokenizer, make_decoder
+from .llm import check_llm_config, check_vocabulary, load_llm, load_tokenizer, make_decoder, undecodable_ids
 from .placement import Placement, plan_placement
 from .qformer import VisionLanguageBridge, cast_bridge
 from .vision import VisionTower, place_vision, preprocess
@@ -107,6 +107,7 @@ class XrayGPTModel:
         self.config, self.vision, self.bridge = config, vision, bridge
         self.llm, self.tokenizer, self.placement = llm, tokenizer, placement
         self.decode = tokenizer.decode
+        self.suppressed_ids = undecodable_ids(tokenizer, llm.config.vocab_size)  # never generated
 
     @classmethod
     def load(cls, config: Config, download: bool = False) -> XrayGPTModel:
@@ -114,13 +115,15 @@ class XrayGPTModel:
         paths = resolve_model_weights(config, download=download)
         started = time.perf_counter()
         check_llm_config(paths.llama_model, config.llm)  # before the projection is sized from it
+        tokenizer = load_tokenizer(paths.llama_model)
+        check_vocabulary(paths.llama_model, tokenizer)  # before gigabytes of weights are read
         vision, bridge, inv_freq = load_vision_and_bridge(config, paths)
         llm = load_llm(paths.llama_model, config.llm, placement)
         check_rotary_buffers(llm, inv_freq)
         vision = place_vision(vision, placement)
         bridge = cast_bridge(bridge, placement).to(placement.llm_device).eval().requires_grad_(False)
         log.info("model loaded in %.1f s (mode %s)", time.perf_counter() - started, placement.mode)
-        model = cls(config, vision, bridge, llm, load_tokenizer(paths.llama_model), placement)
+        model = cls(config, vision, bridge, llm, tokenizer, placement)
         model.decode = make_decoder(paths.llama_model, model.tokenizer)
         return model
 
