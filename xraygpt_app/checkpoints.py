@@ -87,6 +87,16 @@ QFORMER_RENAMES = (  # (LAVIS regex, transformers template)
     (r"Qformer\.bert\.encoder\.layer\.(\d+)\.intermediate_query\.(dense\.(weight|bias))",
      r"encoder.layer.\1.intermediate_query.\2"),
 )
+# The same names the other way, for writing a trained Q-Former under XrayGPT's (LAVIS's) keys.
+QFORMER_EXPORT = (  # (our regex, LAVIS template)
+    (r"layernorm\.(weight|bias)", r"Qformer.bert.embeddings.LayerNorm.\1"),
+    (r"encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.((query|key|value)\.(weight|bias))",
+     r"Qformer.bert.encoder.layer.\1.\2.self.\3"),
+    (r"encoder\.layer\.(\d+)\.((attention|crossattention)\.output|output_query)\.((dense|LayerNorm)\.(weight|bias))",
+     r"Qformer.bert.encoder.layer.\1.\2.\4"),
+    (r"encoder\.layer\.(\d+)\.intermediate_query\.(dense\.(weight|bias))",
+     r"Qformer.bert.encoder.layer.\1.intermediate_query.\2"),
+)
 # Parts of the BLIP-2 file that XrayGPT deletes or never uses at inference.
 BLIP2_DROPPED = (
     r"Qformer\.cls\..+",
@@ -157,6 +167,18 @@ def remap_xraygpt(state_dict: Mapping[str, torch.Tensor]) -> dict[str, StateDict
             unknown.append(key)
     _raise_unknown(unknown, "XrayGPT checkpoint")
     return out
+
+
+def export_bridge_key(name: str) -> str:
+    """A bridge parameter name (``qformer.*``, ``query_tokens``, ``llama_proj.*``) under XrayGPT's key."""
+    if name.startswith("qformer."):
+        exported = _rename(name[len("qformer."):], QFORMER_EXPORT)
+        if exported is None:
+            raise CheckpointKeyError(f"No XrayGPT key for the Q-Former parameter {name}")
+        return exported
+    if name == "query_tokens" or re.fullmatch(r"llama_proj\.(weight|bias)", name):
+        return name
+    raise CheckpointKeyError(f"No XrayGPT key for the bridge parameter {name}")
 
 
 def load_exact(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str,

@@ -114,6 +114,7 @@ class WeightsConfig:
     eva_vit_g: WeightSpec = field(default_factory=WeightSpec)
     blip2_qformer: WeightSpec = field(default_factory=WeightSpec)
     cache_dir: str | None = None  # for URL downloads; the Hub uses huggingface_hub's cache
+    lora: str | None = None  # a peft LoRA adapter folder (from `xraygpt finetune`), applied on top of the LLM
 
 
 @dataclass
@@ -198,6 +199,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     Relative local weight paths are resolved against the config file's folder.
     """
     path = Path(path) if path is not None else DEFAULT_CONFIG
+    return config_from_raw(read_raw_config(path, overrides), path)
+
+
+def read_raw_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The YAML mapping of a config file with ``key.path=value`` overrides applied (not yet validated)."""
     if not path.is_file():
         raise ConfigError(f"Config file not found: {path}")
     try:
@@ -208,7 +214,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for item in overrides:
         _apply_override(raw, item, path)
-    config = _build(Config, raw, str(path), "")
+    return raw
+
+
+def config_from_raw(raw: dict, path: Path) -> Config:
+    """Build and validate a :class:`Config` from a mapping read from ``path``."""
+    config = build_section(Config, raw, str(path), "")
     config.source = str(path)
     _resolve_relative_sources(config, path.parent)
     _validate(config, str(path))
@@ -244,8 +255,8 @@ def _apply_override(raw: dict, item: str, path: Path) -> None:
         node[keys[-1]] = value
 
 
-def _build(cls: type, data: Any, source: str, where: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys by name."""
+def build_section(cls: type, data: Any, source: str, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys by name (``where``: its key path)."""
     if data is None:
         data = {}
     if cls is WeightSpec and isinstance(data, (str, list)):
@@ -270,7 +281,7 @@ def _coerce(hint: Any, value: Any, source: str, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, source, where)
+        return build_section(hint, value, source, where)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -307,6 +318,7 @@ def _resolve_relative_sources(config: Config, base: Path) -> None:
     """Make relative local weight paths relative to the config file, not the working dir."""
     for spec in iter_weight_specs(config).values():
         spec.sources = [_absolute(s, base) for s in spec.sources]
+    config.weights.lora = _absolute(config.weights.lora, base) if config.weights.lora else None
     for model in config.zeroshot.models.values():
         model.vision_config = _absolute(model.vision_config, base) if model.vision_config else None
         model.text_config = _absolute(model.text_config, base) if model.text_config else None
