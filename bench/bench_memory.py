@@ -138,16 +138,17 @@ def measure_child(config_path: str, mode: str, context: int) -> dict:
 
 def measure_modes(config: str, modes: list[str], context: int) -> list[dict]:
     """One subprocess per mode, so one mode's allocations cannot hide another's peak."""
-    rows = []
-    for mode in modes:
-        proc = subprocess.run([sys.executable, __file__, "--child", mode, "--config", config,
-                               "--context", str(context)], capture_output=True, text=True, check=False)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if proc.returncode or not lines:
-            rows.append({"mode": mode, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]})
-        else:
-            rows.append(json.loads(lines[-1]))
-    return rows
+    return [child_json([__file__, "--child", mode, "--config", config, "--context", str(context)], mode)
+            for mode in modes]
+
+
+def child_json(args: list[str], mode: str) -> dict:
+    """Run ``python args...`` and return the last JSON line it prints, or ``{"mode", "error"}``."""
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        return {"mode": mode, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(lines[-1])
 
 
 def gpu_estimates() -> list[dict]:

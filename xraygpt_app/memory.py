@@ -30,8 +30,8 @@ What each part counts:
   matmul adds an int32 accumulator. The ViT's one-image activations go on the vision device.
 - **overhead**: on a GPU, ``CUDA_CONTEXT_BYTES`` for the CUDA context, kernels and cuBLAS
   workspace (not visible to ``torch.cuda.max_memory_allocated`` but visible to ``nvidia-smi``);
-  on the CPU, ``HOST_BASELINE_BYTES`` for Python with torch/transformers/timm imported, plus, when
-  the ViT goes to a GPU, the float32 copy of it that loading makes on the CPU before the move.
+  on the CPU, ``HOST_BASELINE_BYTES`` for Python with torch/transformers/timm imported (the ViT is
+  converted and moved tensor by tensor, so no float32 copy of it is made on the way to a GPU).
   Page-cache pages of memory-mapped checkpoint files are not counted (reclaimable, shared).
 
 It is an estimate: allocator fragmentation, cuDNN/cuBLAS autotuning buffers and a different
@@ -103,7 +103,6 @@ def estimate(config: Config, assume_cuda: bool | None = None) -> MemoryEstimate:
     with torch.device("meta"):
         vision, bridge = build_parts(config)
     vision_bytes = tensor_bytes(cast_vision(vision, placement))
-    vision_params = sum(p.numel() for p in vision.parameters())
     llm_bytes = llm_weight_bytes(llm_config, placement)
     context = min(config.llm.max_length, llm_config.max_position_embeddings)
     llm_device, vision_device = str(placement.llm_device), str(placement.vision_device)  # CUDA always indexed
@@ -119,9 +118,7 @@ def estimate(config: Config, assume_cuda: bool | None = None) -> MemoryEstimate:
     add(llm_device, "activations", llm_activation_bytes(llm_config, context, placement))
     add(vision_device, "vision", vision_bytes)
     add(vision_device, "activations", vision_activation_bytes(config, placement))
-    # place_vision upcasts the whole tower to float32 on the CPU before casting and moving it.
-    vit_on_gpu = placement.vision_device.type == "cuda"
-    add("cpu", "overhead", HOST_BASELINE_BYTES + (vision_params * 4 if vit_on_gpu else 0))
+    add("cpu", "overhead", HOST_BASELINE_BYTES)  # place_vision converts tensor by tensor: no float32 copy of the ViT
     for device in breakdown:
         if device.startswith("cuda"):
             add(device, "overhead", CUDA_CONTEXT_BYTES)

@@ -76,20 +76,35 @@ class VisionTower(nn.Module):
 
 
 def place_vision(tower: VisionTower, placement: Placement) -> VisionTower:
-    """Cast as :func:`cast_vision` does, then move to the vision device for inference."""
-    return cast_vision(tower, placement).to(placement.vision_device).eval().requires_grad_(False)
+    """Cast as :func:`cast_vision` does and move to the vision device, tensor by tensor, for inference."""
+    return cast_vision(tower, placement, placement.vision_device).eval().requires_grad_(False)
 
 
-def cast_vision(tower: VisionTower, placement: Placement) -> VisionTower:
-    """Apply XrayGPT's ViT precision (dtypes only): Conv/Linear weights rounded to float16, the rest float32."""
-    tower.float()
+def cast_vision(tower: VisionTower, placement: Placement, device: torch.device | None = None) -> VisionTower:
+    """Apply XrayGPT's ViT precision: Conv/Linear weights rounded to float16, the rest float32.
+
+    On CUDA the rounded weights stay float16 (computed under autocast); on the CPU they are computed
+    in float32 (the reference's low-resource path). Each tensor is converted (and moved to
+    ``device``) on its own, so loading never holds a float32 copy of the whole 1B-parameter tower.
+    """
     tower.autocast_dtype = placement.vision_autocast_dtype
-    if placement.vision_half_weights:
-        for module in tower.eva.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                module.half()
-        if tower.autocast_dtype is None:
-            tower.eva.float()  # low-resource path (CPU): fp16-rounded weights computed in float32
-    elif placement.vision_dtype != torch.float32:
-        tower.eva.to(placement.vision_dtype)
+    eva = {id(m) for m in tower.eva.modules()}
+    for module in tower.modules():
+        rounding, storage = _vision_dtypes(module, id(module) in eva, placement)
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.is_floating_point():
+                value = tensor.detach().to(rounding).to(device=device, dtype=storage)
+                setattr(module, name, nn.Parameter(value, requires_grad=False) if isinstance(tensor, nn.Parameter)
+                        else value)
     return tower
+
+
+def _vision_dtypes(module: nn.Module, in_eva: bool, placement: Placement) -> tuple[torch.dtype, torch.dtype]:
+    """(rounding dtype, storage dtype) of one module's own tensors."""
+    if not in_eva:
+        return torch.float32, torch.float32  # ln_vision: float32, as LAVIS's LayerNorm computes
+    if placement.vision_half_weights:
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            return torch.float32, torch.float32
+        return torch.float16, (torch.float32 if placement.vision_autocast_dtype is None else torch.float16)
+    return placement.vision_dtype, placement.vision_dtype
