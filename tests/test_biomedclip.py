@@ -19,6 +19,7 @@ import torch
 import yaml
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
+from tinyllava import PUBMEDBERT, open_clip_config
 
 from xraygpt_app.biomedclip import HUB_ID
 from xraygpt_app.config import load_config
@@ -29,21 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 BERT_TINY = SHARED / "fixtures" / "medclip_tiny" / "bert_tiny"
 SAMPLES = SHARED / "xray-samples"
-PUBMEDBERT = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
-
-
-def _open_clip_config(text_model: str) -> dict:
-    """BiomedCLIP's open_clip_config.json with a tiny timm ViT and a given text model name."""
-    return {
-        "model_cfg": {
-            "embed_dim": 64,
-            "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False,
-                           "timm_pool": "", "timm_proj": "linear", "image_size": 224},
-            "text_cfg": {"hf_model_name": text_model, "hf_tokenizer_name": text_model, "hf_proj_type": "mlp",
-                         "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256},
-        },
-        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
-    }
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +40,13 @@ def model_dir(tmp_path_factory) -> tuple[Path, Path, torch.nn.Module]:
     shutil.copytree(BERT_TINY, text_dir)
     build_dir = root / "build"  # config naming the local text folder, to create the reference model
     build_dir.mkdir()
-    (build_dir / "open_clip_config.json").write_text(json.dumps(_open_clip_config(str(text_dir))))
+    (build_dir / "open_clip_config.json").write_text(json.dumps(open_clip_config(str(text_dir))))
     torch.manual_seed(0)
     reference = open_clip.create_model(f"local-dir:{build_dir}", pretrained_text=False).eval()
     folder = root / "BiomedCLIP-tiny"
     folder.mkdir()
     # The released layout: Hub text-model name in the config, tokenizer files beside the weights.
-    (folder / "open_clip_config.json").write_text(json.dumps(_open_clip_config(PUBMEDBERT)))
+    (folder / "open_clip_config.json").write_text(json.dumps(open_clip_config(PUBMEDBERT)))
     for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(BERT_TINY / name, folder / name)
     torch.save(reference.state_dict(), folder / "open_clip_pytorch_model.bin")
@@ -112,7 +98,7 @@ def test_bad_folder_is_a_clear_error(tmp_path):
         ZeroShotClassifier.from_config(_config(tmp_path, tmp_path, None))
     folder = tmp_path / "broken"
     folder.mkdir()
-    (folder / "open_clip_config.json").write_text(json.dumps(_open_clip_config(str(BERT_TINY))))
+    (folder / "open_clip_config.json").write_text(json.dumps(open_clip_config(str(BERT_TINY))))
     with pytest.raises(MissingWeightsError, match="no weights file"):  # exit 3, as for any absent weights
         ZeroShotClassifier.from_config(_config(tmp_path, folder, None))
     (folder / "open_clip_pytorch_model.bin").write_bytes(b"")  # the malformed configs below fail first

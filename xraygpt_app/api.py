@@ -21,15 +21,15 @@ from PIL import Image
 from .chat import ChatSession, TurnResult
 from .config import Config, load_config
 from .conversation import DEFAULT_REPORT_QUESTION
-from .model import XrayGPTModel
+from .family import ChatModel, load_model
 
 __all__ = ["XrayGPT", "ChatSession", "TurnResult", "DEFAULT_REPORT_QUESTION"]
 
 
 class XrayGPT:
-    """XrayGPT loaded from a config: one model, any number of independent conversations."""
+    """A model loaded from a config (``model.family``: xraygpt or llava): one model, any number of conversations."""
 
-    def __init__(self, model: XrayGPTModel):
+    def __init__(self, model: ChatModel):
         self.model = model
         self.config: Config = model.config
 
@@ -39,11 +39,15 @@ class XrayGPT:
         """Load from a Config or a YAML path (default: the real model's eval config)."""
         if not isinstance(config, Config):
             config = load_config(config, overrides)
-        return cls(XrayGPTModel.load(config, download=download))
+        return cls(load_model(config, download=download))
 
     def chat(self, image: Image.Image, reuse_kv: bool = True) -> ChatSession:
         """Start a conversation about ``image``; it is encoded once, here."""
         return ChatSession(self.model, self.model.encode_image(image), reuse_kv=reuse_kv)
+
+    def describe(self) -> str:
+        """One line naming what is loaded (the family and its weights), for the app's "model" line."""
+        return self.model.describe()
 
     def report(self, image: Image.Image, question: str = DEFAULT_REPORT_QUESTION, **generation) -> TurnResult:
         """The first-turn report for ``image``."""

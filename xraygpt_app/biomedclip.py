@@ -46,6 +46,8 @@ def _text_cfg_override(folder: Path, text_config: str | None) -> dict:
     offline machine); like weights, it is never downloaded at load time.
     """
     text_cfg = read_text_cfg(folder)
+    if "hf_model_name" not in text_cfg:  # open_clip's own text transformer: nothing to look up
+        return {}
     local = text_config or _cached_hub_folder(text_cfg["hf_model_name"])
     # The full checkpoint brings the text weights: do not ask transformers for pretrained ones.
     return {"text_cfg": {**text_cfg, "hf_model_name": local, "hf_model_pretrained": False}}
@@ -64,11 +66,12 @@ def _cached_hub_folder(name: str) -> str:
     return str(Path(found).parent)
 
 
-def load_biomedclip(folder: str | Path, text_config: str | None = None, device: str = "cpu"):
-    """Load an open_clip model folder; returns ``(model, preprocess, tokenizer)``.
+def load_open_clip(folder: str | Path, text_config: str | None = None, device: str = "cpu"):
+    """Load any open_clip model folder strictly; returns ``(model, preprocess)`` in eval mode.
 
-    ``text_config``: optional local folder with the text tower's ``config.json``; otherwise the Hub
-    model named in the folder's config must be in the huggingface_hub cache (MissingWeightsError if not).
+    Also the llava family's vision tower. ``text_config``: optional local folder with the text
+    tower's ``config.json`` (for a Hugging Face text tower; otherwise the Hub model named in the
+    folder's config must be in the huggingface_hub cache, MissingWeightsError if not).
     """
     import open_clip  # deferred: heavy import, only needed for this model
 
@@ -78,17 +81,30 @@ def load_biomedclip(folder: str | Path, text_config: str | None = None, device: 
     if not any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.pth")):  # open_clip's glob
         raise MissingWeightsError(f"{folder} has {CONFIG_NAME} but no weights file (open_clip_pytorch_model.bin):"
                                   f" copy it from the Hub repo {HUB_ID} or run `xraygpt fetch`.")
-    name = f"local-dir:{folder}"
     overrides = _text_cfg_override(folder, text_config)
     try:
         # create_model_from_pretrained loads the checkpoint strictly (open_clip's load_checkpoint).
-        model, preprocess = open_clip.create_model_from_pretrained(name, device=device, **overrides)
-        tokenizer = open_clip.get_tokenizer(name)
+        model, preprocess = open_clip.create_model_from_pretrained(f"local-dir:{folder}", device=device, **overrides)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:  # KeyError: e.g. no vision_cfg
-        reason = f"no {exc}" if isinstance(exc, KeyError) else (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise BadInputError(f"cannot load the open_clip model in {folder}: {reason}") from None
+        raise BadInputError(f"cannot load the open_clip model in {folder}: {_reason(exc)}") from None
+    return model.eval(), preprocess
+
+
+def _reason(exc: Exception) -> str:
+    return f"no {exc}" if isinstance(exc, KeyError) else (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def load_biomedclip(folder: str | Path, text_config: str | None = None, device: str = "cpu"):
+    """Load an open_clip model folder with its tokenizer; returns ``(model, preprocess, tokenizer)``."""
+    import open_clip
+
+    model, preprocess = load_open_clip(folder, text_config, device)
+    try:
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise BadInputError(f"cannot load the open_clip tokenizer in {folder}: {_reason(exc)}") from None
     log.info("BiomedCLIP loaded (context length %d)", tokenizer.context_length)
-    return model.eval(), preprocess, tokenizer
+    return model, preprocess, tokenizer
 
 
 class BiomedCLIPEncoder:

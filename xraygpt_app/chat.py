@@ -19,17 +19,14 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .conversation import SEPARATOR, Turn, clean_answer, display_answer, render_prompt, split_on_image
+from .conversation import Turn
 from .errors import BadInputError, ModelMemoryError
+from .family import ChatModel, ImageEmbedding
 from .generation import StopOnEvent, StopOnSequences, ends_with_any, logits_processors, next_token, settings_with
-from .llm import stop_token_sequences
-from .model import ImageEncoding, XrayGPTModel
 
 log = logging.getLogger(__name__)
 
 MAX_QUESTION_CHARS = 2000
-# Text the answer may still turn into; held back while streaming so no piece is ever retracted.
-_PENDING_SUFFIXES = (SEPARATOR, "Doctor:", "ChatDoctor", "Chat Doctor", "\ufffd")
 
 
 @dataclass
@@ -59,14 +56,14 @@ class _PreparedPrompt:
 class ChatSession:
     """A conversation about one image. Not shared between users; not thread-safe by design."""
 
-    def __init__(self, model: XrayGPTModel, encoding: ImageEncoding, reuse_kv: bool = True):
+    def __init__(self, model: ChatModel, encoding: ImageEmbedding, reuse_kv: bool = True):
         self.model, self.encoding = model, encoding
         self.reuse_kv = reuse_kv  # False re-runs the whole prompt every turn, as the reference does
         self.turns: list[TurnResult] = []
         self._history: list[Turn] = []  # stored answers, as later prompts carry them
         self._cache: DynamicCache | None = None
         self._cached_ids: list[int] = []
-        self._stops = stop_token_sequences(model.tokenizer, model.config.generation.stop_string)
+        self._stops = model.stop_sequences()
 
     def ask(self, question: str, **generation) -> TurnResult:
         """Answer ``question`` and return the finished turn."""
@@ -105,23 +102,18 @@ class ChatSession:
 
     @property
     def context_limit(self) -> int:
-        return min(self.model.config.llm.max_length, self.model.llm.config.max_position_embeddings)
+        return self.model.context_length
 
     def _prepare(self, question: str, max_new_tokens: int) -> _PreparedPrompt:
         """Render and embed the prompt, dropping the oldest turns until it fits."""
-        tokenizer = self.model.tokenizer
         image_ids = [-1 - i for i in range(self.encoding.llm_embeds.shape[1])]
         for dropped in range(len(self._history) + 1):
-            text = render_prompt(self._history[dropped:], question)
-            before, after = split_on_image(text)
-            # Each segment is tokenized on its own; only the first gets BOS (XrayGPT's splicing).
-            ids_before = tokenizer(before, add_special_tokens=True)["input_ids"]
-            ids_after = tokenizer(after, add_special_tokens=False)["input_ids"]
-            ids = ids_before + image_ids + ids_after
+            segments = self.model.render_prompt(self._history[dropped:], question)
+            ids = segments.before + image_ids + segments.after
             if len(ids) + max_new_tokens <= self.context_limit:
-                embeds = torch.cat([self.model.embed_ids(ids_before), self.encoding.llm_embeds,
-                                    self.model.embed_ids(ids_after)], dim=1)
-                return _PreparedPrompt(text, ids, embeds, dropped, [ids_before, ids_after])
+                embeds = torch.cat([self.model.embed_ids(segments.before), self.encoding.llm_embeds,
+                                    self.model.embed_ids(segments.after)], dim=1)
+                return _PreparedPrompt(segments.text, ids, embeds, dropped, [segments.before, segments.after])
         raise BadInputError(
             f"The question and answer length do not fit the model's context of {self.context_limit} tokens"
             f" ({len(ids)} prompt tokens + {max_new_tokens} new): shorten the question or lower max_new_tokens.")
@@ -145,7 +137,7 @@ class ChatSession:
                 timings["time_to_first_token_s"] = time.perf_counter() - started
             if self._finished(generated) or len(generated) >= settings.max_new_tokens:
                 break
-            piece = _stable_text(self._answer_text(generated))[len(emitted):]
+            piece = self._stable_text(self.model.answer_text(generated))[len(emitted):]
             if piece:
                 emitted += piece
                 yield piece
@@ -201,35 +193,26 @@ class ChatSession:
         eos = self.model.tokenizer.eos_token_id
         return generated[-1] == eos or ends_with_any(generated, self._stops)
 
-    def _answer_text(self, generated: list[int]) -> str:
-        """Decoded and cleaned as XrayGPT does (leading <unk>/<s> dropped; eos not shown)."""
-        ids = list(generated)
-        while ids and ids[0] in (0, 1):
-            ids = ids[1:]
-        if ids and ids[-1] == self.model.tokenizer.eos_token_id:
-            ids = ids[:-1]
-        return clean_answer(self.model.decode(ids), self.model.config.generation.stop_string)
-
     def _finish_turn(self, question, prompt, generated, cancelled, timings) -> str:
-        stored = self._answer_text(generated)
+        stored = self.model.answer_text(generated)
         self._history.append(Turn(question, stored))
-        result = TurnResult(question, prompt.text, generated, display_answer(stored), timings, prompt.dropped,
+        result = TurnResult(question, prompt.text, generated, self.model.display_answer(stored), timings,
+                            prompt.dropped,
                             cancelled, prompt.segment_ids)
         self.turns.append(result)
         log.info("turn %d: %d new tokens, %d reused, %.2f s", len(self.turns), len(generated),
                  timings.get("reused_tokens", 0), sum(v for k, v in timings.items() if k.endswith("_s")))
         return result.answer
 
-
-def _stable_text(text: str) -> str:
-    """The display text minus any tail that a later token could still change."""
-    text = display_answer(text)
-    for suffix in _PENDING_SUFFIXES:
-        for n in range(len(suffix), 0, -1):
-            if text.endswith(suffix[:n]):
-                text = text[: len(text) - n]
-                break
-    return text
+    def _stable_text(self, text: str) -> str:
+        """The display text minus any tail that a later token could still change."""
+        text = self.model.display_answer(text)
+        for suffix in self.model.pending_suffixes:
+            for n in range(len(suffix), 0, -1):
+                if text.endswith(suffix[:n]):
+                    text = text[: len(text) - n]
+                    break
+        return text
 
 
 def check_question(question: str) -> str:

@@ -35,6 +35,47 @@ class WeightSpec:
     how_to_get: str = ""
 
 
+MODEL_FAMILIES = ("xraygpt", "llava")  # model.family: the architecture a config builds
+TOWER_SELECTIONS = ("patch", "cls_patch")  # LLaVA's mm_vision_select_feature
+PROJECTOR_TYPES = ("mlp2x_gelu", "linear")  # LLaVA-1.5's mm_projector_type values we build
+
+
+@dataclass
+class ModelConfig:
+    """Which architecture the config builds; everything else in the app is the same for both.
+
+    ``xraygpt``: EVA ViT-g -> Q-Former -> linear projection -> LLaMA (sections vision, qformer).
+    ``llava``: an open_clip image tower's patch tokens -> LLaVA-1.5 projector -> any chat LLM
+    (sections tower, projector; weights.vision_tower, weights.projector, weights.llama_model).
+    """
+
+    family: str = "xraygpt"
+    name: str = ""  # shown on the app's "model" line; empty: the weights' names
+
+
+@dataclass
+class TowerConfig:
+    """The llava family's vision tower: any open_clip model (BiomedCLIP first), frozen.
+
+    ``layer``: the transformer block whose output feeds the projector (negative counts from the
+    end; LLaVA-1.5 reads the penultimate, -2). ``select``: ``patch`` drops the class token (196
+    tokens for a ViT-B/16 at 224 px, LLaVA-1.5's default), ``cls_patch`` keeps it.
+    ``text_config``: as for zero-shot BiomedCLIP, an optional local folder for the text tower's
+    config.json (open_clip builds the whole CLIP model; only its image tower is kept).
+    """
+
+    layer: int = -2
+    select: str = "patch"
+    text_config: str | None = None
+
+
+@dataclass
+class ProjectorConfig:
+    """LLaVA-1.5's projector from the tower width to the LLM hidden size (both read from the models)."""
+
+    type: str = "mlp2x_gelu"  # Linear -> GELU -> Linear; or "linear"
+
+
 @dataclass
 class VisionConfig:
     """EVA ViT-g as LAVIS builds it for XrayGPT (``create_eva_vit_g``)."""
@@ -71,7 +112,7 @@ class QFormerConfig:
 class LLMConfig:
     """The language model; its own dims come from the Hugging Face folder's config.json."""
 
-    hidden_size: int = 4096  # checked against the folder's config.json at load time
+    hidden_size: int = 4096  # xraygpt: checked against the folder's config.json; llava: read from it
     max_length: int = 2000  # XrayGPT's max_length: prompt + new tokens
     use_fast_tokenizer: bool = False
 
@@ -88,7 +129,7 @@ class GenerationConfig:
     min_length: int = 1
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
-    stop_string: str = "###"
+    stop_string: str = "###"  # xraygpt; the llava family stops on its chat template's end of turn
     seed: int | None = None
 
 
@@ -107,12 +148,17 @@ class RuntimeConfig:
 
 @dataclass
 class WeightsConfig:
-    """The files a user of XrayGPT already has, under XrayGPT's own names."""
+    """The files a user of XrayGPT already has, under XrayGPT's own names, and the llava family's.
+
+    ``llama_model`` is the LLM folder of both families (any Hugging Face causal LM for llava).
+    """
 
     ckpt: WeightSpec = field(default_factory=WeightSpec)
     llama_model: WeightSpec = field(default_factory=WeightSpec)
     eva_vit_g: WeightSpec = field(default_factory=WeightSpec)
     blip2_qformer: WeightSpec = field(default_factory=WeightSpec)
+    vision_tower: WeightSpec = field(default_factory=WeightSpec)  # llava: open_clip folder or hf-hub:org/repo
+    projector: WeightSpec = field(default_factory=WeightSpec)  # llava: the trained projector (safetensors)
     cache_dir: str | None = None  # for URL downloads; the Hub uses huggingface_hub's cache
     lora: str | None = None  # a peft LoRA adapter folder (from `xraygpt finetune`), applied on top of the LLM
 
@@ -178,8 +224,11 @@ class AppConfig:
 
 @dataclass
 class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    tower: TowerConfig = field(default_factory=TowerConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -316,9 +365,12 @@ def _coerce_scalar(hint: Any, value: Any, source: str, where: str) -> Any:
 
 def _resolve_relative_sources(config: Config, base: Path) -> None:
     """Make relative local weight paths relative to the config file, not the working dir."""
-    for spec in iter_weight_specs(config).values():
+    specs = [getattr(config.weights, f.name) for f in dataclasses.fields(WeightsConfig) if f.type == "WeightSpec"]
+    for spec in specs + [model.weights for model in config.zeroshot.models.values()]:
         spec.sources = [_absolute(s, base) for s in spec.sources]
     config.weights.lora = _absolute(config.weights.lora, base) if config.weights.lora else None
+    if config.tower.text_config:
+        config.tower.text_config = _absolute(config.tower.text_config, base)
     for model in config.zeroshot.models.values():
         model.vision_config = _absolute(model.vision_config, base) if model.vision_config else None
         model.text_config = _absolute(model.text_config, base) if model.text_config else None
@@ -331,11 +383,13 @@ def _absolute(source: str, base: Path) -> str:
 
 
 XRAYGPT_WEIGHTS = ("ckpt", "llama_model", "eva_vit_g", "blip2_qformer")  # the WeightSpec fields of WeightsConfig
+LLAVA_WEIGHTS = ("vision_tower", "projector", "llama_model")
+FAMILY_WEIGHTS = {"xraygpt": XRAYGPT_WEIGHTS, "llava": LLAVA_WEIGHTS}  # what each model.family reads
 
 
 def iter_weight_specs(config: Config) -> dict[str, WeightSpec]:
-    """Every weights entry of a config by a readable name (for fetch/check)."""
-    specs = {f"weights.{name}": getattr(config.weights, name) for name in XRAYGPT_WEIGHTS}
+    """Every weights entry the config's model family reads, by a readable name (for fetch/check)."""
+    specs = {f"weights.{name}": getattr(config.weights, name) for name in FAMILY_WEIGHTS[config.model.family]}
     for name, model in config.zeroshot.models.items():
         specs[f"zeroshot.models.{name}.weights"] = model.weights
     return specs
@@ -346,6 +400,9 @@ RUNTIME_MODES = ("auto", "fp16", "8bit", "4bit", "low_resource", "fp32", "bf16")
 
 def _validate(config: Config, source: str) -> None:
     """Cross-field checks that a type hint cannot express."""
+    _check_choice(source, "model.family", config.model.family, MODEL_FAMILIES)
+    _check_choice(source, "tower.select", config.tower.select, TOWER_SELECTIONS)
+    _check_choice(source, "projector.type", config.projector.type, PROJECTOR_TYPES)
     if config.runtime.mode not in RUNTIME_MODES:
         raise ConfigError(f"{source}: runtime.mode must be one of {', '.join(RUNTIME_MODES)},"
                           f" got {config.runtime.mode!r}")
@@ -365,6 +422,11 @@ def _validate(config: Config, source: str) -> None:
     if not gen.stop_string:
         raise ConfigError(f"{source}: generation.stop_string must not be empty")
     _validate_zeroshot(config.zeroshot, source)
+
+
+def _check_choice(source: str, key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{source}: {key} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def _validate_zeroshot(zs: ZeroShotConfig, source: str) -> None:

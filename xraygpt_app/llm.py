@@ -126,6 +126,12 @@ def load_llm(folder: Path, config: LLMConfig, placement: Placement) -> torch.nn.
     return model
 
 
+@torch.inference_mode()
+def embed_ids(llm: torch.nn.Module, ids: list[int], device: torch.device) -> torch.Tensor:
+    """Token ids -> ``(1, n, hidden)`` input embeddings of ``llm`` on ``device``."""
+    return llm.get_input_embeddings()(torch.tensor([ids], dtype=torch.long, device=device))
+
+
 def stop_token_sequences(tokenizer: PreTrainedTokenizerBase, stop: str) -> list[list[int]]:
     """Every token sequence whose text is exactly ``stop`` (a word-start marker allowed first).
 

@@ -15,7 +15,18 @@ from transformers import PreTrainedTokenizerBase
 
 from .checkpoints import CheckpointKeyError, load_exact, read_state_dict, remap_blip2, remap_eva_vit, remap_xraygpt
 from .config import XRAYGPT_WEIGHTS, Config
-from .llm import check_llm_config, check_vocabulary, load_llm, load_tokenizer, make_decoder, undecodable_ids
+from .conversation import SEPARATOR, Turn, clean_answer, display_answer, render_prompt, split_on_image
+from .family import PromptSegments
+from .llm import (
+    check_llm_config,
+    check_vocabulary,
+    embed_ids,
+    load_llm,
+    load_tokenizer,
+    make_decoder,
+    stop_token_sequences,
+    undecodable_ids,
+)
 from .placement import Placement, plan_placement
 from .qformer import VisionLanguageBridge, cast_bridge
 from .vision import VisionTower, place_vision, preprocess
@@ -100,7 +111,10 @@ def check_rotary_buffers(llm: torch.nn.Module, saved: dict[str, torch.Tensor]) -
 
 
 class XrayGPTModel:
-    """The loaded model: encode an image once, embed text, and expose the LLM."""
+    """The loaded model: encode an image once, embed text, and expose the LLM (a ``family.ChatModel``)."""
+
+    # Text the answer may still turn into; held back while streaming so no piece is ever retracted.
+    pending_suffixes = (SEPARATOR, "Doctor:", "ChatDoctor", "Chat Doctor", "\ufffd")
 
     def __init__(self, config: Config, vision: VisionTower, bridge: VisionLanguageBridge,
                  llm: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, placement: Placement):
@@ -108,6 +122,7 @@ class XrayGPTModel:
         self.llm, self.tokenizer, self.placement = llm, tokenizer, placement
         self.decode = tokenizer.decode
         self.suppressed_ids = undecodable_ids(tokenizer, llm.config.vocab_size)  # never generated
+        self.weight_names: dict[str, str] = {}
 
     @classmethod
     def load(cls, config: Config, download: bool = False) -> XrayGPTModel:
@@ -125,7 +140,42 @@ class XrayGPTModel:
         log.info("model loaded in %.1f s (mode %s)", time.perf_counter() - started, placement.mode)
         model = cls(config, vision, bridge, llm, tokenizer, placement)
         model.decode = make_decoder(paths.llama_model, model.tokenizer)
+        model.weight_names = {"checkpoint": paths.ckpt.name, "LLM": paths.llama_model.name}
         return model
+
+    def describe(self) -> str:
+        """The app's "model" line: the family and the weights that answer."""
+        names = ", ".join(f"{part} {name}" for part, name in self.weight_names.items())
+        return self.config.model.name or f"XrayGPT (EVA ViT-g, Q-Former, LLaMA){': ' + names if names else ''}"
+
+    def render_prompt(self, history: list[Turn], question: str) -> PromptSegments:
+        """XrayGPT's template; each side of the image tokenized on its own, BOS only before it (its splicing)."""
+        text = render_prompt(history, question)
+        before, after = split_on_image(text)
+        return PromptSegments(text, self.tokenizer(before, add_special_tokens=True)["input_ids"],
+                              self.tokenizer(after, add_special_tokens=False)["input_ids"])
+
+    def stop_sequences(self) -> list[list[int]]:
+        """Every token sequence spelling the stop string (``###``); EOS ends an answer too."""
+        return stop_token_sequences(self.tokenizer, self.config.generation.stop_string)
+
+    def answer_text(self, generated: list[int]) -> str:
+        """Decoded and cleaned as XrayGPT does (leading <unk>/<s> dropped; eos not shown)."""
+        ids = list(generated)
+        while ids and ids[0] in (0, 1):
+            ids = ids[1:]
+        if ids and ids[-1] == self.tokenizer.eos_token_id:
+            ids = ids[:-1]
+        return clean_answer(self.decode(ids), self.config.generation.stop_string)
+
+    def display_answer(self, stored: str) -> str:
+        """What XrayGPT shows: the stored answer with its old model name replaced."""
+        return display_answer(stored)
+
+    @property
+    def context_length(self) -> int:
+        """Prompt plus new tokens: XrayGPT's max_length, within the LLM's positions."""
+        return min(self.config.llm.max_length, self.llm.config.max_position_embeddings)
 
     @torch.inference_mode()
     def encode_image(self, image: Image.Image) -> ImageEncoding:
@@ -145,11 +195,9 @@ class XrayGPTModel:
         dtype = self.placement.bridge_autocast_dtype
         return contextlib.nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
 
-    @torch.inference_mode()
     def embed_ids(self, ids: list[int]) -> torch.Tensor:
         """Token ids -> (1, n, hidden) input embeddings on the LLM device."""
-        tensor = torch.tensor([ids], dtype=torch.long, device=self.placement.llm_device)
-        return self.llm.get_input_embeddings()(tensor)
+        return embed_ids(self.llm, ids, self.placement.llm_device)
 
 
 def _synchronized_time(device: torch.device) -> float:
