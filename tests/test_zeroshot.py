@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tinyzeroshot
 import torch
-import torchvision
 import yaml
 from PIL import Image
 from torch import nn
-from transformers import AutoConfig, BertModel
+from transformers import AutoConfig
 
 from xraygpt_app.checkpoints import CheckpointKeyError
 from xraygpt_app.config import load_config
@@ -212,29 +211,8 @@ def test_truncated_checkpoint_fails_strictly(tmp_path):
         ZeroShotClassifier.from_config(config, "medclip-vit")
 
 
-def _resnet_medclip_file(tmp_path: Path) -> tuple[Path, nn.Module]:
-    """A MedCLIP-ResNet ``pytorch_model.bin`` (real resnet50, tiny BERT) inside a released-style zip."""
-    torch.manual_seed(0)
-    resnet = torchvision.models.resnet50(weights=None)
-    resnet.fc = nn.Linear(2048, 64, bias=False)
-    resnet.eval()
-    bert = BertModel(AutoConfig.from_pretrained(FIXTURE / "bert_tiny"))
-    state = {f"vision_model.model.{k}": v for k, v in resnet.state_dict().items()}
-    state |= {f"text_model.model.{k}": v for k, v in bert.state_dict().items()}
-    state["text_model.model.embeddings.position_ids"] = torch.arange(512).unsqueeze(0)  # as 4.24 stored it
-    state["text_model.projection_head.weight"] = torch.randn(64, 32)
-    state["logit_scale"] = torch.tensor(4.0)
-    inner = tmp_path / "pytorch_model.bin"
-    torch.save(state, inner)
-    archive = tmp_path / "medclip-pretrained.zip"
-    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as handle:
-        handle.write(inner, "medclip-pretrained/pytorch_model.bin")
-    inner.unlink()
-    return archive, resnet
-
-
 def test_resnet_variant_from_released_zip(tmp_path, images):
-    archive, resnet = _resnet_medclip_file(tmp_path)
+    archive, resnet = tinyzeroshot.medclip_resnet_zip(tmp_path)
     assert "vision_model.model.fc.weight" in read_medclip_file(archive)
     config_path = tmp_path / "zs.yaml"
     config_path.write_text(yaml.safe_dump({"zeroshot": {"default_model": "r", "models": {"r": {

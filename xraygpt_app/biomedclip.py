@@ -115,11 +115,18 @@ class BiomedCLIPEncoder:
     def __init__(self, model, preprocess, tokenizer, device: str = "cpu") -> None:
         self.model, self.preprocess, self.tokenizer, self.device = model, preprocess, tokenizer, device
 
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(N, 3, 224, 224) model input; images are converted to RGB as open_clip's transform expects."""
+        return torch.stack([self.preprocess(image.convert("RGB")) for image in images])
+
+    def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, D) L2-normalised float32 embeddings of preprocessed pixels, on the model's device (differentiable)."""
+        return self.model.encode_image(pixels.to(self.device), normalize=True).float()
+
     @torch.no_grad()
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N, D) L2-normalised embeddings; images are converted to RGB as open_clip's transform expects."""
-        pixels = torch.stack([self.preprocess(image.convert("RGB")) for image in images]).to(self.device)
-        return self.model.encode_image(pixels, normalize=True).float().cpu()
+        return self.embed_pixels(self.pixel_values(images)).cpu()
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:

@@ -266,11 +266,18 @@ class MedCLIPEncoder:
     def __init__(self, model: MedCLIP, tokenizer: MedCLIPTokenizer, device: str = "cpu") -> None:
         self.model, self.tokenizer, self.device = model.to(device), tokenizer, device
 
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(N, 1, 224, 224) model input after MedCLIP's preprocessing (on the CPU)."""
+        return torch.stack([medclip_preprocess(image) for image in images])
+
+    def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, D) L2-normalised embeddings of preprocessed pixels, on the model's device (differentiable)."""
+        return self.model.encode_image(pixels.to(self.device))
+
     @torch.no_grad()
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(N, D) L2-normalised embeddings after MedCLIP's preprocessing."""
-        pixels = torch.stack([medclip_preprocess(image) for image in images]).to(self.device)
-        return self.model.encode_image(pixels).cpu()
+        return self.embed_pixels(self.pixel_values(images)).cpu()
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:

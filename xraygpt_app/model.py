@@ -185,11 +185,18 @@ class XrayGPTModel:
         t1 = time.perf_counter()
         vit = self.vision(pixel_values.to(self.placement.vision_device))
         t2 = _synchronized_time(self.placement.vision_device)
-        with self._bridge_autocast():
-            hidden, projected = self.bridge(vit.float().to(self.placement.llm_device))
+        hidden, projected = self.bridge_tokens(vit)
         t3 = _synchronized_time(self.placement.llm_device)
         timings = {"preprocess_s": t1 - t0, "vision_s": t2 - t1, "qformer_s": t3 - t2}
         return ImageEncoding(projected.to(self.placement.llm_dtype), pixel_values, vit, hidden, projected, timings)
+
+    def bridge_tokens(self, vit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ViT tokens -> (Q-Former output, projection into the LLM space), under the bridge's autocast.
+
+        Not decorated with inference_mode, so ``xraygpt_app.explain`` can differentiate through it.
+        """
+        with self._bridge_autocast():
+            return self.bridge(vit.float().to(self.placement.llm_device))
 
     def _bridge_autocast(self) -> contextlib.AbstractContextManager:
         dtype = self.placement.bridge_autocast_dtype

@@ -1,0 +1,264 @@
+"""Explainability maps on tiny real-format models: geometry, every model kind, no side effects, faithfulness."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import tinyllava
+import tinyzeroshot
+import torch
+import yaml
+from PIL import Image, ImageDraw
+
+from xraygpt_app.api import XrayGPT
+from xraygpt_app.config import VisionConfig, load_config
+from xraygpt_app.errors import BadInputError
+from xraygpt_app.explain import figure_png, overlay, report_heatmap, zeroshot_heatmaps
+from xraygpt_app.explain.faithfulness import cascade_correlations, cascade_layers, deletion_drops
+from xraygpt_app.explain.geometry import (
+    InputGeometry,
+    medclip_geometry,
+    to_image,
+    torchvision_geometry,
+    xraygpt_geometry,
+)
+from xraygpt_app.explain.report_maps import span_logprob, span_token_indices, teacher_forced_logprobs
+from xraygpt_app.explain.zeroshot_maps import LabelLogits
+from xraygpt_app.image_io import load_radiograph
+from xraygpt_app.medclip import medclip_preprocess
+from xraygpt_app.vision import preprocess
+from xraygpt_app.zeroshot import ZeroShotClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "eval_configs" / "tiny_fixture.yaml"
+SAMPLES = tinyzeroshot.SHARED / "xray-samples"
+IMAGES = ["nih_cxr14_00000001_000_pa_512.png", "hannover_1479fa94_pa_640x755.png",
+          "covidcxr_ARDSSevere_rgb_790x631.png"]
+MONO1 = "cr_nema_rg1_chest_pa_mono1_15bit_uncompressed_DERIVED.dcm"
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    return [load_radiograph(SAMPLES / name).image for name in IMAGES]
+
+
+@pytest.fixture(scope="module")
+def classifiers(tmp_path_factory) -> dict[str, ZeroShotClassifier]:
+    """The three zero-shot model kinds, each loaded from its released file layout through from_config."""
+    root = tmp_path_factory.mktemp("zeroshot")
+    archive, _ = tinyzeroshot.medclip_resnet_zip(root)
+    folder, text_dir, _ = tinyllava.write_tower(root)
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    vit = config["zeroshot"]["models"]["medclip-vit"]
+    for key in ("weights", "vision_config", "text_config"):
+        vit[key] = str((TINY_CONFIG.parent / vit[key]).resolve())
+    config["zeroshot"]["models"] |= {
+        "medclip-resnet": {"kind": "medclip-resnet", "weights": str(archive), "text_config": vit["text_config"]},
+        "biomedclip": {"kind": "biomedclip", "weights": str(folder), "text_config": str(text_dir)}}
+    path = root / "zs.yaml"
+    path.write_text(yaml.safe_dump(config))
+    loaded = load_config(path)
+    return {name: ZeroShotClassifier.from_config(loaded, name) for name in ("medclip-vit", "medclip-resnet",
+                                                                             "biomedclip")}
+
+
+@pytest.fixture(scope="module")
+def xraygpt() -> XrayGPT:
+    return XrayGPT.from_config(TINY_CONFIG)
+
+
+# --- geometry: a bright square must land where it was drawn -------------------------------------------------
+
+def _square(width: int, height: int, box: tuple[int, int, int, int]) -> tuple[Image.Image, np.ndarray]:
+    image = Image.new("L", (width, height), 20)
+    ImageDraw.Draw(image).rectangle(box, fill=250)
+    return image, np.asarray(image) > 128
+
+
+def _landed(pixels: torch.Tensor, geometry: InputGeometry) -> np.ndarray:
+    """The model input's own brightness, as a map, carried back onto the image."""
+    grid = pixels[0].mean(dim=0).numpy() if pixels.dim() == 4 else pixels.mean(dim=0).numpy()
+    grid = (grid - grid.min()) / (grid.max() - grid.min())
+    return to_image(grid, geometry)
+
+
+def _iou(mapped: np.ndarray, drawn: np.ndarray) -> float:
+    found = np.nan_to_num(mapped, nan=0) > 0.5
+    return float((found & drawn).sum() / (found | drawn).sum())
+
+
+@pytest.mark.parametrize("size,box", [((600, 300), (400, 100, 459, 159)), ((300, 640), (40, 500, 99, 579))])
+def test_xraygpt_squeeze_maps_back(size, box):
+    image, drawn = _square(*size, box)
+    mapped = _landed(preprocess(image, VisionConfig()), xraygpt_geometry(*size, 224))
+    assert not np.isnan(mapped).any()  # the squeeze keeps every pixel
+    assert _iou(mapped, drawn) > 0.85
+
+
+@pytest.mark.parametrize("size,box", [((600, 300), (400, 100, 459, 159)), ((150, 120), (10, 80, 39, 109))])
+def test_medclip_grey_square_pad_maps_back(size, box):
+    image, drawn = _square(*size, box)
+    mapped = _landed(medclip_preprocess(image), medclip_geometry(*size))
+    assert not np.isnan(mapped).any()  # padding adds canvas, it never cuts the image
+    assert _iou(mapped, drawn) > 0.85
+
+
+def test_biomedclip_centre_crop_maps_back_and_marks_unseen_borders(classifiers):
+    encoder = classifiers["biomedclip"].encoder
+    image, drawn = _square(600, 300, (200, 100, 259, 159))
+    geometry = torchvision_geometry(600, 300, encoder.preprocess)
+    assert (geometry.resized_w, geometry.resized_h, geometry.crop_x, geometry.crop_y) == (448, 224, 112, 0)
+    mapped = _landed(encoder.pixel_values([image]), geometry)
+    assert _iou(mapped, drawn) > 0.85
+    seen = ~np.isnan(mapped)
+    assert seen[:, 150:450].all() and not seen[:, :149].any() and not seen[:, 451:].any()
+    hidden, _ = _square(600, 300, (20, 100, 79, 159))  # drawn in the cropped-away border: the model never sees it
+    assert encoder.pixel_values([hidden])[0].std(dim=(1, 2)).max() < 1e-6
+
+
+def test_dicom_monochrome1_square_lands_on_the_displayed_image():
+    ds = pydicom.dcmread(SAMPLES / MONO1)
+    pixels = np.full((245, 231), 26000, dtype=ds.pixel_array.dtype)
+    pixels[40:80, 150:190] = 900  # low values are bright in MONOCHROME1
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelData = pixels.tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    shown = load_radiograph(buffer.getvalue()).image  # windowed, inverted: what the user sees
+    drawn = np.asarray(shown.convert("L")) > 128
+    assert drawn[40:80, 150:190].all() and drawn.sum() == 40 * 40
+    mapped = _landed(medclip_preprocess(shown), medclip_geometry(*shown.size))
+    assert _iou(mapped, drawn) > 0.8
+
+
+# --- maps for every model kind; maps change no score -------------------------------------------------------
+
+@pytest.mark.parametrize("name,grid", [("medclip-vit", 7), ("medclip-resnet", 7), ("biomedclip", 14)])
+def test_zeroshot_maps_for_every_kind_change_no_score(classifiers, images, name, grid):
+    classifier = classifiers[name]
+    image = images[1]
+    before = classifier.classify([image], preset="chexpert5")[0]
+    flags = [p.requires_grad for p in classifier.encoder.model.parameters()]
+    maps = zeroshot_heatmaps(classifier, image, preset="chexpert5")
+    after = classifier.classify([image], preset="chexpert5")[0]
+    assert after.logits == before.logits and after.probabilities == before.probabilities
+    assert [p.requires_grad for p in classifier.encoder.model.parameters()] == flags
+    assert all(p.grad is None for p in classifier.encoder.model.parameters())
+    assert [m.label for m in maps] == before.labels
+    np.testing.assert_allclose([m.target for m in maps], before.logits, rtol=1e-4, atol=1e-4)
+    for heatmap in maps:
+        assert heatmap.grid.shape == (grid, grid) and heatmap.image_map.shape == (image.height, image.width)
+        assert heatmap.grid.max() == pytest.approx(1.0) and heatmap.grid.min() >= 0
+    assert len({m.grid.tobytes() for m in maps}) == len(maps)  # one map per label, not one per image
+
+
+def test_only_some_labels_and_occlusion(classifiers, images):
+    classifier = classifiers["medclip-vit"]
+    (one,) = zeroshot_heatmaps(classifier, images[0], preset="chexpert5", only=["Edema"])
+    assert one.label == "Edema"
+    (occluded,) = zeroshot_heatmaps(classifier, images[0], preset="chexpert5", only=["Edema"], method="occlusion",
+                                    occlusion_grid=4)
+    assert occluded.grid.shape == (4, 4) and "occlusion" in occluded.method
+    with pytest.raises(BadInputError, match="no such label"):
+        zeroshot_heatmaps(classifier, images[0], preset="chexpert5", only=["Nope"])
+
+
+def test_overlay_and_figure(classifiers, images, tmp_path):
+    image = images[0]
+    heatmap = zeroshot_heatmaps(classifiers["biomedclip"], image, labels=["effusion"])[0]
+    assert np.array_equal(np.asarray(overlay(image, heatmap, 0.0)), np.asarray(image.convert("RGB")))
+    full = np.asarray(overlay(image, heatmap, 1.0)).astype(int)
+    assert full.shape == (image.height, image.width, 3) and np.abs(full - np.asarray(image.convert("RGB"))).max() > 50
+    data = figure_png(image, heatmap, path=tmp_path / "map.png")
+    assert data.startswith(b"\x89PNG") and (tmp_path / "map.png").read_bytes() == data
+
+
+# --- report maps ----------------------------------------------------------------------------------------------
+
+def test_teacher_forcing_replays_the_greedy_turn(xraygpt, images):
+    session = xraygpt.chat(images[0])
+    turn = session.ask("Describe the findings.", do_sample=False, max_new_tokens=12)
+    pixels = preprocess(images[0], xraygpt.config.vision)
+    with torch.no_grad():
+        logprobs = teacher_forced_logprobs(xraygpt.model, pixels, turn, len(turn.token_ids) - 1)
+    assert logprobs.argmax(dim=-1).tolist() == turn.token_ids  # the recorded tokens were each the greedy choice
+
+
+def test_report_map_changes_no_token(xraygpt, images):
+    image = images[1]
+    plain = xraygpt.chat(image)
+    plain.ask("Describe the findings.", do_sample=False, max_new_tokens=10)
+    expected = plain.ask("Is there effusion?", do_sample=False, max_new_tokens=10).token_ids
+    session = xraygpt.chat(image)
+    turn = session.ask("Describe the findings.", do_sample=False, max_new_tokens=10)
+    word = turn.answer.split()[1]
+    heatmap = report_heatmap(session, image, span=word)
+    assert heatmap.grid.shape == (16, 16) and heatmap.image_map.shape == (image.height, image.width)
+    assert word.lower() in heatmap.label.lower() and heatmap.target < 0
+    assert session.ask("Is there effusion?", do_sample=False, max_new_tokens=10).token_ids == expected
+    assert all(not p.requires_grad and p.grad is None for p in xraygpt.model.llm.parameters())
+
+
+def test_report_map_requests(xraygpt, images):
+    session = xraygpt.chat(images[0])
+    with pytest.raises(BadInputError, match="no answer"):
+        report_heatmap(session, images[0])
+    turn = session.ask("Describe the findings.", do_sample=False, max_new_tokens=8)
+    with pytest.raises(BadInputError, match="does not occur"):
+        report_heatmap(session, images[0], span="zzzz not there")
+    with pytest.raises(BadInputError, match="not the one"):
+        report_heatmap(session, images[1])
+    whole, _ = span_token_indices(xraygpt.model, turn.token_ids, None)
+    assert whole and len(whole) <= len(turn.token_ids)
+
+
+# --- faithfulness (Adebayo et al. 2018; deletion) ---------------------------------------------------------------
+
+def test_zeroshot_map_changes_as_layers_are_randomised(images):
+    classifier = ZeroShotClassifier.from_config(load_config(TINY_CONFIG))  # its own copy: it gets randomised
+    steps = cascade_correlations(cascade_layers(classifier.encoder),
+                                 lambda: zeroshot_heatmaps(classifier, images[0], only=["Edema"])[0].grid)
+    assert len(steps) == 7 and all(rho < 0.95 for _, rho in steps), steps
+
+
+def test_report_map_changes_as_layers_are_randomised(images):
+    model = XrayGPT.from_config(TINY_CONFIG)
+    session = model.chat(images[0])
+    turn = session.ask("Describe the findings.", do_sample=False, max_new_tokens=8)
+    steps = cascade_correlations(cascade_layers(model.model), lambda: report_heatmap(session, images[0],
+                                                                                      turn=turn).raw_grid)
+    assert all(rho < 0.95 for _, rho in steps), steps
+
+
+def test_deleting_salient_cells_lowers_the_zeroshot_score_more_than_random(classifiers, images):
+    classifier = classifiers["medclip-vit"]
+    prompt_set = classifier.prompt_set(preset="chexpert5")
+    scorer = LabelLogits(classifier, prompt_set)
+    top, random = [], []
+    for image in images:
+        pixels = classifier.encoder.pixel_values([image])
+        for i, heatmap in enumerate(zeroshot_heatmaps(classifier, image, preset="chexpert5")):
+            drops = deletion_drops(lambda p, i=i: float(scorer(p)[0, i]), pixels, heatmap.grid)
+            top.append(drops[0])
+            random.append(drops[1])
+    assert np.mean(top) > np.mean(random), (np.mean(top), np.mean(random))
+
+
+def test_deleting_salient_patches_lowers_the_words_logprob_more_than_random(xraygpt, images):
+    top, random = [], []
+    for image in images:
+        session = xraygpt.chat(image)
+        turn = session.ask("Describe the findings.", do_sample=False, max_new_tokens=8)
+        pixels = preprocess(image, xraygpt.config.vision)
+        for span in (None, *turn.answer.split()[:2]):
+            indices, _ = span_token_indices(xraygpt.model, turn.token_ids, span)
+            heatmap = report_heatmap(session, image, span=span)
+            drops = deletion_drops(lambda p, idx=indices, t=turn: float(span_logprob(xraygpt.model, p, t, idx)), pixels,
+                                   heatmap.raw_grid)
+            top.append(drops[0])
+            random.append(drops[1])
+    assert np.mean(top) > np.mean(random), (np.mean(top), np.mean(random))

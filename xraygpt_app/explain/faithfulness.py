@@ -1,0 +1,83 @@
+"""Faithfulness checks of the maps: model-randomisation (Adebayo et al. 2018) and deletion.
+
+- Cascading randomisation: re-draw the weights layer by layer from the output towards the input
+  and compare each new map with the original by rank correlation. A map that does not depend on
+  the model (an edge detector would pass a visual check) keeps a correlation near 1.
+- Deletion: set the top 10% most salient cells to the mean intensity and compare the drop of the
+  explained score with the drop for a random 10% of the cells.
+Used by the tests and by ``bench/bench_explain.py``; they change the model they are given, so pass a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+
+from .maps import delete_cells, random_cells, top_cells
+
+
+def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation of two maps (ties share their mean rank); 0 when one map is constant."""
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0
+    return float(spearmanr(a.ravel(), b.ravel()).statistic)
+
+
+@torch.no_grad()
+def randomize(module: nn.Module, generator: torch.Generator) -> None:
+    """Re-draw every parameter tensor from a normal distribution with its own mean and spread."""
+    for param in module.parameters():
+        if param.numel() > 1:
+            spread = param.float().std().clamp_min(1e-3)
+            noise = torch.randn(param.shape, generator=generator) * spread + param.float().mean()
+            param.copy_(noise.to(param.dtype))
+
+
+def cascade_layers(model) -> list[tuple[str, nn.Module]]:
+    """The layers of a zero-shot encoder's vision tower, or of an XrayGPTModel, from the output to the input."""
+    if hasattr(model, "llm"):  # XrayGPTModel
+        llm_layers = [(f"llm.layers.{i}", layer) for i, layer in enumerate(model.llm.model.layers)][::-1]
+        vit_blocks = [(f"vit.blocks.{i}", block) for i, block in enumerate(model.vision.eva.blocks)][::-1]
+        return [("llm.lm_head", model.llm.lm_head), *llm_layers, ("bridge", model.bridge), *vit_blocks,
+                ("vit.patch_embed", model.vision.eva.patch_embed)]
+    tower = model.model
+    vision = getattr(tower, "vision_model", None)
+    if vision is not None and vision.variant == "resnet":
+        resnet = vision.model
+        return [("fc", resnet.fc), ("layer4", resnet.layer4), ("layer3", resnet.layer3), ("layer2", resnet.layer2),
+                ("layer1", resnet.layer1), ("stem", nn.ModuleList([resnet.conv1, resnet.bn1]))]
+    if vision is not None:
+        swin = vision.model
+        stages = [(f"stage{i}", layer) for i, layer in enumerate(swin.encoder.layers)][::-1]
+        return [("projection", vision.projection_head), ("layernorm", swin.layernorm), *stages,
+                ("embeddings", swin.embeddings)]
+    visual = tower.visual
+    blocks = [(f"block{i}", block) for i, block in enumerate(visual.trunk.blocks)][::-1]
+    return [("head", visual.head), *blocks, ("patch_embed", visual.trunk.patch_embed)]
+
+
+def cascade_correlations(layers: list[tuple[str, nn.Module]], compute_map: Callable[[], np.ndarray],
+                         seed: int = 0) -> list[tuple[str, float]]:
+    """Rank correlation of the map with the original after randomising each layer in turn (cumulatively)."""
+    generator = torch.Generator().manual_seed(seed)
+    original = compute_map()
+    results = []
+    for name, module in layers:
+        randomize(module, generator)
+        results.append((name, rank_correlation(original, compute_map())))
+    return results
+
+
+@torch.no_grad()
+def deletion_drops(score: Callable[[torch.Tensor], float], pixels: torch.Tensor, grid: np.ndarray,
+                   fraction: float = 0.1, draws: int = 10, seed: int = 0) -> tuple[float, float]:
+    """(score drop with the top ``fraction`` cells deleted, mean drop over ``draws`` random deletions)."""
+    base = score(pixels)
+    top = base - score(delete_cells(pixels, top_cells(grid, fraction)))
+    rng = np.random.default_rng(seed)
+    random = [base - score(delete_cells(pixels, random_cells(grid.shape, fraction, rng))) for _ in range(draws)]
+    return float(top), float(np.mean(random))

@@ -1,0 +1,150 @@
+"""Report maps: which image patches the log-probability of some words of an answer is most sensitive to.
+
+Method (the default and only one): **gradient x input, pooled per ViT patch**. The recorded turn is
+replayed with teacher forcing -- the exact prompt segments and generated token ids of its
+:class:`~xraygpt_app.chat.TurnResult`, the image through the model's own ViT -> Q-Former -> projection
+(``XrayGPTModel.bridge_tokens``) -- and the summed log-probability of the chosen tokens is
+differentiated with respect to the preprocessed pixels. Per 14 x 14 patch (16 x 16 patches at
+224/14), grad . pixels is summed: since the patch embedding is linear, this equals
+grad . (patch token - the token of a mean-intensity patch), a first-order estimate of how much the
+words' log-probability falls if that patch were replaced by the mean intensity (0 after
+normalisation, what the deletion check does).
+
+What it does not mean: it is local and first-order (patches that matter only together, or
+non-linearly, can be missed); it explains the model's raw log-probability (temperature 1, before
+top-p), not why sampling picked the words; it is not a segmentation and not a diagnosis.
+Generation is never touched: the replay is a separate forward/backward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..chat import ChatSession, TurnResult
+from ..errors import BadInputError
+from ..image_io import model_ready
+from ..model import XrayGPTModel
+from ..vision import preprocess
+from .geometry import xraygpt_geometry
+from .maps import Heatmap, frozen, make_heatmap
+
+log = logging.getLogger(__name__)
+METHOD = "gradient x input per ViT patch (baseline: mean intensity)"
+
+
+def token_offsets(model: XrayGPTModel, token_ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The decoded answer text and each token's character range in it (by decoding growing prefixes)."""
+    text, ends = "", []
+    for k in range(len(token_ids)):
+        text = model.decode(token_ids[:k + 1])
+        ends.append(len(text))
+    starts = [0, *ends[:-1]]
+    return text, [(min(s, e), e) for s, e in zip(starts, ends, strict=True)]
+
+
+def span_token_indices(model: XrayGPTModel, token_ids: list[int], span: str | None) -> tuple[list[int], str]:
+    """Indices of the generated tokens that spell ``span`` (case-insensitive, first match) and its text.
+
+    Without a span: every token of the answer before the stop string, without end-of-sequence.
+    """
+    text, offsets = token_offsets(model, token_ids)
+    stop = text.find(model.config.generation.stop_string)
+    cut = len(text) if stop < 0 else stop
+    eos = model.tokenizer.eos_token_id
+    if span is None or not span.strip():
+        chosen = [k for k, (start, end) in enumerate(offsets) if start < cut and end > start and token_ids[k] != eos]
+        label = text[:cut].strip()
+    else:
+        where = text[:cut].lower().find(span.strip().lower())
+        if where < 0:
+            raise BadInputError(f"{span.strip()!r} does not occur in this answer")
+        lo, hi = where, where + len(span.strip())
+        chosen = [k for k, (start, end) in enumerate(offsets) if start < hi and end > lo]
+        label = text[lo:hi]
+    if not chosen:
+        raise BadInputError("this answer has no words to explain")
+    return chosen, label
+
+
+def teacher_forced_logprobs(model: XrayGPTModel, pixel_values: torch.Tensor, turn: TurnResult,
+                            upto: int) -> torch.Tensor:
+    """(upto + 1, vocab) log-probabilities of answer tokens 0..upto given the image, the turn's prompt and the
+    answer before each token (teacher forcing on the recorded tokens; differentiable w.r.t. ``pixel_values``)."""
+    if len(turn.prompt_segment_ids) != 2:
+        raise BadInputError("this turn does not record its prompt segments")
+    ids_before, ids_after = turn.prompt_segment_ids
+    device = model.placement.llm_device
+    embed = model.llm.get_input_embeddings()
+    vit = model.vision(pixel_values.to(model.placement.vision_device))
+    image = model.bridge_tokens(vit)[1].to(model.placement.llm_dtype)
+    before = embed(torch.tensor([ids_before], device=device))
+    after = embed(torch.tensor([ids_after + list(turn.token_ids[:upto])], device=device))
+    logits = model.llm(inputs_embeds=torch.cat([before, image, after], dim=1), use_cache=False).logits
+    first = before.shape[1] + image.shape[1] + len(ids_after) - 1  # the position that predicts answer token 0
+    return logits[0, first:first + upto + 1].float().log_softmax(dim=-1)
+
+
+def span_logprob(model: XrayGPTModel, pixel_values: torch.Tensor, turn: TurnResult,
+                 indices: list[int]) -> torch.Tensor:
+    """Summed log-probability of ``turn.token_ids[indices]`` given the image (differentiable)."""
+    logprobs = teacher_forced_logprobs(model, pixel_values, turn, max(indices))
+    picked = torch.tensor(indices, device=logprobs.device)
+    targets = torch.tensor([turn.token_ids[k] for k in indices], device=logprobs.device)
+    return logprobs[picked, targets].sum()
+
+
+def patch_attribution(pixel_grad: torch.Tensor, pixels: torch.Tensor, patch: int) -> np.ndarray:
+    """(S/patch, S/patch) sum of grad x pixels over each patch and channel."""
+    product = (pixel_grad * pixels)[0].sum(dim=0)  # (S, S)
+    side = product.shape[0] // patch
+    return product.reshape(side, patch, side, patch).sum(dim=(1, 3)).detach().cpu().numpy()
+
+
+@contextlib.contextmanager
+def _all_frozen(model: XrayGPTModel):
+    with frozen(model.vision), frozen(model.bridge), frozen(model.llm), torch.enable_grad():
+        yield
+
+
+def report_grid(model: XrayGPTModel, pixel_values: torch.Tensor, turn: TurnResult,
+                indices: list[int]) -> tuple[np.ndarray, float]:
+    """The raw (16 x 16 at 224/14) gradient x input grid of the chosen tokens, and their log-probability."""
+    with _all_frozen(model):
+        pixels = pixel_values.detach().clone().float().requires_grad_(True)
+        target = span_logprob(model, pixels, turn, indices)
+        (grad,) = torch.autograd.grad(target, pixels)
+    return patch_attribution(grad, pixels, model.config.vision.patch_size), float(target.detach())
+
+
+def _turn_of(session: ChatSession, turn: int | TurnResult) -> TurnResult:
+    if isinstance(turn, TurnResult):
+        return turn
+    if not session.turns:
+        raise BadInputError("there is no answer to explain yet")
+    try:
+        return session.turns[turn]
+    except IndexError:
+        raise BadInputError(f"there is no turn {turn} (this conversation has {len(session.turns)})") from None
+
+
+def report_heatmap(session: ChatSession, image: Image.Image, turn: int | TurnResult = -1,
+                   span: str | None = None) -> Heatmap:
+    """Where the model looked for ``span`` (or the whole answer) of a turn of ``session`` about ``image``."""
+    started = time.perf_counter()
+    model, result = session.model, _turn_of(session, turn)
+    image = model_ready(image)
+    pixel_values = preprocess(image, model.config.vision)
+    if not torch.allclose(pixel_values, session.encoding.pixel_values.cpu(), atol=1e-4):
+        raise BadInputError("this image is not the one the conversation is about")
+    indices, label = span_token_indices(model, result.token_ids, span)
+    grid, target = report_grid(model, pixel_values, result, indices)
+    geometry = xraygpt_geometry(image.width, image.height, model.config.vision.image_size)
+    heatmap = make_heatmap(label, grid, geometry, METHOD, "xraygpt", target)
+    log.info("report map of %d tokens in %.2f s", len(indices), time.perf_counter() - started)
+    return heatmap
