@@ -262,3 +262,21 @@ def test_deleting_salient_patches_lowers_the_words_logprob_more_than_random(xray
             top.append(drops[0])
             random.append(drops[1])
     assert np.mean(top) > np.mean(random), (np.mean(top), np.mean(random))
+
+
+def test_llava_family_report_map_on_its_patch_tokens(tmp_path):
+    tiny = tinyllava.build_llava(tmp_path / "llava")
+    model = XrayGPT.from_config(tiny.config)
+    image, _ = _square(600, 300, (200, 100, 259, 159))
+    session = model.chat(image)
+    turn = session.ask("Describe the findings.", do_sample=False, max_new_tokens=8)
+    pixels = model.model.tower.preprocess(image)
+    with torch.no_grad():
+        logprobs = teacher_forced_logprobs(model.model, pixels, turn, len(turn.token_ids) - 1)
+    assert logprobs.argmax(dim=-1).tolist() == turn.token_ids
+    heatmap = report_heatmap(session, image)
+    assert heatmap.grid.shape == (14, 14) and heatmap.model == "llava"
+    seen = ~np.isnan(heatmap.image_map)  # BiomedCLIP's centre crop: the side borders were never seen
+    assert seen[:, 150:450].all() and not seen[:, :149].any() and not seen[:, 451:].any()
+    again = model.chat(image).ask("Describe the findings.", do_sample=False, max_new_tokens=8)
+    assert again.token_ids == turn.token_ids

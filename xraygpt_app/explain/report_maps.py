@@ -2,10 +2,12 @@
 
 Method (the default and only one): **gradient x input, pooled per ViT patch**. The recorded turn is
 replayed with teacher forcing -- the exact prompt segments and generated token ids of its
-:class:`~xraygpt_app.chat.TurnResult`, the image through the model's own ViT -> Q-Former -> projection
-(``XrayGPTModel.bridge_tokens``) -- and the summed log-probability of the chosen tokens is
-differentiated with respect to the preprocessed pixels. Per 14 x 14 patch (16 x 16 patches at
-224/14), grad . pixels is summed: since the patch embedding is linear, this equals
+:class:`~xraygpt_app.chat.TurnResult`, the image through the model's own path (XrayGPT: EVA ViT ->
+Q-Former -> projection, ``ChatModel.bridge_tokens``; llava family: the open_clip tower's patch
+tokens -> projector) -- and the summed log-probability of the chosen tokens is differentiated with
+respect to the preprocessed pixels. Per ViT patch (XrayGPT: 16 x 16 patches of 14 px at 224; llava
+with BiomedCLIP: 14 x 14 patches of 16 px), grad . pixels is summed: since the patch embedding is
+linear, this equals
 grad . (patch token - the token of a mean-intensity patch), a first-order estimate of how much the
 words' log-probability falls if that patch were replaced by the mean intensity (0 after
 normalisation, what the deletion check does).
@@ -21,6 +23,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,33 +32,77 @@ from PIL import Image
 
 from ..chat import ChatSession, TurnResult
 from ..errors import BadInputError
+from ..family import ChatModel
 from ..image_io import model_ready
-from ..model import XrayGPTModel
 from ..vision import preprocess
-from .geometry import xraygpt_geometry
+from .geometry import InputGeometry, torchvision_geometry, xraygpt_geometry
 from .maps import Heatmap, frozen, make_heatmap
 
 log = logging.getLogger(__name__)
 METHOD = "gradient x input per ViT patch (baseline: mean intensity)"
 
 
-def token_offsets(model: XrayGPTModel, token_ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+@dataclass(frozen=True)
+class ImagePath:
+    """How a model family turns an image into LLM input tokens, and where its patches lie."""
+
+    preprocess: Callable[[Image.Image], torch.Tensor]  # -> (1, 3, S, S), the family's own transform
+    llm_tokens: Callable[[torch.Tensor], torch.Tensor]  # pixels -> (1, image tokens, hidden), differentiable
+    patch: int  # pixels per ViT patch side
+    geometry: Callable[[int, int], InputGeometry]
+
+
+def image_path(model: ChatModel) -> ImagePath:
+    """The :class:`ImagePath` of an XrayGPT or llava-family model."""
+    placement = model.placement
+    if hasattr(model, "bridge"):  # XrayGPT
+        def xraygpt_tokens(pixels: torch.Tensor) -> torch.Tensor:
+            vit = model.vision(pixels.to(placement.vision_device))
+            return model.bridge_tokens(vit)[1].to(placement.llm_dtype)
+        vision = model.config.vision
+        return ImagePath(lambda image: preprocess(image, vision), xraygpt_tokens, vision.patch_size,
+                         lambda w, h: xraygpt_geometry(w, h, vision.image_size))
+    tower = model.tower  # llava family: open_clip tower -> projector
+
+    def llava_tokens(pixels: torch.Tensor) -> torch.Tensor:
+        with model._tower_autocast():  # the same autocast as encode_image
+            tokens = tower(pixels.to(placement.vision_device))
+        return model.projector(tokens.to(placement.llm_device, placement.llm_dtype))
+    trunk = getattr(tower.visual, "trunk", None)  # a timm trunk (BiomedCLIP) or open_clip's own ViT
+    patch = (trunk.patch_embed.patch_size if trunk is not None else tower.visual.patch_size)[0]
+    return ImagePath(tower.preprocess, llava_tokens, patch,
+                     lambda w, h: torchvision_geometry(w, h, tower.preprocess_fn))
+
+
+def _decoder(model: ChatModel) -> Callable[[list[int]], str]:
+    decode = getattr(model, "decode", None)  # XrayGPT's SentencePiece decoder
+    return decode or (lambda ids: model.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def _stop_text(model: ChatModel) -> str:
+    template = getattr(model, "template", None)
+    return (template.end_of_turn if template is not None else model.config.generation.stop_string) or ""
+
+
+def token_offsets(model: ChatModel, token_ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
     """The decoded answer text and each token's character range in it (by decoding growing prefixes)."""
+    decode = _decoder(model)
     text, ends = "", []
     for k in range(len(token_ids)):
-        text = model.decode(token_ids[:k + 1])
+        text = decode(token_ids[:k + 1])
         ends.append(len(text))
     starts = [0, *ends[:-1]]
     return text, [(min(s, e), e) for s, e in zip(starts, ends, strict=True)]
 
 
-def span_token_indices(model: XrayGPTModel, token_ids: list[int], span: str | None) -> tuple[list[int], str]:
+def span_token_indices(model: ChatModel, token_ids: list[int], span: str | None) -> tuple[list[int], str]:
     """Indices of the generated tokens that spell ``span`` (case-insensitive, first match) and its text.
 
     Without a span: every token of the answer before the stop string, without end-of-sequence.
     """
     text, offsets = token_offsets(model, token_ids)
-    stop = text.find(model.config.generation.stop_string)
+    stop_text = _stop_text(model)
+    stop = text.find(stop_text) if stop_text else -1
     cut = len(text) if stop < 0 else stop
     eos = model.tokenizer.eos_token_id
     if span is None or not span.strip():
@@ -72,7 +120,7 @@ def span_token_indices(model: XrayGPTModel, token_ids: list[int], span: str | No
     return chosen, label
 
 
-def teacher_forced_logprobs(model: XrayGPTModel, pixel_values: torch.Tensor, turn: TurnResult,
+def teacher_forced_logprobs(model: ChatModel, pixel_values: torch.Tensor, turn: TurnResult,
                             upto: int) -> torch.Tensor:
     """(upto + 1, vocab) log-probabilities of answer tokens 0..upto given the image, the turn's prompt and the
     answer before each token (teacher forcing on the recorded tokens; differentiable w.r.t. ``pixel_values``)."""
@@ -81,8 +129,7 @@ def teacher_forced_logprobs(model: XrayGPTModel, pixel_values: torch.Tensor, tur
     ids_before, ids_after = turn.prompt_segment_ids
     device = model.placement.llm_device
     embed = model.llm.get_input_embeddings()
-    vit = model.vision(pixel_values.to(model.placement.vision_device))
-    image = model.bridge_tokens(vit)[1].to(model.placement.llm_dtype)
+    image = image_path(model).llm_tokens(pixel_values)
     before = embed(torch.tensor([ids_before], device=device))
     after = embed(torch.tensor([ids_after + list(turn.token_ids[:upto])], device=device))
     logits = model.llm(inputs_embeds=torch.cat([before, image, after], dim=1), use_cache=False).logits
@@ -90,7 +137,7 @@ def teacher_forced_logprobs(model: XrayGPTModel, pixel_values: torch.Tensor, tur
     return logits[0, first:first + upto + 1].float().log_softmax(dim=-1)
 
 
-def span_logprob(model: XrayGPTModel, pixel_values: torch.Tensor, turn: TurnResult,
+def span_logprob(model: ChatModel, pixel_values: torch.Tensor, turn: TurnResult,
                  indices: list[int]) -> torch.Tensor:
     """Summed log-probability of ``turn.token_ids[indices]`` given the image (differentiable)."""
     logprobs = teacher_forced_logprobs(model, pixel_values, turn, max(indices))
@@ -107,19 +154,23 @@ def patch_attribution(pixel_grad: torch.Tensor, pixels: torch.Tensor, patch: int
 
 
 @contextlib.contextmanager
-def _all_frozen(model: XrayGPTModel):
-    with frozen(model.vision), frozen(model.bridge), frozen(model.llm), torch.enable_grad():
+def _all_frozen(model: ChatModel):
+    parts = [getattr(model, name) for name in ("vision", "bridge", "tower", "projector", "llm") if hasattr(model, name)]
+    with contextlib.ExitStack() as stack:
+        for part in parts:
+            stack.enter_context(frozen(part))
+        stack.enter_context(torch.enable_grad())
         yield
 
 
-def report_grid(model: XrayGPTModel, pixel_values: torch.Tensor, turn: TurnResult,
+def report_grid(model: ChatModel, pixel_values: torch.Tensor, turn: TurnResult,
                 indices: list[int]) -> tuple[np.ndarray, float]:
-    """The raw (16 x 16 at 224/14) gradient x input grid of the chosen tokens, and their log-probability."""
+    """The raw gradient x input patch grid of the chosen tokens (16 x 16 for XrayGPT), and their log-probability."""
     with _all_frozen(model):
         pixels = pixel_values.detach().clone().float().requires_grad_(True)
         target = span_logprob(model, pixels, turn, indices)
         (grad,) = torch.autograd.grad(target, pixels)
-    return patch_attribution(grad, pixels, model.config.vision.patch_size), float(target.detach())
+    return patch_attribution(grad, pixels, image_path(model).patch), float(target.detach())
 
 
 def _turn_of(session: ChatSession, turn: int | TurnResult) -> TurnResult:
@@ -139,12 +190,13 @@ def report_heatmap(session: ChatSession, image: Image.Image, turn: int | TurnRes
     started = time.perf_counter()
     model, result = session.model, _turn_of(session, turn)
     image = model_ready(image)
-    pixel_values = preprocess(image, model.config.vision)
+    path = image_path(model)
+    pixel_values = path.preprocess(image)
     if not torch.allclose(pixel_values, session.encoding.pixel_values.cpu(), atol=1e-4):
         raise BadInputError("this image is not the one the conversation is about")
     indices, label = span_token_indices(model, result.token_ids, span)
     grid, target = report_grid(model, pixel_values, result, indices)
-    geometry = xraygpt_geometry(image.width, image.height, model.config.vision.image_size)
-    heatmap = make_heatmap(label, grid, geometry, METHOD, "xraygpt", target)
+    heatmap = make_heatmap(label, grid, path.geometry(image.width, image.height), METHOD,
+                           model.config.model.family, target)
     log.info("report map of %d tokens in %.2f s", len(indices), time.perf_counter() - started)
     return heatmap
