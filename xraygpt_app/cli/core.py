@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 
 from ..config import load_config
 from ..conversation import DEFAULT_REPORT_QUESTION
-from ..errors import ImageLoadError
+from ..errors import BadInputError, ImageLoadError
 from ..image_io import load_radiograph
+from .heatmaps import MEANING_LINE, add_heatmap_option, output_folder, write_report_maps
 from .options import add_config_options
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling, for repeatable answers")
     parser.add_argument("--no-kv-reuse", action="store_true", help="re-run the whole prompt each turn")
+    add_heatmap_option(parser, report=True)
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -70,6 +72,10 @@ def _converse(args: argparse.Namespace, questions: list[str]) -> int:
     settings_with(config.generation, **generation)
     for question in questions:
         check_question(question)
+    if args.span and not args.heatmap:
+        raise BadInputError("--span needs --heatmap DIR")
+    if args.heatmap:
+        output_folder(args.heatmap)
     try:
         radiograph = load_radiograph(args.image, config.image)
     except ImageLoadError as exc:
@@ -80,6 +86,7 @@ def _converse(args: argparse.Namespace, questions: list[str]) -> int:
         print(DISCLAIMER, file=sys.stderr)
     for question in questions:
         _run_turn(session, question, generation, stream=not args.json)
+    heatmaps = write_report_maps(args.heatmap, session, args.image, radiograph.image, args.span) if args.heatmap else []
     if args.json:
         print(json.dumps({
             "image": radiograph.info.to_dict(),
@@ -87,7 +94,10 @@ def _converse(args: argparse.Namespace, questions: list[str]) -> int:
             "turns": [turn.to_dict() for turn in session.turns],
             "config": config.to_dict(),
             "disclaimer": DISCLAIMER,
+            **({"heatmaps": [str(p) for p in heatmaps], "heatmap_meaning": MEANING_LINE} if args.heatmap else {}),
         }, indent=2, ensure_ascii=False))
+    elif args.heatmap:
+        print(f"{len(heatmaps)} heatmap(s) written to {args.heatmap}. {MEANING_LINE}", file=sys.stderr)
     return 0
 
 

@@ -19,6 +19,7 @@ from ..config import ENSEMBLES, Config, load_config
 from ..errors import BadInputError, ImageLoadError
 from ..image_io import load_radiograph
 from ..prompts import PRESETS, PromptSet, load_prompt_file, parse_labels
+from .heatmaps import MEANING_LINE, add_heatmap_option, output_folder, write_zeroshot_maps
 from .options import add_config_options
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_label_options(classify)
     classify.add_argument("--json", action="store_true", help="print JSON instead of a table")
     classify.add_argument("--chart", metavar="OUT.png", help="write a bar chart of the scores")
+    add_heatmap_option(classify)
     add_config_options(classify)
     classify.set_defaults(func=run_classify)
 
@@ -97,10 +99,16 @@ def run_classify(args: argparse.Namespace) -> int:
     """Print a table (or JSON) of scores per image; optionally write the chart."""
     config = load_config(args.config, args.overrides)
     images = _load_images(args.images, config)
+    if args.heatmap:
+        output_folder(args.heatmap)  # before the model loads
     classifier = _classifier(config, args)
     start = time.perf_counter()
     results = classifier.classify(images, **_request(args))
     log.info("classified %d images in %.2f s", len(images), time.perf_counter() - start)
+    heatmaps = []
+    if args.heatmap:  # after the scores, which the maps do not change
+        heatmaps = write_zeroshot_maps(args.heatmap, classifier, args.images, images, _request(args),
+                                       args.heatmap_method)
     if args.chart:
         from ..charts import score_chart
 
@@ -111,7 +119,8 @@ def run_classify(args: argparse.Namespace) -> int:
     if args.json:
         payload = [{"image": path, "model": classifier.name, **r.to_dict()} for path, r in zip(args.images, results,
                                                                                                 strict=True)]
-        json.dump({"results": payload, "notice": NOTICE}, sys.stdout, indent=2)
+        extra = {"heatmaps": [str(p) for p in heatmaps], "heatmap_meaning": MEANING_LINE} if args.heatmap else {}
+        json.dump({"results": payload, **extra, "notice": NOTICE}, sys.stdout, indent=2)
         print()
         return 0
     for path, result in zip(args.images, results, strict=True):
@@ -121,6 +130,8 @@ def run_classify(args: argparse.Namespace) -> int:
 
         shown = f" (the first {MAX_PANELS} of {len(results)} images)" if len(results) > MAX_PANELS else ""
         print(f"chart written to {args.chart}{shown}")
+    if args.heatmap:
+        print(f"{len(heatmaps)} heatmaps written to {args.heatmap}. {MEANING_LINE}")
     print(NOTICE)
     return 0
 

@@ -1,0 +1,58 @@
+"""``--heatmap`` of ``classify`` and ``report``: PNGs written, scores and tokens unchanged, bad requests exit 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from xraygpt_app.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "eval_configs" / "tiny_fixture.yaml")
+SAMPLES = REPO.parent / "shared" / "xray-samples"
+IMAGE = str(SAMPLES / "hannover_00870a9c_ap_bedside_640x524.png")
+DICOM = str(SAMPLES / "dx_nih_chest_mono2_8bit_implicit_vr.dcm")
+
+
+def _json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out)
+
+
+def test_classify_heatmaps_one_png_per_image_and_label(tmp_path, capsys):
+    assert main(["classify", IMAGE, DICOM, "-c", TINY, "--json"]) == 0
+    plain = _json(capsys)
+    out = tmp_path / "maps"
+    assert main(["classify", IMAGE, DICOM, "-c", TINY, "--json", "--heatmap", str(out)]) == 0
+    mapped = _json(capsys)
+    assert mapped["results"] == plain["results"]  # maps change no score
+    labels = plain["results"][0]["labels"]
+    assert len(mapped["heatmaps"]) == 2 * len(labels) and "not a diagnosis" in mapped["heatmap_meaning"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(Path(p).name for p in mapped["heatmaps"])
+    assert (out / "hannover_00870a9c_ap_bedside_640x524_pleural-effusion.png").is_file()
+    assert Image.open(mapped["heatmaps"][0]).format == "PNG"
+
+
+def test_report_heatmap_with_a_span(tmp_path, capsys):
+    assert main(["report", IMAGE, "-c", TINY, "--greedy", "--max-new-tokens", "8", "--json"]) == 0
+    plain = _json(capsys)
+    word = plain["turns"][0]["answer"].split()[0]
+    out = tmp_path / "report"
+    assert main(["report", IMAGE, "-c", TINY, "--greedy", "--max-new-tokens", "8", "--json", "--heatmap", str(out),
+                 "--span", word]) == 0
+    mapped = _json(capsys)
+    assert mapped["turns"][0]["token_ids"] == plain["turns"][0]["token_ids"]
+    (written,) = mapped["heatmaps"]
+    assert Path(written).name.startswith("hannover_00870a9c_ap_bedside_640x524_turn1_") and Path(written).is_file()
+
+
+def test_heatmap_requests_that_cannot_work_exit_2(tmp_path, capsys):
+    assert main(["report", IMAGE, "-c", TINY, "--span", "effusion"]) == 2
+    assert "--span needs --heatmap" in capsys.readouterr().err
+    assert main(["report", IMAGE, "-c", TINY, "--greedy", "--max-new-tokens", "4", "--heatmap", str(tmp_path),
+                 "--span", "zzzz not in the answer"]) == 2
+    assert "does not occur" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["classify", IMAGE, "-c", TINY, "--heatmap", str(blocker / "sub")]) == 2
