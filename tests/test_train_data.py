@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import traindata
 
 from xraygpt_app.config import VisionConfig
 from xraygpt_app.train.data import DataError, PairDataset, image_transform, read_samples, split_samples
@@ -18,19 +19,13 @@ JPEG = "covidcxr_2168a917_pa_2000.jpg"
 
 
 def caption_folder(root: Path, samples_dir: Path, extra: list[dict] | None = None) -> Path:
-    """A MiniGPT-4 stage-2 folder: filter_cap.json and image/<id>.<ext> (PNG and DICOM)."""
-    (root / "image").mkdir(parents=True)
-    shutil.copy(samples_dir / PNG, root / "image" / "a.png")
-    shutil.copy(samples_dir / DICOM, root / "image" / "b.dcm")
-    annotations = [{"image_id": "a", "caption": "The lungs are clear."},
-                   {"image_id": "b", "caption": "No acute findings."}, *(extra or [])]
-    (root / "filter_cap.json").write_text(json.dumps({"annotations": annotations}), encoding="utf-8")
-    return root
+    """Two rows: a PNG and a DICOM (``img0.png``, ``img1.dcm``)."""
+    return traindata.caption_folder(root, samples_dir, [PNG, DICOM], extra)
 
 
 def test_caption_folder_reads_png_and_dicom(tmp_path: Path, samples_dir: Path) -> None:
     summary = read_samples(caption_folder(tmp_path / "d", samples_dir))
-    assert [s.image.name for s in summary.samples] == ["a.png", "b.dcm"]
+    assert [s.image.name for s in summary.samples] == ["img0.png", "img1.dcm"]
     assert [s.question for s in summary.samples] == [None, None]
     assert summary.skipped == []
 
@@ -51,7 +46,7 @@ def test_jsonl_and_csv_rows(tmp_path: Path, samples_dir: Path) -> None:
 @pytest.mark.parametrize(("row", "message"), [
     ({"image_id": "missing", "caption": "x"}, "annotation 2: no image named missing"),
     ({"image_id": "bad", "caption": "x"}, "annotation 2: image bad.png cannot be used"),
-    ({"image_id": "a", "caption": "  "}, "annotation 2: the answer/caption is empty"),
+    ({"image_id": "img0", "caption": "  "}, "annotation 2: the answer/caption is empty"),
 ])
 def test_bad_row_names_file_and_row(tmp_path: Path, samples_dir: Path, row: dict, message: str) -> None:
     folder = caption_folder(tmp_path / "d", samples_dir, [row])

@@ -108,3 +108,21 @@ def auc_chart(per_class: Mapping[str, Mapping], macro: float | None = None, path
     ax.set_ylabel("AUC (bars: bootstrap 95% CI)")
     ax.set_title("AUC per label")
     return _render(fig, path)
+
+
+def loss_chart(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]] = (),
+               path: str | Path | None = None) -> bytes:
+    """Training loss per optimiser step, with the validation loss at the end of each epoch."""
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.add_subplot()
+    steps, losses = zip(*train, strict=True) if train else ((), ())
+    ax.plot(steps, losses, color="#1f77b4", linewidth=1.2, label="training loss")
+    if val:
+        val_steps, val_losses = zip(*val, strict=True)
+        ax.plot(val_steps, val_losses, "o-", color="#d62728", label="validation loss")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("mean token cross-entropy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    ax.set_title("Fine-tuning loss")
+    return _render(fig, path)

@@ -248,7 +248,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     Relative local weight paths are resolved against the config file's folder.
     """
     path = Path(path) if path is not None else DEFAULT_CONFIG
-    return config_from_raw(read_raw_config(path, overrides), path)
+    raw = read_raw_config(path, overrides)
+    raw.pop("train", None)  # a training config's own section, read (and checked) by xraygpt_app.train.config
+    return config_from_raw(raw, path)
 
 
 def read_raw_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "xraygpt_app.cli.weights",
     "xraygpt_app.cli.inspect",
     "xraygpt_app.cli.zeroshot",
+    "xraygpt_app.cli.finetune",
 )
 
 

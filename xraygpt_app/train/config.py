@@ -76,8 +76,10 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
     train_raw = raw.pop("train", None)
     config = config_from_raw(raw, path)
     train = build_section(TrainConfig, train_raw, str(path), "train")
-    if train.instructions and not Path(train.instructions).is_absolute():
-        train.instructions = str((path.parent / train.instructions).resolve())
+    for name in ("instructions", "output_dir"):  # relative to the config file, like weights paths
+        value = getattr(train, name)
+        if value and name in (train_raw or {}) and not Path(value).is_absolute():
+            setattr(train, name, str((path.parent / value).resolve()))
     validate_train_config(train, str(path))
     return config, train
 

@@ -24,7 +24,7 @@ def add_lora(llm: nn.Module, settings: TrainConfig) -> nn.Module:
 def enable_llm_training(llm: nn.Module, checkpointing: bool) -> None:
     """Gradient checkpointing for a training LLM (non-reentrant: the frozen embeddings need no hook)."""
     if checkpointing:
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def lora_state(llm: nn.Module) -> dict[str, torch.Tensor]:

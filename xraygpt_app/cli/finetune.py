@@ -1,0 +1,102 @@
+"""``xraygpt finetune``: train XrayGPT on report / VQA pairs with XrayGPT's objective (or only compute the loss).
+
+Exit codes: 0 done; 2 bad config or data; 3 missing weights; 130 interrupted (a checkpoint was saved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..config import DEFAULT_CONFIG
+from .options import add_config_options
+
+DEFAULT_TRAIN_CONFIG = DEFAULT_CONFIG.parent.parent / "train_configs" / "xraygpt_openi_finetune.yaml"
+EXIT_INTERRUPTED = 130
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``finetune``."""
+    parser = subparsers.add_parser(
+        "finetune", help="fine-tune XrayGPT on your report or VQA pairs (XrayGPT's objective)",
+        description="Fine-tune with XrayGPT's objective: llama_proj by default, optionally the Q-Former or LoRA "
+                    "adapters. Writes XrayGPT-format checkpoints that `serve --set weights.ckpt=...` loads. "
+                    "Run it under `accelerate launch` for several GPUs or processes.")
+    add_config_options(parser)  # a model config, with an optional train: section (XrayGPT's run settings)
+    parser.set_defaults(config=str(DEFAULT_TRAIN_CONFIG))
+    parser.add_argument("--data", required=True, help="a folder with filter_cap.json, or a .jsonl / .csv file")
+    parser.add_argument("--val", default=None, help="validation data (default: train.val_fraction of --data)")
+    parser.add_argument("--output", "-o", default=None, help="output folder (default: train.output_dir)")
+    parser.add_argument("--resume", default=None, metavar="CKPT", help="continue the run that wrote CKPT")
+    parser.add_argument("--skip-bad", action="store_true", help="leave out unusable rows (counted) instead of stopping")
+    parser.add_argument("--loss-only", action="store_true",
+                        help="print loss and gradient norms per batch in file order; no update, shuffling or cropping")
+    parser.add_argument("--batch-size", type=int, default=None, help="with --loss-only (default: train.batch_size)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run_finetune)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from ..train.config import load_train_config  # torch and friends load only when the command runs
+
+    config, train = load_train_config(args.config, args.overrides)
+    if args.loss_only:
+        return _loss_only(args, config, train)
+    from ..train.trainer import Trainer
+
+    trainer = Trainer.from_config((config, train), data=args.data, val=args.val, output=args.output,
+                                  skip_bad=args.skip_bad)
+    result = trainer.fit(resume=args.resume)
+    if not trainer.accelerator.is_main_process:
+        return EXIT_INTERRUPTED if result.interrupted else 0
+    checkpoint = str(result.checkpoint) if result.checkpoint else None
+    summary = {"output_dir": str(result.output_dir), "checkpoint": checkpoint,
+               "iterations": result.iterations_done, "interrupted": result.interrupted,
+               "train_rows": len(trainer.train_samples), "val_rows": len(trainer.val_samples),
+               "skipped_rows": trainer.skipped, "val_loss": result.val_loss,
+               "report_metrics": (result.report_metrics or {}).get("overall")}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary, args, train.lora.enabled)
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+def _loss_only(args: argparse.Namespace, config, train) -> int:
+    from ..train.data import read_samples
+    from ..train.evaluate import loss_only
+    from ..train.trainer import FAMILIES, make_accelerator
+
+    make_accelerator(config, train)
+    rows = read_samples(args.data, skip_bad=args.skip_bad, limits=config.image)
+    family = FAMILIES["xraygpt"](config, train)
+    result = loss_only(family, rows.samples, config, train, args.batch_size or train.batch_size)
+    result.update(rows=len(rows.samples), skipped_rows=len(rows.skipped))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for i, batch in enumerate(result["batches"]):
+        norms = ", ".join(f"{name} {value:.6g}" for name, value in batch["grad_norms"].items())
+        print(f"batch {i}: loss {batch['loss']:.6f} ({batch['target_tokens']} target tokens); grad L2 {norms}")
+    print(f"{result['rows']} rows, {result['skipped_rows']} skipped")
+    return 0
+
+
+def _print_summary(summary: dict, args: argparse.Namespace, lora: bool) -> None:
+    state = "interrupted; resume with --resume " + str(summary["checkpoint"]) if summary["interrupted"] else "done"
+    print(f"fine-tuning {state}: {summary['iterations']} iterations, {summary['train_rows']} training rows,"
+          f" {summary['val_rows']} validation rows, {summary['skipped_rows']} skipped")
+    print(f"outputs in {summary['output_dir']}: metrics.jsonl, loss_curve.png, checkpoints")
+    if summary["val_loss"] is not None:
+        print(f"validation loss: {summary['val_loss']:.4f}")
+    if summary["report_metrics"]:
+        print("report metrics on the validation split: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in summary["report_metrics"].items()))
+    if summary["checkpoint"] and not summary["interrupted"]:
+        serve = f"xraygpt serve -c {args.config} --set weights.ckpt={summary['checkpoint']}"
+        if lora:
+            adapter = Path(summary["checkpoint"]).with_name(Path(summary["checkpoint"]).stem.replace(
+                "checkpoint", "lora_adapter"))
+            serve += f" --set weights.lora={adapter}"
+        print(f"serve it: {serve}")

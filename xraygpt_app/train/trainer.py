@@ -1,0 +1,261 @@
+"""The fine-tuning loop, on ``accelerate``: ``accelerate launch`` runs the same command as DDP.
+
+>>> from xraygpt_app.train.trainer import Trainer
+>>> trainer = Trainer.from_config("train_configs/xraygpt_openi_finetune.yaml", data="dataset/openi")
+>>> result = trainer.fit()          # checkpoints, metrics.jsonl, loss curve, report metrics
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..config import Config
+from ..errors import ConfigError
+from .batches import RunBatches, choose_instructions, iteration_seed
+from .config import TrainConfig, load_train_config
+from .data import PairDataset, Sample, collate, image_transform, read_samples, split_samples
+from .evaluate import report_scores, validation_loss
+from .outputs import (
+    MetricsLog,
+    TrainingError,
+    load_checkpoint,
+    save_atomically,
+    save_folder_atomically,
+    write_loss_curve,
+)
+from .schedule import build_optimizer, learning_rate, set_learning_rate
+from .xraygpt_objective import XrayGPTTrainable
+
+log = logging.getLogger(__name__)
+
+# Model families the trainer can fine-tune: name -> loader (see the package docstring for the interface).
+FAMILIES: dict[str, Callable[[Config, TrainConfig], nn.Module]] = {"xraygpt": XrayGPTTrainable.from_config}
+
+
+class _StopRequested(Exception):
+    """``fit(stop_after=...)`` reached: behave exactly as Ctrl-C does."""
+
+
+@dataclass
+class RunResult:
+    iterations_done: int
+    checkpoint: Path | None  # the last checkpoint written
+    interrupted: bool
+    output_dir: Path
+    val_loss: float | None = None
+    report_metrics: dict | None = None
+
+
+@dataclass
+class _State:
+    iteration: int = 0  # next iteration to run
+    step: int = 0  # optimiser steps done
+    last_checkpoint: Path | None = None
+
+
+def make_accelerator(config: Config, train: TrainConfig) -> Accelerator:
+    """The accelerator for this machine; sets ``runtime.device``/``mode`` so the model loads where it trains."""
+    cuda = torch.cuda.is_available() and config.runtime.device != "cpu"
+    precision = train.precision if train.precision != "auto" else ("fp16" if cuda else "fp32")
+    if train.quantization != "none" and not cuda:
+        raise ConfigError("QLoRA (train.quantization 8bit/4bit) needs a CUDA GPU; on the CPU train with"
+                          " train.quantization: none (llama_proj, Q-Former or plain LoRA)")
+    if precision == "fp16" and not cuda:
+        raise ConfigError("train.precision fp16 needs a CUDA GPU; on the CPU use fp32 (or bf16)")
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="no" if precision == "fp32" else precision)
+    config.runtime.device = str(accelerator.device)
+    config.runtime.mode = train.quantization if train.quantization != "none" else precision
+    return accelerator
+
+
+class Trainer:
+    """One fine-tuning run: a model family, its data, the accelerator and an output folder."""
+
+    def __init__(self, config: Config, train: TrainConfig, family: nn.Module, accelerator: Accelerator,
+                 train_samples: list[Sample], val_samples: list[Sample], output_dir: Path, skipped: int = 0):
+        self.config, self.train, self.family, self.accelerator = config, train, family, accelerator
+        self.train_samples, self.val_samples, self.skipped = train_samples, val_samples, skipped
+        self.output_dir = output_dir
+        world = accelerator.num_processes
+        self.iters_per_epoch = train.iters_per_epoch or math.ceil(len(train_samples) / (train.batch_size * world))
+        self.total_iterations = train.max_epoch * self.iters_per_epoch
+
+    @classmethod
+    def from_config(cls, config: str | Path | tuple[Config, TrainConfig], data: str | Path,
+                    val: str | Path | None = None, overrides: tuple[str, ...] | list[str] = (),
+                    output: str | Path | None = None, skip_bad: bool = False, family: str = "xraygpt") -> Trainer:
+        """Read the config and the data (every row checked), load the model family, pick the output folder."""
+        config, train = config if isinstance(config, tuple) else load_train_config(config, overrides)
+        accelerator = make_accelerator(config, train)
+        rows = read_samples(data, skip_bad=skip_bad, limits=config.image)
+        skipped = len(rows.skipped)
+        if val is not None:
+            val_rows = read_samples(val, skip_bad=skip_bad, limits=config.image)
+            train_samples, val_samples, skipped = rows.samples, val_rows.samples, skipped + len(val_rows.skipped)
+        else:
+            train_samples, val_samples = split_samples(rows.samples, train.val_fraction, train.seed)
+        log.info("data: %d training rows, %d validation rows, %d skipped", len(train_samples), len(val_samples),
+                 skipped)
+        if family not in FAMILIES:
+            raise ConfigError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")
+        model = FAMILIES[family](config, train)
+        output_dir = Path(output or train.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        return cls(config, train, model, accelerator, train_samples, val_samples, output_dir, skipped)
+
+    # --- the run ----------------------------------------------------------------------------------
+    def fit(self, resume: str | Path | None = None, stop_after: int | None = None) -> RunResult:
+        """Train to the end (or to iteration ``stop_after``, as if interrupted there); returns what was written."""
+        acc = self.accelerator
+        model = acc.prepare_model(self.family, device_placement=False)
+        optimizer = acc.prepare_optimizer(build_optimizer(self.family.named_trainable(), self.train))
+        state = self._resume(resume, optimizer) if resume else _State()
+        metrics = MetricsLog(self.output_dir / "metrics.jsonl", state.step if resume else None)
+        loader = self._loader(state.iteration)
+        progress = tqdm(total=self.total_iterations, initial=state.iteration, unit="it", dynamic_ncols=True,
+                        disable=not acc.is_local_main_process, desc="fine-tuning")
+        model.train()
+        try:
+            self._loop(model, optimizer, loader, state, metrics, progress, stop_after)
+        except (KeyboardInterrupt, _StopRequested):
+            progress.close()
+            path = self._save(optimizer, state, self.output_dir / "checkpoint_last.pth")
+            log.warning("interrupted at iteration %d; saved %s", state.iteration, path)
+            return RunResult(state.iteration, path, True, self.output_dir)
+        except torch.OutOfMemoryError:
+            raise self._out_of_memory(state) from None
+        except RuntimeError as exc:
+            if "can't allocate memory" in str(exc) or "out of memory" in str(exc):
+                raise self._out_of_memory(state) from None
+            raise
+        progress.close()
+        return self._finish(state, metrics)
+
+    def _loader(self, start: int) -> DataLoader:
+        acc, train = self.accelerator, self.train
+        sampler = RunBatches(len(self.train_samples), train.batch_size, acc.num_processes, acc.process_index,
+                             train.seed, start, self.total_iterations)
+        dataset = PairDataset(self.train_samples, image_transform(self.config.vision, train.augment),
+                              self.config.image)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=train.num_workers)
+
+    def _loop(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, state: _State,
+              metrics: MetricsLog, progress: tqdm, stop_after: int | None) -> None:
+        acc, train = self.accelerator, self.train
+        window = _Window()
+        for pixels, targets, questions in loader:
+            iteration = state.iteration
+            set_learning_rate(optimizer, learning_rate(iteration, self.iters_per_epoch, train))
+            torch.manual_seed(iteration_seed(train.seed, iteration, acc.process_index))
+            instructions = choose_instructions(questions, self.family.instructions, train.seed, iteration)
+            boundary = (iteration + 1) % train.grad_accum_steps == 0 or (iteration + 1) % self.iters_per_epoch == 0
+            with contextlib.nullcontext() if boundary else acc.no_sync(model):
+                loss, tokens = model(pixels, instructions, targets)
+                acc.backward(loss / train.grad_accum_steps)
+            window.add(acc.reduce(loss.detach(), "mean").item(), acc.reduce(tokens.detach(), "sum").item(),
+                       len(targets) * acc.num_processes)
+            if boundary:
+                norm = acc.clip_grad_norm_(list(self.family.named_trainable().values()),
+                                           train.max_grad_norm or float("inf"))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                record = window.record(state.step, iteration, iteration // self.iters_per_epoch,
+                                       optimizer.param_groups[0]["lr"], float(norm))
+                if acc.is_main_process:
+                    metrics.write(record)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            state.iteration = iteration + 1
+            progress.update(1)
+            if state.iteration % self.iters_per_epoch == 0:
+                self._end_epoch(optimizer, state, metrics)
+            if boundary and stop_after is not None and state.iteration >= stop_after:
+                raise _StopRequested
+
+    def _end_epoch(self, optimizer: torch.optim.Optimizer, state: _State, metrics: MetricsLog) -> None:
+        epoch = state.iteration // self.iters_per_epoch - 1
+        val = validation_loss(self.family, self.val_samples, self.config, self.train)
+        if val is not None and self.accelerator.is_main_process:
+            metrics.write({"type": "val", "step": state.step, "epoch": epoch, "val_loss": val})
+            log.info("epoch %d: validation loss %.4f", epoch, val)
+        self.family.train()
+        self._save(optimizer, state, self.output_dir / f"checkpoint_{epoch}.pth")
+        if self.train.lora.enabled and self.accelerator.is_main_process:
+            save_folder_atomically(self.family.save_adapter, self.output_dir / f"lora_adapter_{epoch}")
+
+    def _save(self, optimizer: torch.optim.Optimizer, state: _State, path: Path) -> Path:
+        """XrayGPT's checkpoint layout, plus what an exact resume needs (iteration, step, LoRA weights)."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            scaler = acc.scaler.state_dict() if acc.scaler is not None else None
+            checkpoint = {"model": self.family.checkpoint_state(), "optimizer": optimizer.state_dict(),
+                          "config": {"model": self.config.to_dict(), "train": self.train.to_dict(),
+                                     "family": self.family.family},
+                          "scaler": scaler, "epoch": state.iteration // self.iters_per_epoch,
+                          "iteration": state.iteration, "step": state.step, "lora": self.family.adapter_state()}
+            save_atomically(checkpoint, path, state.last_checkpoint)
+        acc.wait_for_everyone()
+        state.last_checkpoint = path
+        return path
+
+    def _resume(self, path: str | Path, optimizer: torch.optim.Optimizer) -> _State:
+        checkpoint = load_checkpoint(path)
+        self.family.load_checkpoint_state(checkpoint["model"], checkpoint.get("lora"))
+        if checkpoint.get("optimizer"):
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scaler") and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(checkpoint["scaler"])
+        # XrayGPT's own checkpoints end an epoch and carry no iteration: continue with the next epoch.
+        iteration = checkpoint.get("iteration", (checkpoint.get("epoch", 0) + 1) * self.iters_per_epoch)
+        step = checkpoint.get("step", iteration // self.train.grad_accum_steps)
+        log.info("resuming %s at iteration %d (optimiser step %d)", path, iteration, step)
+        return _State(iteration=iteration, step=step, last_checkpoint=Path(path))
+
+    def _out_of_memory(self, state: _State) -> TrainingError:
+        keep = f"the last good checkpoint is {state.last_checkpoint}" if state.last_checkpoint else "no checkpoint yet"
+        return TrainingError(f"Out of memory at iteration {state.iteration} (train.batch_size"
+                             f" {self.train.batch_size}); {keep}. Lower train.batch_size (raise train.grad_accum_steps"
+                             f" to keep the global batch), or train LoRA with gradient checkpointing / QLoRA.")
+
+    def _finish(self, state: _State, metrics: MetricsLog) -> RunResult:
+        result = RunResult(state.iteration, state.last_checkpoint, False, self.output_dir)
+        if self.accelerator.is_main_process:
+            write_loss_curve(metrics, self.output_dir / "loss_curve.png")
+            vals = [r["val_loss"] for r in metrics.records() if r["type"] == "val"]
+            result.val_loss = vals[-1] if vals else None
+            result.report_metrics = report_scores(self.family, self.val_samples, self.config, self.train,
+                                                  self.output_dir / "report_metrics.json")
+        self.accelerator.wait_for_everyone()
+        return result
+
+
+class _Window:
+    """Loss, tokens and samples since the last optimiser step, and the time they took."""
+
+    def __init__(self):
+        self.start, self.losses, self.tokens, self.samples = time.perf_counter(), [], 0, 0
+
+    def add(self, loss: float, tokens: float, samples: int) -> None:
+        self.losses.append(loss)
+        self.tokens += int(tokens)
+        self.samples += samples
+
+    def record(self, step: int, iteration: int, epoch: int, lr: float, grad_norm: float) -> dict:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        record = {"type": "train", "step": step, "iteration": iteration, "epoch": epoch,
+                  "loss": sum(self.losses) / len(self.losses), "lr": lr, "grad_norm": grad_norm,
+                  "samples_per_s": self.samples / elapsed, "tokens_per_s": self.tokens / elapsed}
+        self.__init__()
+        return record
