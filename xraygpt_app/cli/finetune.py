@@ -66,11 +66,11 @@ def run_finetune(args: argparse.Namespace) -> int:
 def _loss_only(args: argparse.Namespace, config, train) -> int:
     from ..train.data import read_samples
     from ..train.evaluate import loss_only
-    from ..train.trainer import FAMILIES, make_accelerator
+    from ..train.trainer import load_family, make_accelerator
 
     make_accelerator(config, train)
     rows = read_samples(args.data, skip_bad=args.skip_bad, limits=config.image)
-    family = FAMILIES["xraygpt"](config, train)
+    family = load_family(config, train)
     result = loss_only(family, rows.samples, config, train, args.batch_size or train.batch_size)
     result.update(rows=len(rows.samples), skipped_rows=len(rows.skipped))
     if args.json:

@@ -44,6 +44,14 @@ log = logging.getLogger(__name__)
 FAMILIES: dict[str, Callable[[Config, TrainConfig], nn.Module]] = {"xraygpt": XrayGPTTrainable.from_config}
 
 
+def load_family(config: Config, train: TrainConfig) -> nn.Module:
+    """The trainable model of the config's ``model.family``."""
+    if config.model.family not in FAMILIES:
+        raise ConfigError(f"fine-tuning is not available for model.family {config.model.family!r} yet"
+                          f" (trainable families: {', '.join(FAMILIES)})")
+    return FAMILIES[config.model.family](config, train)
+
+
 class _StopRequested(Exception):
     """``fit(stop_after=...)`` reached: behave exactly as Ctrl-C does."""
 
@@ -95,7 +103,7 @@ class Trainer:
     @classmethod
     def from_config(cls, config: str | Path | tuple[Config, TrainConfig], data: str | Path,
                     val: str | Path | None = None, overrides: tuple[str, ...] | list[str] = (),
-                    output: str | Path | None = None, skip_bad: bool = False, family: str = "xraygpt") -> Trainer:
+                    output: str | Path | None = None, skip_bad: bool = False) -> Trainer:
         """Read the config and the data (every row checked), load the model family, pick the output folder."""
         config, train = config if isinstance(config, tuple) else load_train_config(config, overrides)
         accelerator = make_accelerator(config, train)
@@ -108,9 +116,7 @@ class Trainer:
             train_samples, val_samples = split_samples(rows.samples, train.val_fraction, train.seed)
         log.info("data: %d training rows, %d validation rows, %d skipped", len(train_samples), len(val_samples),
                  skipped)
-        if family not in FAMILIES:
-            raise ConfigError(f"unknown model family {family!r} (known: {', '.join(FAMILIES)})")
-        model = FAMILIES[family](config, train)
+        model = load_family(config, train)
         output_dir = Path(output or train.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         return cls(config, train, model, accelerator, train_samples, val_samples, output_dir, skipped)
