@@ -204,12 +204,12 @@ def build(root: Path, scale: float = 1.0, log=print) -> Path:
     return root
 
 
-def overrides(root: Path, scale: float, mode: str) -> list[str]:
-    """``--set`` values for the real default config: weight paths, the mode, and (scale < 1) the dims."""
+def overrides(root: Path, scale: float, mode: str, device: str = "cpu") -> list[str]:
+    """``--set`` values for the real default config: weight paths, mode and device, and (scale < 1) the dims."""
     sets = [f"weights.eva_vit_g={root / 'eva_vit_g.pth'}",
             f"weights.blip2_qformer={root / 'blip2_pretrained_flant5xxl.pth'}",
             f"weights.ckpt={root / 'xraygpt_pretrained.pth'}", f"weights.llama_model={root / 'Vicuna_Radiology_fp16'}",
-            f"runtime.mode={mode}", "runtime.device=cpu"]
+            f"runtime.mode={mode}", f"runtime.device={device}"]
     if scale == 1.0:
         return sets
     dims = RealDims(scale).tiny()

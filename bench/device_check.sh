@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One prepared check of the real-size model on a bare CUDA machine without internet.
+#
+#   bash bench/device_check.sh [--dry-run] [--wheels DIR] OUT_DIR
+#
+# Needs a Python (python3, or $PYTHON) with torch, torchvision, transformers, timm, accelerate,
+# safetensors, sentencepiece, protobuf, pyyaml, pillow and pydicom preinstalled (tested down to torch
+# 2.11 / transformers 5.17). Installs this project without dependencies; bitsandbytes only from
+# --wheels DIR (a folder of wheels), else the 8-bit, 4-bit and low-resource rows say "skipped: no
+# bitsandbytes". Writes random checkpoints of the real sizes (about 17 GB) under OUT_DIR/cache, then
+# runs each step in its own process (one failure does not hide the others) and writes
+# OUT_DIR/device_check.json and OUT_DIR/device_check.md. --dry-run: the same steps on the CPU with
+# mid-size dims (about a minute; nothing is installed).
+set -uo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+PY="${PYTHON:-python3}"
+DRY=()
+WHEELS=""
+OUT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=(--dry-run) ;;
+    --wheels) WHEELS="$2"; shift ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) OUT="$1" ;;
+  esac
+  shift
+done
+if [ -z "$OUT" ]; then
+  echo "usage: bash bench/device_check.sh [--dry-run] [--wheels DIR] OUT_DIR" >&2
+  exit 2
+fi
+mkdir -p "$OUT/logs" "$OUT/rows"
+OUT="$(cd "$OUT" && pwd)"
+rm -f "$OUT"/rows/*.json
+
+if [ ${#DRY[@]} -eq 0 ]; then
+  "$PY" -m pip install --no-deps --no-build-isolation --no-index -e "$REPO" >"$OUT/logs/install.log" 2>&1 \
+    || echo "warning: pip install of the project failed (see $OUT/logs/install.log); running from the source tree"
+  if [ -n "$WHEELS" ]; then
+    "$PY" -m pip install --no-index --find-links "$WHEELS" bitsandbytes >>"$OUT/logs/install.log" 2>&1 \
+      || echo "warning: bitsandbytes did not install from $WHEELS"
+  fi
+fi
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+step() {  # step NAME TIMEOUT_S ARGS...: one process, its output in logs/NAME.log
+  local name="$1" limit="$2"
+  shift 2
+  local started=$SECONDS
+  timeout "$limit" "$PY" "$REPO/bench/device_check.py" "$@" --out "$OUT" "${DRY[@]}" >"$OUT/logs/$name.log" 2>&1
+  local code=$?
+  [ $code -eq 124 ] && echo "timed out after $limit s" >>"$OUT/logs/$name.log"
+  echo "$name: exit $code, $((SECONDS - started)) s"
+}
+
+step agreement 300 agreement
+step medclip 300 medclip
+step build 1200 build
+for mode in $("$PY" "$REPO/bench/device_check.py" modes); do
+  step "$mode" 900 mode "$mode"
+done
+"$PY" "$REPO/bench/device_check.py" report --out "$OUT" "${DRY[@]}"
