@@ -50,8 +50,9 @@ def _wait_until_up(url: str, process: subprocess.Popen, log_path: Path) -> None:
 
 
 @contextmanager
-def running_app(workdir: Path, command: list[str], extra_env: dict[str, str] | None = None) -> Iterator[AppServer]:
-    """Run ``command`` (app.py or ``xraygpt serve``) with the tiny config; stop it afterwards."""
+def running_app(workdir: Path, command: list[str], extra_env: dict[str, str] | None = None,
+                config: Path = TINY) -> Iterator[AppServer]:
+    """Run ``command`` (app.py or ``xraygpt serve``) with a tiny config; stop it afterwards."""
     port = free_port()
     cache_dir = workdir / "gradio-cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +60,7 @@ def running_app(workdir: Path, command: list[str], extra_env: dict[str, str] | N
     env = {key: value for key, value in os.environ.items() if key != "XRAYGPT_AUTH"}
     env.update({"GRADIO_TEMP_DIR": str(cache_dir), "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1",
                 **(extra_env or {})})
-    args = [sys.executable, *command, "--config", str(TINY), "--port", str(port), "--host", "127.0.0.1"]
+    args = [sys.executable, *command, "--config", str(config), "--port", str(port), "--host", "127.0.0.1"]
     with log_path.open("w") as log:
         process = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"

@@ -253,3 +253,23 @@ def test_no_uploaded_bytes_remain_in_gradio_cache(server, uploaded):
         assert files_holding(server.cache_dir, data) == []
     assert [p for p in server.cache_dir.rglob("*") if p.is_file()] == []  # not even empty leftovers
     assert "pleural effusion" not in server.log().lower()  # no user text in the server log
+
+
+def test_llava_family_chat_in_the_app(browser, samples_dir, tmp_path_factory):
+    """The same app on a llava-family config: the model line names it; a report and a follow-up stream."""
+    import tinyllava
+
+    tiny = tinyllava.build_llava(tmp_path_factory.mktemp("llava_app"))
+    with running_app(tiny.root, ["app.py"], config=tiny.config) as llava_server:
+        context, page = _open(browser, llava_server)
+        assert "LLaVA-style" in page.locator("#model-line").inner_text()
+        _upload(page, samples_dir / NIH, [])
+        _greedy(page)
+        page.locator("#generate-report").click()
+        _wait_for_answers(page, 1)
+        _ask(page, "Is there evidence of pleural effusion?")
+        _wait_for_answers(page, 2)
+        texts = _bot_texts(page)
+        assert len(texts) == 2 and all(text.strip() for text in texts)
+        _shot(page, "llava_chat")
+        context.close()

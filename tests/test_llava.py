@@ -213,3 +213,48 @@ def test_old_turns_leave_the_context_first(tiny, tmp_path, image) -> None:
 def test_model_line_names_family_and_weights(model) -> None:
     line = model.describe()
     assert "LLaVA" in line and "biomedclip_tiny" in line and "projector.safetensors" in line and "llm" in line
+
+
+# --- check and fetch -----------------------------------------------------------------------------------
+
+def test_memory_estimate_counts_the_tower_and_projector(tiny) -> None:
+    from xraygpt_app.memory import estimate
+
+    result = estimate(load_config(tiny.config), assume_cuda=False)
+    parts = result.breakdown["cpu"]
+    trunk = tiny.reference_clip.visual.trunk
+    assert parts["vision"] == sum(p.numel() for p in trunk.parameters()) * 4  # float32 on the CPU
+    assert parts["qformer"] == (192 * 64 + 64 + 64 * 64 + 64) * 4  # the projector sits in that column
+    llm_tensors = [*tiny.llm.parameters(), *tiny.llm.buffers()]  # buffers: the rotary inv_freq
+    assert parts["llm_weights"] == sum(t.numel() * 4 for t in llm_tensors)
+    real = estimate(load_config(Path(__file__).resolve().parents[1] / "eval_configs" / "biomedclip_tinyllama.yaml"),
+                    assume_cuda=True)
+    assert any("TinyLlama-1.1B" in note for note in real.notes) and any("ViT-B/16" in note for note in real.notes)
+    assert 1.5 * 2**30 < result_peak_gpu(real) < 4 * 2**30  # fp16: about 2.2 GB of weights
+
+
+def result_peak_gpu(result) -> int:
+    return next(size for device, size in result.peak.items() if device.startswith("cuda"))
+
+
+def test_fetch_names_the_towers_text_config_repo(tiny) -> None:
+    from xraygpt_app.tower import tower_config_repos
+
+    config = load_config(tiny.config)
+    assert tower_config_repos(config) == {}  # tower.text_config is set: nothing to fetch
+    config.tower.text_config = None
+    assert set(tower_config_repos(config).values()) == {"microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"}
+
+
+def test_repository_tiny_config_runs_on_the_builders_layout(tmp_path, samples_dir) -> None:
+    """eval_configs/llava_tiny.yaml reads what `python tests/tinyllava.py checkpoints/llava_tiny` writes."""
+    import shutil
+
+    import tinyllava
+
+    (tmp_path / "eval_configs").mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "eval_configs" / "llava_tiny.yaml", tmp_path / "eval_configs")
+    tinyllava.build_llava(tmp_path / "checkpoints" / "llava_tiny")
+    model = XrayGPT.from_config(tmp_path / "eval_configs" / "llava_tiny.yaml")
+    image = load_radiograph(samples_dir / "nih_cxr14_00000001_000_pa_512.png").image
+    assert model.report(image, do_sample=False).token_ids

@@ -39,6 +39,15 @@ def read_text_cfg(folder: str | Path) -> dict:
     return text_cfg
 
 
+def text_tower_repos(folder: str | Path) -> dict[str, str]:
+    """Hub repos (by config key) whose config/tokenizer files the folder's text tower reads; {} if unreadable."""
+    try:
+        text_cfg = read_text_cfg(folder)
+    except BadInputError:  # `fetch` and `check` report the repos they can name; loading reports the bad file
+        return {}
+    return {key: text_cfg[key] for key in ("hf_model_name", "hf_tokenizer_name") if text_cfg.get(key)}
+
+
 def _text_cfg_override(folder: Path, text_config: str | None) -> dict:
     """Point the text tower at a local folder: ``text_config``, or the Hub model's cached snapshot.
 

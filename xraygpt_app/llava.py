@@ -29,7 +29,15 @@ from .config import LLAVA_WEIGHTS, Config
 from .conversation import Turn
 from .errors import ConfigError
 from .family import PromptSegments
-from .llm import check_vocabulary, embed_ids, load_llm, load_tokenizer, stop_token_sequences, undecodable_ids
+from .llm import (
+    apply_lora_adapter,
+    check_vocabulary,
+    embed_ids,
+    load_llm,
+    load_tokenizer,
+    stop_token_sequences,
+    undecodable_ids,
+)
 from .placement import Placement, plan_placement
 from .tower import PatchTokenTower, load_tower
 from .weights import resolve_weights
@@ -49,8 +57,8 @@ def build_projector(kind: str, tower_width: int, llm_hidden: int) -> nn.Module:
 
 
 def read_projector(path: Path) -> dict[str, torch.Tensor]:
-    """A projector file (safetensors, or LLaVA's ``mm_projector.bin``) with its key prefix removed."""
-    state = load_file(str(path)) if path.suffix == ".safetensors" else read_state_dict(path)
+    """A projector file (safetensors, LLaVA's ``mm_projector.bin`` or a finetune checkpoint), key prefix removed."""
+    state = load_file(str(path)) if path.suffix == ".safetensors" else _read_pickled(path)
     out = {}
     for key, value in state.items():
         prefix = next((p for p in PROJECTOR_PREFIXES if key.startswith(p)), None)
@@ -58,6 +66,14 @@ def read_projector(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointKeyError(f"{path}: unexpected key {key!r} (a projector file holds mm_projector.* only)")
         out[key.removeprefix(prefix)] = value
     return out
+
+
+def _read_pickled(path: Path) -> dict[str, torch.Tensor]:
+    """LLaVA's plain ``mm_projector.bin``, or a ``xraygpt finetune`` checkpoint (``{'model': ...}``)."""
+    try:
+        return read_state_dict(path)
+    except CheckpointKeyError:
+        return read_state_dict(path, container_key="model")
 
 
 def save_projector(projector: nn.Module, path: Path) -> Path:
@@ -153,11 +169,15 @@ class LlavaModel:
         tower = load_tower(paths["vision_tower"], config.tower, placement.vision_device, placement.vision_dtype)
         hidden = AutoConfig.from_pretrained(paths["llama_model"]).hidden_size  # the projector is sized from it
         llm = load_llm(paths["llama_model"], dataclasses.replace(config.llm, hidden_size=hidden), placement)
+        if config.weights.lora:  # stage 2 of `xraygpt finetune`
+            llm = apply_lora_adapter(llm, config.weights.lora, placement)
         projector = load_projector(paths["projector"], config.projector.type, tower.width, hidden)
         projector = projector.to(placement.llm_device, placement.llm_dtype).eval().requires_grad_(False)
         log.info("llava model loaded in %.1f s (mode %s)", time.perf_counter() - started, placement.mode)
         names = {"tower": _name(paths["vision_tower"]), "projector": paths["projector"].name,
                  "LLM": _name(paths["llama_model"])}
+        if config.weights.lora:
+            names["LoRA"] = Path(config.weights.lora).name
         return cls(config, tower, projector, llm, tokenizer, placement, template, names)
 
     def describe(self) -> str:
@@ -174,7 +194,8 @@ class LlavaModel:
         with self._tower_autocast():
             tokens = self.tower(pixel_values.to(self.placement.vision_device))
         t2 = time.perf_counter()
-        projected = self.projector(tokens.to(self.placement.llm_device, self.placement.llm_dtype))
+        weight = next(self.projector.parameters())  # float32 while it trains, else the LLM dtype
+        projected = self.projector(tokens.to(weight.device, weight.dtype)).to(self.placement.llm_dtype)
         timings = {"preprocess_s": t1 - t0, "vision_s": t2 - t1, "projector_s": time.perf_counter() - t2}
         return LlavaImageEncoding(projected, pixel_values, tokens, timings)
 

@@ -68,6 +68,11 @@ PARTS = ("vision", "qformer", "llm_weights", "kv_cache", "activations", "overhea
 VICUNA_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                  intermediate_size=11008, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6,
                  tie_word_embeddings=False)
+# TinyLlama-1.1B-Chat-v1.0 (eval_configs/biomedclip_tinyllama.yaml), for the llava family
+TINYLLAMA_1B = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                    intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                    tie_word_embeddings=False)
+FALLBACK_LLMS = {"xraygpt": ("Vicuna-7B", VICUNA_7B), "llava": ("TinyLlama-1.1B-Chat", TINYLLAMA_1B)}
 
 
 @dataclass
@@ -100,9 +105,8 @@ def estimate(config: Config, assume_cuda: bool | None = None) -> MemoryEstimate:
     """The full estimate: breakdown per device, the resolved mode, and notes on assumptions."""
     placement = plan_placement(config.runtime, config.vision, cuda_available=assume_cuda)
     llm_config, notes = llm_architecture(config)
-    with torch.device("meta"):
-        vision, bridge = build_parts(config)
-    vision_bytes = tensor_bytes(cast_vision(vision, placement))
+    vision_bytes, bridge_bytes, vision_activations = IMAGE_SIDES[config.model.family](config, placement, llm_config,
+                                                                                       notes)
     llm_bytes = llm_weight_bytes(llm_config, placement)
     context = min(config.llm.max_length, llm_config.max_position_embeddings)
     llm_device, vision_device = str(placement.llm_device), str(placement.vision_device)  # CUDA always indexed
@@ -113,11 +117,11 @@ def estimate(config: Config, assume_cuda: bool | None = None) -> MemoryEstimate:
         parts[part] += int(size)
 
     add(llm_device, "llm_weights", llm_bytes)
-    add(llm_device, "qformer", tensor_bytes(cast_bridge(bridge, placement)))
+    add(llm_device, "qformer", bridge_bytes)
     add(llm_device, "kv_cache", kv_cache_bytes(llm_config, context * config.generation.num_beams, placement))
     add(llm_device, "activations", llm_activation_bytes(llm_config, context, placement))
     add(vision_device, "vision", vision_bytes)
-    add(vision_device, "activations", vision_activation_bytes(config, placement))
+    add(vision_device, "activations", vision_activations)
     add("cpu", "overhead", HOST_BASELINE_BYTES)  # place_vision converts tensor by tensor: no float32 copy of the ViT
     for device in breakdown:
         if device.startswith("cuda"):
@@ -127,16 +131,54 @@ def estimate(config: Config, assume_cuda: bool | None = None) -> MemoryEstimate:
     return MemoryEstimate(placement.mode, breakdown, notes)
 
 
+def _xraygpt_image_side(config: Config, placement: Placement, llm_config: PretrainedConfig,
+                        notes: list[str]) -> tuple[int, int, int]:
+    """EVA ViT + ln_vision, Q-Former + llama_proj, one image's ViT activations."""
+    with torch.device("meta"):
+        vision, bridge = build_parts(config)
+    return (tensor_bytes(cast_vision(vision, placement)), tensor_bytes(cast_bridge(bridge, placement)),
+            vision_activation_bytes(config, placement))
+
+
+def _llava_image_side(config: Config, placement: Placement, llm_config: PretrainedConfig,
+                      notes: list[str]) -> tuple[int, int, int]:
+    """The open_clip tower's timm trunk in the vision dtype, the projector in the LLM dtype, one image's activations.
+
+    The "qformer" part holds the projector. Loading briefly also holds open_clip's text tower
+    (BiomedCLIP: PubMedBERT, about 0.4 GiB in float32), freed before the LLM loads.
+    """
+    from .llava import build_projector
+    from .tower import local_tower, meta_trunk
+
+    trunk, assumed = meta_trunk(local_tower(config))
+    notes += assumed
+    with torch.device("meta"):
+        projector = build_projector(config.projector.type, trunk.embed_dim, llm_config.hidden_size)
+    vision_bytes = sum(p.numel() for p in trunk.parameters()) * placement.vision_dtype.itemsize
+    projector_bytes = sum(p.numel() for p in projector.parameters()) * placement.llm_dtype.itemsize
+    tokens = trunk.patch_embed.num_patches + trunk.num_prefix_tokens
+    element = placement.vision_dtype.itemsize
+    heads = trunk.blocks[0].attn.num_heads
+    activations = tokens * (4 * trunk.embed_dim + 2 * 4 * trunk.embed_dim) * element + heads * tokens * tokens * 4
+    return vision_bytes, projector_bytes, activations
+
+
+IMAGE_SIDES = {"xraygpt": _xraygpt_image_side, "llava": _llava_image_side}  # model.family -> its image side
+
+
 def llm_architecture(config: Config) -> tuple[PretrainedConfig, list[str]]:
-    """The LLM's config from its folder's config.json, or Vicuna-7B's dimensions when it is absent."""
+    """The LLM's config from its folder's config.json, or the family's usual LLM when it is absent."""
     try:
         folder = resolve_weights(config.weights.llama_model, "weights.llama_model", cache_dir=config.weights.cache_dir)
     except MissingWeightsError:
-        note = ("LLM folder not present: assumed Vicuna-7B (LLaMA, hidden 4096, 32 layers, 32 heads,"
-                " intermediate 11008, vocab 32000, 2048 positions)")
-        if config.llm.hidden_size != VICUNA_7B["hidden_size"]:
+        name, dims = FALLBACK_LLMS[config.model.family]
+        note = (f"LLM folder not present: assumed {name} (LLaMA, hidden {dims['hidden_size']},"
+                f" {dims['num_hidden_layers']} layers, {dims['num_attention_heads']} heads"
+                f" ({dims['num_key_value_heads']} key/value), intermediate {dims['intermediate_size']},"
+                f" vocab {dims['vocab_size']}, {dims['max_position_embeddings']} positions)")
+        if config.model.family == "xraygpt" and config.llm.hidden_size != dims["hidden_size"]:
             note += f", although llm.hidden_size is {config.llm.hidden_size}"
-        return LlamaConfig(**VICUNA_7B), [note]
+        return LlamaConfig(**dims), [note]
     return AutoConfig.from_pretrained(folder), []
 
 

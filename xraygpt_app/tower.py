@@ -19,10 +19,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .biomedclip import load_open_clip
-from .config import TowerConfig
-from .errors import ConfigError
+from .biomedclip import load_open_clip, text_tower_repos
+from .config import FAMILY_WEIGHTS, Config, TowerConfig
+from .errors import ConfigError, MissingWeightsError
 from .image_io import model_ready
+from .weights import resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -81,3 +82,45 @@ def load_tower(folder: str | Path, config: TowerConfig, device: torch.device, dt
     log.info("vision tower loaded: %d blocks, width %d, layer %d, %s", num_blocks(tower.visual), tower.width,
              tower.layer, "cls+patch" if tower.keep_cls else "patch")
     return tower
+
+
+DEFAULT_TIMM_TRUNK = "vit_base_patch16_224"  # BiomedCLIP's, assumed when the tower folder is not present
+
+
+def meta_trunk(folder: Path | None) -> tuple[nn.Module, list[str]]:
+    """The tower's timm trunk built on the meta device (no weights read), to size it; and what was assumed.
+
+    From the folder's ``open_clip_config.json`` when present (timm towers), else BiomedCLIP's ViT-B/16.
+    """
+    import json
+
+    import timm
+
+    notes, name = [], DEFAULT_TIMM_TRUNK
+    if folder is None:
+        notes.append(f"vision tower not present: assumed BiomedCLIP's ViT-B/16 ({DEFAULT_TIMM_TRUNK})")
+    else:
+        vision_cfg = json.loads((Path(folder) / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]
+        if not vision_cfg.get("timm_model_name"):
+            raise ConfigError(f"{folder}: the memory estimate knows timm towers only")
+        name = vision_cfg["timm_model_name"]
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, num_classes=0), notes
+
+
+def tower_config_repos(config: Config) -> dict[str, str]:
+    """Hub repos of the vision tower's text-tower config/tokenizer (for ``fetch``), when the family has a tower."""
+    if "vision_tower" not in FAMILY_WEIGHTS[config.model.family] or config.tower.text_config:
+        return {}
+    folder = local_tower(config)
+    if folder is None:
+        return {}
+    return {f"weights.vision_tower text tower ({key})": repo for key, repo in text_tower_repos(folder).items()}
+
+
+def local_tower(config: Config) -> Path | None:
+    """The vision tower's folder if it is here (locally or in the cache), without downloading."""
+    try:
+        return resolve_weights(config.weights.vision_tower, "weights.vision_tower", cache_dir=config.weights.cache_dir)
+    except MissingWeightsError:
+        return None

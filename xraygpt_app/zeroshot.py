@@ -232,14 +232,9 @@ def _biomedclip_text_repos(config: Config, name: str, model: ZeroShotModelConfig
         folder = resolve_zeroshot_weights(config, name)
     except MissingWeightsError:
         return {}
-    from .biomedclip import read_text_cfg
+    from .biomedclip import text_tower_repos
 
-    try:
-        text_cfg = read_text_cfg(folder)
-    except BadInputError:  # `fetch` and `check` report the repos they can name; loading reports the bad file
-        return {}
-    return {f"zeroshot.models.{name} text tower ({key})": text_cfg[key]
-            for key in ("hf_model_name", "hf_tokenizer_name") if text_cfg.get(key)}
+    return {f"zeroshot.models.{name} text tower ({key})": repo for key, repo in text_tower_repos(folder).items()}
 
 
 def available_models(config: Config) -> dict[str, str | None]:

@@ -62,11 +62,12 @@ def run_fetch(args: argparse.Namespace) -> int:
 
 
 def _fetch_tower_configs(config: Config) -> int:
-    """Config/tokenizer files of the zero-shot towers (after their weights); returns the failures."""
+    """Config/tokenizer files of the vision and zero-shot towers (after their weights); returns the failures."""
+    from ..tower import tower_config_repos as family_tower_repos
     from ..zeroshot import tower_config_repos
 
     failed, fetched = 0, set()
-    for name, repo in tower_config_repos(config).items():
+    for name, repo in {**family_tower_repos(config), **tower_config_repos(config)}.items():
         if repo in fetched:  # e.g. both MedCLIP variants read Bio_ClinicalBERT
             continue
         fetched.add(repo)

@@ -88,6 +88,13 @@ def generation_kwargs(max_new_tokens: float, temperature: float, top_p: float, n
             "top_p": float(top_p), "num_beams": int(num_beams), "do_sample": bool(do_sample)}
 
 
+def model_line(services: Services) -> str:
+    """The small "model" line: which family and weights answer in the chat tabs (empty if none is loaded)."""
+    if services.xraygpt is None:
+        return ""
+    return f"<small>**Model:** {_md_text(services.xraygpt.describe())}</small>"
+
+
 def notice(text: str) -> str:
     """A user-facing notice in Markdown (empty text clears the notice)."""
     return f"⚠️ {text}" if text else ""

@@ -165,6 +165,7 @@ def _wire_image(services: Services, state: gr.State, image: dict[str, Any], rese
 def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Resets:
     disclaimer()
     _xraygpt_missing_box(services)
+    gr.Markdown(h.model_line(services), elem_id="model-line")
     chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot", buttons=["copy"],
                          placeholder="Upload a radiograph, then press **Generate report**.")
     with gr.Row():

@@ -1,0 +1,148 @@
+"""Fine-tuning the llava family on the tiny model: the objective against an independent computation,
+a few steps on real radiographs, stage 2's LoRA, and a trained projector served through ``from_config``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from xraygpt_app.api import XrayGPT
+from xraygpt_app.checkpoints import CheckpointKeyError
+from xraygpt_app.config import load_config
+from xraygpt_app.image_io import load_radiograph
+from xraygpt_app.train.config import TrainConfig
+from xraygpt_app.train.llava_objective import LlavaTrainable
+
+IMAGES = ("nih_cxr14_00000001_000_pa_512.png", "covidcxr_ARDSSevere_rgb_790x631.png")
+TARGETS = ("No acute cardiopulmonary abnormality.", "Bilateral diffuse airspace opacities.")
+QUESTIONS = ("Describe the given chest x-ray image in detail.", "What is the most prominent finding?")
+
+
+@pytest.fixture(scope="module")
+def tiny(shared_dir, tmp_path_factory):
+    import tinyllava
+
+    return tinyllava.build_llava(tmp_path_factory.mktemp("llava_train"))
+
+
+@pytest.fixture(scope="module")
+def pixels(tiny, samples_dir):
+    family = LlavaTrainable.from_config(load_config(tiny.config), TrainConfig())
+    transform = family.image_transform(augment=False)
+    return torch.stack([transform(load_radiograph(samples_dir / name).image) for name in IMAGES])
+
+
+def _reference_loss(tiny, pixels: torch.Tensor) -> torch.Tensor:
+    """The same objective from the reference modules: open_clip trunk hook, projector file, LlamaForCausalLM."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny.llm_dir)
+    captured = []
+    hook = tiny.reference_clip.visual.trunk.blocks[-2].register_forward_hook(lambda _m, _i, out: captured.append(out))
+    with torch.no_grad():
+        tiny.reference_clip.encode_image(pixels)
+    hook.remove()
+    weights = load_file(str(tiny.projector))
+    hidden = F.gelu(captured[0][:, 1:] @ weights["mm_projector.0.weight"].T + weights["mm_projector.0.bias"])
+    image_embeds = hidden @ weights["mm_projector.2.weight"].T + weights["mm_projector.2.bias"]
+    losses, counts = [], []
+    for image, question, target in zip(image_embeds, QUESTIONS, TARGETS, strict=True):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"<image>\n{question}"}],
+                                               tokenize=False, add_generation_prompt=True)
+        before, after = prompt.split("<image>")
+        ids_before = [tokenizer.bos_token_id] + tokenizer(before, add_special_tokens=False).input_ids
+        ids_after = tokenizer(after, add_special_tokens=False).input_ids
+        ids_target = tokenizer(target + "</s>", add_special_tokens=False).input_ids
+        assert ids_target[-1] == tokenizer.eos_token_id  # the model learns to end its turn
+        embed = tiny.llm.get_input_embeddings()
+        inputs = torch.cat([embed(torch.tensor(ids_before)), image, embed(torch.tensor(ids_after + ids_target))])
+        with torch.no_grad():
+            logits = tiny.llm(inputs_embeds=inputs[None]).logits[0]
+        n = len(ids_target)
+        losses.append(F.cross_entropy(logits[-n - 1:-1], torch.tensor(ids_target), reduction="sum"))
+        counts.append(n)
+    return sum(losses) / sum(counts)
+
+
+def test_loss_equals_the_reference_computation(tiny, pixels) -> None:
+    family = LlavaTrainable.from_config(load_config(tiny.config), TrainConfig())
+    family.eval()
+    with torch.no_grad():
+        loss, tokens = family(pixels, list(QUESTIONS), list(TARGETS))
+    expected = _reference_loss(tiny, pixels)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    assert set(family.named_trainable()) == {"mm_projector.0.weight", "mm_projector.0.bias",
+                                             "mm_projector.2.weight", "mm_projector.2.bias"}  # stage 1
+    assert not any(p.requires_grad for p in [*family.tower.parameters(), *family.llm.parameters()])
+
+
+def test_stage1_steps_lower_the_loss_and_the_checkpoint_serves(tiny, pixels, tmp_path, samples_dir) -> None:
+    family = LlavaTrainable.from_config(load_config(tiny.config), TrainConfig())
+    family.train()
+    optimizer = torch.optim.AdamW(family.named_trainable().values(), lr=1e-2)
+    losses = []
+    for _ in range(12):
+        loss, _ = family(pixels, list(QUESTIONS), list(TARGETS))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    checkpoint = tmp_path / "checkpoint_0.pth"
+    torch.save({"model": family.checkpoint_state(), "optimizer": optimizer.state_dict(), "epoch": 0}, checkpoint)
+    raw = yaml.safe_load(tiny.config.read_text())
+    raw["weights"]["projector"] = str(checkpoint)
+    served_config = tiny.root / "served.yaml"
+    served_config.write_text(yaml.safe_dump(raw))
+    served = XrayGPT.from_config(served_config)
+    for name, param in family.projector.named_parameters():
+        torch.testing.assert_close(dict(served.model.projector.named_parameters())[name], param)
+    session = served.chat(load_radiograph(samples_dir / IMAGES[0]).image)
+    assert session.ask(QUESTIONS[0], do_sample=False, max_new_tokens=8).token_ids
+    assert session.ask(QUESTIONS[1], do_sample=False, max_new_tokens=8).timings["reused_tokens"] > 196
+
+
+def test_stage2_trains_lora_and_the_projector(tiny, pixels) -> None:
+    settings = TrainConfig()
+    settings.lora.enabled = True
+    family = LlavaTrainable.from_config(load_config(tiny.config), settings)
+    names = set(family.named_trainable())
+    assert {n for n in names if n.startswith("mm_projector.")} and any("lora_A" in n for n in names)
+    family.train()
+    loss, _ = family(pixels, list(QUESTIONS), list(TARGETS))
+    loss.backward()
+    trainable = family.named_trainable()
+    assert all(p.grad is not None for p in trainable.values())
+    # peft starts lora_B at zero, so on the first step only lora_B and the projector get a gradient
+    assert all(p.grad.abs().sum() > 0 for n, p in trainable.items() if "lora_A" not in n)
+    assert set(family.adapter_state()) and all("lora_" in k for k in family.adapter_state())
+    with pytest.raises(CheckpointKeyError, match="do not match"):
+        family.load_checkpoint_state({"llama_proj.weight": torch.zeros(1)}, family.adapter_state())
+
+
+def test_stage2_adapter_served_merged_equals_unmerged(tiny, pixels, tmp_path, samples_dir) -> None:
+    settings = TrainConfig()
+    settings.lora.enabled = True
+    family = LlavaTrainable.from_config(load_config(tiny.config), settings)
+    with torch.no_grad():  # a trained-looking adapter: peft starts lora_B at zero
+        for name, param in family.llm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    family.save_adapter(tmp_path / "lora_adapter_0")
+    family.eval()
+    image = load_radiograph(samples_dir / IMAGES[0]).image
+    served = XrayGPT.from_config(tiny.config, overrides=[f"weights.lora={tmp_path / 'lora_adapter_0'}"])
+    assert "LoRA lora_adapter_0" in served.describe()
+    assert not any("lora" in n for n, _ in served.model.llm.named_parameters())  # merged into the weights
+    segments = served.model.render_prompt([], QUESTIONS[0])
+    with torch.no_grad():
+        encoding = served.model.encode_image(image)
+        embeds = torch.cat([served.model.embed_ids(segments.before), encoding.llm_embeds,
+                            served.model.embed_ids(segments.after)], dim=1)
+        merged_logits = served.model.llm(inputs_embeds=embeds).logits
+        peft_logits = family.llm(inputs_embeds=embeds).logits
+    torch.testing.assert_close(merged_logits, peft_logits, atol=1e-4, rtol=1e-4)
+    plain = XrayGPT.from_config(tiny.config).model.llm(inputs_embeds=embeds).logits
+    assert not torch.allclose(plain, merged_logits, atol=1e-3)  # the adapter changes the answers
