@@ -258,3 +258,17 @@ def test_repository_tiny_config_runs_on_the_builders_layout(tmp_path, samples_di
     model = XrayGPT.from_config(tmp_path / "eval_configs" / "llava_tiny.yaml")
     image = load_radiograph(samples_dir / "nih_cxr14_00000001_000_pa_512.png").image
     assert model.report(image, do_sample=False).token_ids
+
+
+def test_cli_ask_on_the_family_names_the_model(tiny, samples_dir, capsys) -> None:
+    import json
+
+    from xraygpt_app.cli import main
+
+    image = str(samples_dir / "nih_cxr14_00000001_000_pa_512.png")
+    command = ["ask", image, "-c", str(tiny.config), "--greedy", "--json", "-q", QUESTIONS[0], "-q", QUESTIONS[1]]
+    assert main(command) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["model"].startswith("LLaVA-style") and payload["config"]["model"]["family"] == "llava"
+    assert [turn["question"] for turn in payload["turns"]] == list(QUESTIONS[:2])
+    assert payload["turns"][1]["timings"]["reused_tokens"] > 196

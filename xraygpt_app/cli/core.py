@@ -84,6 +84,7 @@ def _converse(args: argparse.Namespace, questions: list[str]) -> int:
     session = model.chat(radiograph.image, reuse_kv=not args.no_kv_reuse)
     if not args.json:
         print(DISCLAIMER, file=sys.stderr)
+        print(f"model: {model.describe()}", file=sys.stderr)
     for question in questions:
         _run_turn(session, question, generation, stream=not args.json)
     heatmaps = write_report_maps(args.heatmap, session, args.image, radiograph.image, args.span) if args.heatmap else []
@@ -92,6 +93,7 @@ def _converse(args: argparse.Namespace, questions: list[str]) -> int:
             "image": radiograph.info.to_dict(),
             "image_encoding_timings": session.encoding.timings,
             "turns": [turn.to_dict() for turn in session.turns],
+            "model": model.describe(),
             "config": config.to_dict(),
             "disclaimer": DISCLAIMER,
             **({"heatmaps": [str(p) for p in heatmaps], "heatmap_meaning": MEANING_LINE} if args.heatmap else {}),
