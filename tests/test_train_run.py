@@ -6,8 +6,10 @@ import errno
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,25 @@ def test_resume_gives_the_uninterrupted_run(tmp_path: Path, data: Path) -> None:
     final_cut = torch.load(tmp_path / "cut" / "checkpoint_1.pth", weights_only=True)["model"]
     for key, value in final_whole.items():
         torch.testing.assert_close(final_cut[key], value, rtol=0, atol=1e-7)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path, data: Path) -> None:
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "xraygpt_app.cli", "finetune", "-c", str(CONFIG), "--data", str(data),
+               "--output", str(out), *[f"--set={o}" for o in [*QUIET, "train.max_epoch=500"]]]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").is_file() or not records(out):  # training has started
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() else ""
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "interrupted; resume with --resume" in stdout and "Traceback" not in stderr
+    checkpoint = torch.load(out / "checkpoint_last.pth", weights_only=True)
+    assert checkpoint["iteration"] == checkpoint["step"] == records(out)[-1]["step"] > 0
+    assert set(checkpoint["model"]) == {"llama_proj.weight", "llama_proj.bias"}
 
 
 def test_loss_only_cli_reproduces_the_fixture(tmp_path: Path, samples_dir: Path, xraygpt_fixture_dir: Path,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,7 +55,29 @@ def load_family(config: Config, train: TrainConfig) -> nn.Module:
 
 
 class _StopRequested(Exception):
-    """``fit(stop_after=...)`` reached: behave exactly as Ctrl-C does."""
+    """Ctrl-C, or ``fit(stop_after=...)`` reached: save at this optimiser step and stop."""
+
+
+class _CtrlC:
+    """The first Ctrl-C stops the loop after the current optimiser step (which is then saved); a second at once."""
+
+    def __init__(self):
+        self.requested, self._previous = False, None
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: finishing this step, then saving a checkpoint (press Ctrl-C again to stop at once)")
 
 
 @dataclass
@@ -134,12 +158,17 @@ class Trainer:
                         disable=not acc.is_local_main_process, desc="fine-tuning")
         model.train()
         try:
-            self._loop(model, optimizer, loader, state, metrics, progress, stop_after)
-        except (KeyboardInterrupt, _StopRequested):
+            with _CtrlC() as ctrl_c:
+                self._loop(model, optimizer, loader, state, metrics, progress, stop_after, ctrl_c)
+        except _StopRequested:
             progress.close()
             path = self._save(optimizer, state, self.output_dir / "checkpoint_last.pth")
             log.warning("interrupted at iteration %d; saved %s", state.iteration, path)
             return RunResult(state.iteration, path, True, self.output_dir)
+        except KeyboardInterrupt:  # the second Ctrl-C: mid-step, so nothing consistent to save
+            progress.close()
+            log.warning("stopped at once; the last good checkpoint is %s", state.last_checkpoint)
+            return RunResult(state.iteration, state.last_checkpoint, True, self.output_dir)
         except torch.OutOfMemoryError:
             raise self._out_of_memory(state) from None
         except RuntimeError as exc:
@@ -158,7 +187,7 @@ class Trainer:
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=train.num_workers)
 
     def _loop(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, state: _State,
-              metrics: MetricsLog, progress: tqdm, stop_after: int | None) -> None:
+              metrics: MetricsLog, progress: tqdm, stop_after: int | None, ctrl_c: _CtrlC) -> None:
         acc, train = self.accelerator, self.train
         window = _Window()
         for pixels, targets, questions in loader:
@@ -187,7 +216,7 @@ class Trainer:
             progress.update(1)
             if state.iteration % self.iters_per_epoch == 0:
                 self._end_epoch(optimizer, state, metrics)
-            if boundary and stop_after is not None and state.iteration >= stop_after:
+            if boundary and (ctrl_c.requested or (stop_after is not None and state.iteration >= stop_after)):
                 raise _StopRequested
 
     def _end_epoch(self, optimizer: torch.optim.Optimizer, state: _State, metrics: MetricsLog) -> None:
