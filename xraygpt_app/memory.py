@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, PretrainedConfig
 
-from .config import Config
+from .config import Config, RuntimeConfig
 from .errors import MissingWeightsError
 from .model import build_parts
 from .placement import Placement, plan_placement
@@ -284,3 +284,76 @@ def format_breakdown(result: MemoryEstimate) -> list[str]:
 def format_bytes(size: int) -> str:
     """GiB with two decimals, or MiB below 0.1 GiB."""
     return f"{size / 2**30:.2f} GiB" if size >= 2**30 / 10 else f"{size / MiB:.1f} MiB"
+
+
+# --- training (``xraygpt check --train``) ------------------------------------------------------
+TRAIN_MODES = {"projection fp16": "fp16", "LoRA fp16": "fp16", "QLoRA 4-bit": "4bit"}  # name -> LLM runtime mode
+TRAIN_PARTS = ("vision", "qformer", "llm_weights", "trainable", "activations", "overhead")
+PROMPT_TOKENS = 40  # BOS + '###Patient: <Img>' + '</Img> <instruction> ###Doctor: ' for XrayGPT's longest lines
+LORA_SHAPES = {  # target module -> (in, out) as multiples of (hidden, intermediate); k/v use the kv width
+    "q_proj": ("h", "h"), "k_proj": ("h", "kv"), "v_proj": ("h", "kv"), "o_proj": ("h", "h"),
+    "gate_proj": ("h", "i"), "up_proj": ("h", "i"), "down_proj": ("i", "h"),
+}
+
+
+@dataclass(frozen=True)
+class TrainShape:
+    """What sizes one training step: rows per step, target tokens per row, LoRA rank and targets."""
+
+    batch_size: int = 1
+    max_txt_len: int = 160
+    lora_rank: int = 8
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    train_qformer: bool = False
+
+
+def estimate_training(config: Config, mode: str, shape: TrainShape) -> MemoryEstimate:
+    """Peak GPU memory of one training step in ``mode`` (a key of ``TRAIN_MODES``), from meta-device sizes.
+
+    Counted: the frozen ViT (fp16 as XrayGPT) and the float32 bridge; the LLM's weights (fp16 or NF4); for
+    trainable parameters their gradients and AdamW's two moments (plus float32 LoRA weights); activations kept
+    for the backward pass through every LLM layer (gradients reach ``llama_proj`` through the frozen LLM), or only
+    each layer's input with gradient checkpointing (the LoRA modes), plus the logits and their loss; the CUDA
+    context. An estimate: allocator fragmentation and kernel workspaces move the real peak.
+    """
+    placement = plan_placement(RuntimeConfig(mode=TRAIN_MODES[mode], device="cuda:0"), config.vision,
+                               cuda_available=True)
+    llm_config, notes = llm_architecture(config)
+    with torch.device("meta"):
+        vision, bridge = build_parts(config)
+    trainable = sum(p.numel() for p in bridge.llama_proj.parameters())
+    if shape.train_qformer:
+        trainable += sum(p.numel() for p in bridge.qformer.parameters()) + bridge.query_tokens.numel()
+    lora = lora_parameters(llm_config, shape) if mode != "projection fp16" else 0
+    tokens = shape.batch_size * (PROMPT_TOKENS + config.qformer.num_query_tokens + shape.max_txt_len)
+    parts = dict.fromkeys(TRAIN_PARTS, 0)
+    parts["vision"] = tensor_bytes(cast_vision(vision, placement))
+    parts["qformer"] = tensor_bytes(bridge.float())  # the bridge trains in float32 under autocast
+    parts["llm_weights"] = llm_weight_bytes(llm_config, placement)
+    parts["trainable"] = trainable * 12 + lora * 16  # grad + 2 Adam moments (LoRA: + its float32 weight)
+    parts["activations"] = (training_activation_bytes(llm_config, tokens, checkpointing=lora > 0)
+                            + shape.batch_size * vision_activation_bytes(config, placement))
+    parts["overhead"] = CUDA_CONTEXT_BYTES
+    if not torch.cuda.is_available():
+        notes.append("estimated for a CUDA GPU (none on this machine)")
+    return MemoryEstimate(mode, {"cuda:0": {k: int(v) for k, v in parts.items()}}, notes)
+
+
+def lora_parameters(llm_config: PretrainedConfig, shape: TrainShape) -> int:
+    """LoRA A and B matrices: rank x (in + out) per target module per layer."""
+    heads = llm_config.num_attention_heads
+    head_dim = getattr(llm_config, "head_dim", None) or llm_config.hidden_size // heads
+    kv = (getattr(llm_config, "num_key_value_heads", None) or heads) * head_dim
+    width = {"h": llm_config.hidden_size, "i": llm_config.intermediate_size, "kv": kv}
+    per_layer = sum(width[LORA_SHAPES[t][0]] + width[LORA_SHAPES[t][1]] for t in shape.lora_targets if t in LORA_SHAPES)
+    return shape.lora_rank * per_layer * llm_config.num_hidden_layers
+
+
+def training_activation_bytes(llm_config: PretrainedConfig, tokens: int, checkpointing: bool) -> int:
+    """What the backward pass keeps, in float16: per layer and token the inputs of its matmuls, norms and
+    attention (about 8 x hidden + 4 x intermediate values), or with checkpointing only the layer input
+    (one layer recomputed at a time); plus fp16 logits, their float32 copy for the loss and its gradient."""
+    hidden, inter, layers = llm_config.hidden_size, llm_config.intermediate_size, llm_config.num_hidden_layers
+    full_layer = tokens * (8 * hidden + 4 * inter) * 2
+    kept = tokens * hidden * 2 * layers + full_layer if checkpointing else full_layer * layers
+    return kept + tokens * llm_config.vocab_size * (2 + 4 + 4)

@@ -11,7 +11,7 @@ import sys
 import textwrap
 from typing import Any
 
-from ..config import Config, iter_weight_specs, load_config
+from ..config import DEFAULT_CONFIG, Config, iter_weight_specs, load_config
 from ..errors import MissingWeightsError, XrayGPTError
 from ..weights import WeightStatus, download_hub_configs, is_remote, resolve_weights, weights_status
 from .options import add_config_options
@@ -33,6 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "and estimate peak memory per device for the config's runtime mode.")
     add_config_options(check)
     check.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    check.add_argument("--train", action="store_true",
+                       help="also estimate GPU memory for fine-tuning (projection-only fp16, LoRA, QLoRA 4-bit)"
+                            " with the config's train: settings")
     check.set_defaults(func=run_check)
 
 
@@ -84,11 +87,39 @@ def run_check(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     statuses = weights_status(config)
     memory, memory_note = memory_estimate(config)
+    training = training_estimates(args) if args.train else None
     if args.json:
-        print(json.dumps(_check_json(config, statuses, memory, memory_note), indent=2))
+        report = _check_json(config, statuses, memory, memory_note)
+        if training is not None:
+            report["training_memory_gpu_estimate"] = {mode: {"peak_bytes": r.peak, "breakdown_bytes": r.breakdown,
+                                                             "notes": r.notes} for mode, r in training.items()}
+        print(json.dumps(report, indent=2))
     else:
         _print_check(config, statuses, memory, memory_note)
+        if training is not None:
+            _print_training(training)
     return _summary(sum(status.path is None for status in statuses))
+
+
+def training_estimates(args: argparse.Namespace) -> dict[str, Any]:
+    """Training mode -> its GPU memory estimate, sized by the config's ``train:`` section."""
+    from ..memory import TRAIN_MODES, TrainShape, estimate_training
+    from ..train.config import load_train_config
+
+    config, train = load_train_config(args.config or DEFAULT_CONFIG, args.overrides)
+    shape = TrainShape(batch_size=train.batch_size, max_txt_len=train.max_txt_len, lora_rank=train.lora.rank,
+                       lora_targets=tuple(train.lora.target_modules), train_qformer=train.train_qformer)
+    return {mode: estimate_training(config, mode, shape) for mode in TRAIN_MODES}
+
+
+def _print_training(training: dict[str, Any]) -> None:
+    from ..memory import format_breakdown
+
+    print("fine-tuning memory estimate on a CUDA GPU (an estimate, not a measurement), peak per step:")
+    for mode, result in training.items():
+        print(f"  {mode}: " + "; ".join(format_breakdown(result)))
+    for note in next(iter(training.values())).notes:
+        print(f"  note: {note}")
 
 
 def memory_estimate(config: Config) -> tuple[dict[str, int] | None, str]:
