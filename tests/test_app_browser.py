@@ -273,3 +273,36 @@ def test_llava_family_chat_in_the_app(browser, samples_dir, tmp_path_factory):
         assert len(texts) == 2 and all(text.strip() for text in texts)
         _shot(page, "llava_chat")
         context.close()
+
+
+def test_maps_in_the_chat_and_zero_shot_tabs(server, browser, samples_dir, uploaded):
+    context, page = _open(browser, server)
+    _upload(page, samples_dir / NIH, uploaded)
+    _greedy(page)
+    _set_number(page, "#max-new-tokens", 12)
+    page.locator("#generate-report").click()
+    _wait_for_answers(page, 1)
+    page.get_by_text("Where did it look?").first.click()  # opens the accordion
+    page.locator("#chat-map-show").click()
+    page.wait_for_selector("#chat-map img")
+    chat_map = page.locator("#chat-map").inner_text()
+    assert "not a segmentation, not a diagnosis" in chat_map and "gradient x input" in chat_map
+    first = page.locator("#chat-map img").get_attribute("src")
+    _set_number(page, "#chat-map-opacity", 1)  # re-blended without the model
+    page.wait_for_function(f"document.querySelector('#chat-map img').src !== {first!r}")
+    _shot(page, "5-chat-map")
+
+    page.get_by_role("tab", name="Zero-shot").click()
+    page.locator("#zs-run").click()
+    page.wait_for_function("document.querySelector('#zs-table').innerText.includes('Cardiomegaly')")
+    table = page.locator("#zs-table").inner_text()
+    page.locator("#zs-map-show").click()
+    page.wait_for_selector("#zs-map img")
+    zs_map = page.locator("#zs-map").inner_text()
+    assert "Grad-CAM" in zs_map and "not a segmentation, not a diagnosis" in zs_map
+    assert page.locator("#zs-table").inner_text() == table
+    _shot(page, "6-zero-shot-map")
+    page.locator(".xr-example").nth(1).click()  # another image: the old maps go
+    page.wait_for_function("document.querySelector('#description').innerText.includes('640 × 755')")
+    page.wait_for_function("!document.querySelector('#zs-map img')")
+    context.close()

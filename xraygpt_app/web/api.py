@@ -36,12 +36,19 @@ def api_answer(services: Services, data: bytes, question: str, settings: dict[st
     return turn.answer
 
 
-def api_classify(services: Services, data: bytes, model: str, preset: str, labels: str) -> dict[str, Any]:
-    """Zero-shot scores of one image as a plain dict (the core's ZeroShotResult.to_dict())."""
+def api_classify(services: Services, data: bytes, model: str, preset: str, labels: str,
+                 heatmaps: bool = False) -> dict[str, Any]:
+    """Zero-shot scores of one image as a plain dict (the core's ZeroShotResult.to_dict()); with ``heatmaps``
+    also one map per label (``explain``'s Heatmap.to_dict() plus a small overlay PNG as a data URL)."""
     try:
         classifier = services.classifier(model)
     except KeyError as exc:
         raise XrayGPTError(str(exc.args[0])) from None
     names = parse_labels(labels) or None
-    result = classifier.classify([_api_image(data, services)], labels=names, preset=None if names else preset)[0]
-    return result.to_dict()
+    image = _api_image(data, services)
+    result = classifier.classify([image], labels=names, preset=None if names else preset)[0].to_dict()
+    if heatmaps:  # after the scores, which maps never change
+        from .maps import api_heatmaps
+
+        result["heatmaps"] = api_heatmaps(classifier, image, names, None if names else preset)
+    return result

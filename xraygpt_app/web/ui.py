@@ -19,6 +19,7 @@ from gradio.utils import get_upload_folder
 from ..errors import XrayGPTError
 from . import api as ui_api
 from . import handlers as h
+from . import maps
 from .services import ZEROSHOT_TITLES, Services
 
 CSS = """
@@ -28,6 +29,10 @@ CSS = """
 .xr-disclaimer {border-left: 4px solid #d97706; padding-left: 8px}
 .xr-download {font-weight: 600}
 .xr-missing pre, .xr-missing code {white-space: pre-wrap; word-break: break-word}
+.xr-map {margin: 0}
+.xr-scale {display: flex; gap: 8px; align-items: center; font-size: 0.85em}
+.xr-scale-bar {flex: 1; height: 12px; min-width: 120px; border-radius: 3px}
+.xr-scale-note {font-size: 0.85em; opacity: 0.8}
 """
 # No extension filter: DICOM from PACS often has no extension, and the radiograph loader
 # decides by content and refuses anything else with a plain message.
@@ -203,7 +208,34 @@ def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Res
     stop_button.click(h.stop, [state], None, queue=False, api_visibility="private")
     for trigger in (clear_button.click, chatbot.clear):  # the chatbot's own bin icon clears the state too
         trigger(h.clear_chat, [state], outputs, queue=False, api_visibility="private")
-    return [(chatbot, []), (chat_notice, ""), (download, "")]
+    return [(chatbot, []), (chat_notice, ""), (download, ""), *_chat_map_block(services, state)]
+
+
+def _map_view(state: gr.State, prefix: str) -> tuple[gr.Slider, gr.HTML, gr.Markdown, gr.State, Resets]:
+    """Opacity slider, overlay and notice of a map; the slider re-blends the kept map without the model."""
+    opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Map opacity", elem_id=f"{prefix}-map-opacity")
+    view = gr.HTML(elem_id=f"{prefix}-map")
+    map_notice = gr.Markdown(elem_id=f"{prefix}-map-notice")
+    kept = gr.State(None)
+    opacity.change(maps.restyle, [state, kept, opacity], view, queue=False, api_visibility="private")
+    return opacity, view, map_notice, kept, [(view, ""), (map_notice, ""), (kept, None)]
+
+
+def _chat_map_block(services: Services, state: gr.State) -> Resets:
+    """"Where did it look?": a heatmap of an answer, or of some of its words."""
+    with gr.Accordion("Where did it look? (heatmap of an answer)", open=False):
+        with gr.Row():
+            answer = gr.Number(value=0, precision=0, minimum=0, label="Answer number (0 = the last)",
+                               elem_id="chat-map-answer")
+            span = gr.Textbox(label="Words of that answer (empty: the whole answer)", elem_id="chat-map-span")
+        show = gr.Button("Where did it look?", elem_id="chat-map-show")
+        opacity, view, map_notice, kept, resets = _map_view(state, "chat")
+
+    def on_show(st: h.UserState | None, number: float | None, words: str, alpha: float):
+        return maps.report_map(st, services, number, words, alpha)
+
+    show.click(on_show, [state, answer, span, opacity], [view, kept, map_notice], **_queued(services, GENERATION))
+    return resets
 
 
 def _vqa_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Resets:
@@ -259,11 +291,25 @@ def _zeroshot_tab(services: Services, state: gr.State) -> Resets:
     table = gr.Dataframe(headers=["label", "probability", "logit", "sigmoid score"], label="Raw scores",
                          interactive=False, elem_id="zs-table")
 
-    def on_classify(st: h.UserState | None, name: str, chosen: str, text: str):
-        return h.classify(st, services, name, chosen, text)
+    with gr.Row():
+        map_label = gr.Dropdown([], label="Label to map", elem_id="zs-map-label", scale=3)
+        show = gr.Button("Show map", elem_id="zs-map-show", scale=1)
+    opacity, view, map_notice, kept, map_resets = _map_view(state, "zs")
 
-    run.click(on_classify, [state, model, preset, labels], [chart, table, zs_notice], **_queued(services, ZEROSHOT))
-    return [(chart, None), (table, None), (zs_notice, "")]
+    def on_classify(st: h.UserState | None, name: str, chosen: str, text: str):
+        frame, rows, note = h.classify(st, services, name, chosen, text)
+        names = [row[0] for row in rows]
+        return frame, rows, note, gr.Dropdown(choices=names, value=names[0] if names else None)
+
+    def on_show(st: h.UserState | None, name: str, chosen: str, text: str, label: str | None, alpha: float):
+        return maps.zeroshot_map(st, services, name, chosen, text, label, alpha)
+
+    run.click(on_classify, [state, model, preset, labels], [chart, table, zs_notice, map_label],
+              **_queued(services, ZEROSHOT))
+    show.click(on_show, [state, model, preset, labels, map_label, opacity], [view, kept, map_notice],
+               **_queued(services, ZEROSHOT))
+    return [(chart, None), (table, None), (zs_notice, ""), (map_label, gr.update(choices=[], value=None)),
+            *map_resets]
 
 
 @contextlib.contextmanager
@@ -302,11 +348,12 @@ def _api_endpoints(services: Services) -> None:
         return answer(image, question, max_new_tokens, temperature, top_p, num_beams)
 
     def classify(image: FileData, model: str = services.config.zeroshot.default_model,
-                 preset: str = services.config.zeroshot.preset, labels: str = "") -> dict:
+                 preset: str = services.config.zeroshot.preset, labels: str = "", heatmaps: bool = False) -> dict:
         """Zero-shot label scores for a chest radiograph: a preset (chexpert5, covid, rsna) or comma-separated
-        labels. Research use only, not a diagnosis."""
+        labels; heatmaps=True adds a Grad-CAM map per label (grid and overlay PNG). Research use only, not a
+        diagnosis."""
         with _user_errors():
-            return ui_api.api_classify(services, read(image), model, preset, labels)
+            return ui_api.api_classify(services, read(image), model, preset, labels, heatmaps)
 
     gr.api(report, api_name="report", concurrency_id=GENERATION, **limit)
     gr.api(ask, api_name="ask", concurrency_id=GENERATION, **limit)
