@@ -29,6 +29,8 @@ from xraygpt_app.train.config import TrainConfig, load_train_config
 from xraygpt_app.train.schedule import learning_rate
 from xraygpt_app.train.trainer import Trainer
 from xraygpt_app.train.xraygpt_objective import read_instructions
+from xraygpt_app.web.handlers import model_line
+from xraygpt_app.web.services import Services
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "eval_configs" / "tiny_fixture.yaml"
@@ -76,6 +78,8 @@ def test_checkpoint_has_xraygpts_layout_and_serves(lora_run: Path, samples_dir: 
     bridge = model.model.bridge
     torch.testing.assert_close(bridge.llama_proj.weight, checkpoint["model"]["llama_proj.weight"], rtol=0, atol=0)
     torch.testing.assert_close(bridge.query_tokens, checkpoint["model"]["query_tokens"], rtol=0, atol=0)
+    line = model_line(Services(model.config, xraygpt=model)).replace("\\_", "_")  # the app's "model" line
+    assert "checkpoint checkpoint_9.pth" in line and "LoRA lora_adapter_9" in line
     image = load_radiograph(samples_dir / "nih_cxr14_00000001_000_pa_512.png").image
     turn = model.report(image, do_sample=False, max_new_tokens=8)
     assert turn.answer and len(turn.token_ids) > 0

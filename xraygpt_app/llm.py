@@ -147,25 +147,6 @@ def embed_ids(llm: torch.nn.Module, ids: list[int], device: torch.device) -> tor
     return llm.get_input_embeddings()(torch.tensor([ids], dtype=torch.long, device=device))
 
 
-def attach_lora(llm: torch.nn.Module, folder: str | Path, placement: Placement) -> torch.nn.Module:
-    """Apply a peft LoRA adapter (from ``xraygpt finetune``); merged into the weights unless the base is quantised.
-
-    Merging gives the same outputs as running the adapter beside the base, with no per-token cost;
-    on an 8-/4-bit base peft keeps the adapter unmerged (merging would round it into the quantised weights).
-    """
-    from peft import PeftModel  # only when a config names an adapter
-
-    folder = Path(folder)
-    if not (folder / "adapter_config.json").is_file():
-        raise ConfigError(f"weights.lora: {folder} is not a peft adapter folder (no adapter_config.json)")
-    model = PeftModel.from_pretrained(llm, str(folder), is_trainable=False)
-    if placement.llm_quantization is None:
-        model = model.merge_and_unload()
-    model.eval().requires_grad_(False)
-    log.info("LoRA adapter %s applied (%s)", folder.name, "unmerged" if placement.llm_quantization else "merged")
-    return model
-
-
 def stop_token_sequences(tokenizer: PreTrainedTokenizerBase, stop: str) -> list[list[int]]:
     """Every token sequence whose text is exactly ``stop`` (a word-start marker allowed first).
 

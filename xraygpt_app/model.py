@@ -18,7 +18,7 @@ from .config import XRAYGPT_WEIGHTS, Config
 from .conversation import SEPARATOR, Turn, clean_answer, display_answer, render_prompt, split_on_image
 from .family import PromptSegments
 from .llm import (
-    attach_lora,
+    apply_lora_adapter,
     check_llm_config,
     check_vocabulary,
     embed_ids,
@@ -137,7 +137,7 @@ class XrayGPTModel:
         llm = load_llm(paths.llama_model, config.llm, placement)
         check_rotary_buffers(llm, inv_freq)
         if config.weights.lora:
-            llm = attach_lora(llm, config.weights.lora, placement)
+            llm = apply_lora_adapter(llm, config.weights.lora, placement)
         vision = place_vision(vision, placement)
         bridge = cast_bridge(bridge, placement).to(placement.llm_device).eval().requires_grad_(False)
         log.info("model loaded in %.1f s (mode %s)", time.perf_counter() - started, placement.mode)
@@ -145,7 +145,7 @@ class XrayGPTModel:
         model.decode = make_decoder(paths.llama_model, model.tokenizer)
         model.weight_names = {"checkpoint": paths.ckpt.name, "LLM": paths.llama_model.name}
         if config.weights.lora:  # a fine-tuned adapter (xraygpt finetune): name it beside the checkpoint
-            model.weight_names["LoRA adapter"] = Path(config.weights.lora).name
+            model.weight_names["LoRA"] = Path(config.weights.lora).name
         return model
 
     def describe(self) -> str:
