@@ -24,7 +24,7 @@ import realsize  # noqa: E402  (also puts tests/ on sys.path)
 REPO = realsize.midsize.REPO
 TINY_CONFIG = REPO / "eval_configs" / "tiny_fixture.yaml"
 DRY_SCALE = 0.1
-MODES = ("fp16", "4bit", "8bit", "low_resource")  # fast paths first
+MODES = ("fp16", "fp16-compile", "4bit", "8bit", "low_resource")  # fast paths first
 TURNS = ("Could you provide a detailed description of the given x-ray image?",
          "Is there evidence of pleural effusion?", "Is the heart size normal?", "Any pneumothorax?",
          "Are the costophrenic angles sharp?", "Is there consolidation in either lung?",

@@ -17,12 +17,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from .conversation import Turn
 from .errors import BadInputError, ModelMemoryError
 from .family import ChatModel, ImageEmbedding
 from .generation import StopOnEvent, StopOnSequences, ends_with_any, logits_processors, next_token, settings_with
+from .kvcache import new_kv_cache
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class ChatSession:
         self.reuse_kv = reuse_kv  # False re-runs the whole prompt every turn, as the reference does
         self.turns: list[TurnResult] = []
         self._history: list[Turn] = []  # stored answers, as later prompts carry them
-        self._cache: DynamicCache | None = None
+        self._kv = new_kv_cache(model.llm, model.config.runtime.compile, model.context_length)
         self._cached_ids: list[int] = []
         self._stops = model.stop_sequences()
 
@@ -82,7 +82,8 @@ class ChatSession:
             else:
                 yield from self._decode(question, prompt, settings, cancel)
         except torch.OutOfMemoryError:
-            self._cache, self._cached_ids = None, []  # a forward may have stopped half-way through the cache
+            self._kv.clear()  # a forward may have stopped half-way through the cache
+            self._cached_ids = []
             if self.model.placement.llm_device.type == "cuda":
                 torch.cuda.empty_cache()
             raise ModelMemoryError("The model ran out of memory on this answer. Try fewer new tokens or beams, or"
@@ -143,7 +144,7 @@ class ChatSession:
                 yield piece
             logits = self._forward(input_ids=torch.tensor([generated[-1:]], device=logits.device))
         # What the cache now holds: the prompt and every generated token that was fed back.
-        self._cached_ids = (prompt.ids + generated)[: self._cache.get_seq_length()]
+        self._cached_ids = (prompt.ids + generated)[: self._kv.length()]
         ttft = timings.setdefault("time_to_first_token_s", time.perf_counter() - started)
         timings.update(prefill_s=ttft, decode_s=time.perf_counter() - started - ttft, new_tokens=len(generated))
         answer = self._finish_turn(question, prompt, generated, cancelled, timings)
@@ -164,7 +165,8 @@ class ChatSession:
                 repetition_penalty=settings.repetition_penalty, length_penalty=settings.length_penalty,
                 stopping_criteria=[StopOnSequences(self._stops), *([StopOnEvent(cancel)] if cancel else [])],
                 pad_token_id=self.model.tokenizer.pad_token_id, suppress_tokens=self.model.suppressed_ids or None)
-        self._cache, self._cached_ids = None, []
+        self._kv.clear()
+        self._cached_ids = []
         generated = out[0].tolist()
         yield self._finish_turn(question, prompt, generated, bool(cancel and cancel.is_set()),
                                 {"generate_s": time.perf_counter() - started, "new_tokens": len(generated)})
@@ -177,17 +179,14 @@ class ChatSession:
                 break
             shared += 1
         shared = min(shared, len(ids) - 1)  # at least one position must run to get logits
-        if self._cache is None or shared == 0 or not self.reuse_kv:
-            self._cache = DynamicCache(config=self.model.llm.config)
+        if self._kv.cache is None or shared == 0 or not self.reuse_kv:
+            self._kv.restart()
             return 0
-        self._cache.crop(shared - self._cache.get_seq_length())  # a negative count removes from the end
+        self._kv.crop(shared)
         return shared
 
     def _forward(self, **inputs) -> torch.Tensor:
-        # Only the last position's logits are used: skipping the rest saves a prompt-length x
-        # vocabulary matmul and its memory in every prefill.
-        out = self.model.llm(**inputs, past_key_values=self._cache, use_cache=True, logits_to_keep=1)
-        return out.logits
+        return self._kv.forward(**inputs)
 
     def _finished(self, generated: list[int]) -> bool:
         eos = self.model.tokenizer.eos_token_id

@@ -144,6 +144,7 @@ class RuntimeConfig:
     mode: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     vision_device: str = "auto"  # auto (as the mode says) | cpu: the ViT in float32 on the CPU, saving GPU memory
+    compile: bool = False  # static KV cache + torch.compile'd decode step (see xraygpt_app/kvcache.py)
 
 
 @dataclass
