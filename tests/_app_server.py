@@ -24,6 +24,7 @@ class AppServer:
     url: str
     cache_dir: Path  # Gradio's upload/cache folder (GRADIO_TEMP_DIR) of this server
     log_path: Path
+    pid: int = 0  # the server process (for memory figures)
 
     def log(self) -> str:
         return self.log_path.read_text(encoding="utf-8", errors="replace")
@@ -66,7 +67,7 @@ def running_app(workdir: Path, command: list[str], extra_env: dict[str, str] | N
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_until_up(url, process, log_path)
-        yield AppServer(url, cache_dir, log_path)
+        yield AppServer(url, cache_dir, log_path, process.pid)
     finally:
         process.terminate()
         try:

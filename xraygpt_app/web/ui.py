@@ -9,6 +9,7 @@ time by default and waiting users see their queue position.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,6 +22,8 @@ from . import api as ui_api
 from . import handlers as h
 from . import maps
 from .services import ZEROSHOT_TITLES, Services
+
+logger = logging.getLogger(__name__)
 
 CSS = """
 .xr-preview {display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start}
@@ -83,6 +86,7 @@ def _forget_session(state: h.UserState | None) -> None:
     if isinstance(state, h.UserState):
         state.reset()
         state.image, state.info = None, {}
+        logger.info("session state released (idle or closed)")
 
 
 def build_app(services: Services) -> gr.Blocks:
