@@ -45,6 +45,7 @@ QUESTIONS = ("Is there evidence of pleural effusion?", "Is the heart size normal
 EVENTS = ("on_upload", "on_report", "on_ask")  # the UI handlers' names, Gradio's default event names
 WAITING = {"STARTING", "JOINING_QUEUE", "IN_QUEUE", "SENDING_DATA"}  # before the server runs the event
 RELEASED = "session state released"  # what web/ui.py logs when the idle sweep frees a session
+CLOSED = "session closed"  # ...and when Gradio tells it a client has gone (no heartbeat)
 
 
 @dataclass
@@ -75,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--idle-seconds", type=int, default=30,
                         help="app.session_idle_seconds of the server: longer than any queue wait here")
+    parser.add_argument("--heartbeat", type=float, default=None,
+                        help="GRADIO_HEARTBEAT_INTERVAL of the server: how soon a closed client is noticed "
+                             "(Gradio's default 15 s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     return parser.parse_args(argv)
 
@@ -233,7 +237,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     samples = chest_samples(args.users)
     command = ["-m", "xraygpt_app.cli", "--verbose", "serve", "--set", f"app.session_idle_seconds={args.idle_seconds}"]
     extra = {"config": config} if config else {}
-    with running_app(workdir, command, **extra) as server:
+    env = {"GRADIO_HEARTBEAT_INTERVAL": str(args.heartbeat)} if args.heartbeat else {}
+    with running_app(workdir, command, env, **extra) as server:
         result: dict[str, Any] = {"users": args.users, "model": str(config or "tiny fixture"),
                                   "rss_start_mib": rss_mib(server.pid)}
         alone = [conversation(server.url, sample, settings) for sample in samples]
@@ -249,6 +254,7 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         result["sessions_opened"] = opened
         result["released_total"] = wait_for_release(server, opened, args.idle_seconds + 15)
         result["rss_end_mib"] = rss_mib(server.pid)
+        result["closed_total"] = server.log().count(CLOSED)
     return result
 
 
@@ -279,7 +285,7 @@ def print_tables(result: dict[str, Any]) -> None:
         print(f"| after {count} more sessions in a row | {mib:.0f} |")
     print(f"| after the idle sweep | {result['rss_end_mib']:.0f} |")
     print(f"\nsession states released by the idle sweep: {result['released_total']} of "
-          f"{result['sessions_opened']} sessions opened")
+          f"{result['sessions_opened']} sessions opened ({result['closed_total']} seen closed by the server first)")
 
 
 def main(argv: list[str] | None = None) -> int:

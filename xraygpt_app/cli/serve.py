@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"fetch missing weights from their Hub/URL sources at start-up "
                              f"(also ${DOWNLOAD_ENV}=1)")
     parser.add_argument("--mcp", action="store_true",
-                        help="also serve the report/ask/classify endpoints as MCP tools (needs gradio[mcp])")
+                        help="also serve the report/ask/classify endpoints as MCP tools (at /gradio_api/mcp/)")
     parser.set_defaults(func=run)
 
 
@@ -109,5 +109,5 @@ def _check_mcp() -> None:
     try:
         import mcp  # noqa: F401  (only checking that the extra is installed)
     except ImportError:
-        raise BadInputError("--mcp needs Gradio's MCP extra: pip install 'gradio[mcp]==6.31.0' "
-                            "(or pip install -e '.[mcp]')") from None
+        raise BadInputError("--mcp needs the MCP package: pip install 'mcp==1.30.0' (scripts/setup.sh installs it; "
+                            "or pip install -e '.[mcp]')") from None

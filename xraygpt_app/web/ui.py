@@ -8,19 +8,15 @@ time by default and waiting users see their queue position.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
-from gradio.data_classes import FileData
 from gradio.utils import get_upload_folder
 
-from ..errors import XrayGPTError
-from . import api as ui_api
 from . import handlers as h
-from . import maps
+from . import maps, tools
 from .services import ZEROSHOT_TITLES, Services
 
 logger = logging.getLogger(__name__)
@@ -89,6 +85,22 @@ def _forget_session(state: h.UserState | None) -> None:
         logger.info("session state released (idle or closed)")
 
 
+def _expire_when_closed(demo: gr.Blocks, seconds: int) -> None:
+    """A closed tab's state is released after the same idle limit as an open one.
+
+    On its own Gradio keeps a disconnected session's state for an hour (in case the tab comes
+    back), whatever ``time_to_live`` says: an image and a KV cache per closed tab. ``unload`` is
+    Gradio's hook for a disconnect; it sets that session's grace period to the idle limit.
+    """
+    def on_unload(request: gr.Request) -> None:
+        session = demo.state_holder.session_data.get(request.session_hash)
+        if session is not None and hasattr(session, "STATE_TTL_WHEN_CLOSED"):
+            session.STATE_TTL_WHEN_CLOSED = min(session.STATE_TTL_WHEN_CLOSED, seconds)
+            logger.info("session closed: its state is released after %d s", seconds)
+
+    demo.unload(on_unload)
+
+
 def build_app(services: Services) -> gr.Blocks:
     """Build the whole app around already-loaded services (nothing is loaded here)."""
     app_config = services.config.app
@@ -111,7 +123,8 @@ def build_app(services: Services) -> gr.Blocks:
                 with gr.Tab("Zero-shot", id="zeroshot"):
                     resets += _zeroshot_tab(services, state)
         _wire_image(services, state, image, resets)
-        _api_endpoints(services)
+        _expire_when_closed(demo, app_config.session_idle_seconds)
+        tools.register(demo, services, {"report": GENERATION, "ask": GENERATION, "classify": ZEROSHOT})
     demo.queue(default_concurrency_limit=app_config.generation_concurrency, max_size=app_config.queue_max_size)
     return demo
 
@@ -314,51 +327,3 @@ def _zeroshot_tab(services: Services, state: gr.State) -> Resets:
                **_queued(services, ZEROSHOT))
     return [(chart, None), (table, None), (zs_notice, ""), (map_label, gr.update(choices=[], value=None)),
             *map_resets]
-
-
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """An XrayGPTError (bad input) reaches the API caller as its message, with no traceback in the log."""
-    try:
-        yield
-    except XrayGPTError as exc:
-        raise gr.Error(str(exc), print_exception=False) from None
-
-
-def _api_endpoints(services: Services) -> None:
-    """Stateless endpoints for gradio_client and MCP: one image in, text or scores out."""
-    gen = services.config.generation
-    limit = {"concurrency_limit": services.config.app.generation_concurrency}
-    upload_root = get_upload_folder()
-
-    def read(image: FileData | dict) -> bytes:
-        path = image["path"] if isinstance(image, dict) else image.path
-        return h.read_upload(path, upload_root)
-
-    def answer(image: FileData, question: str, max_new_tokens: int, temperature: float, top_p: float,
-               num_beams: int) -> str:
-        with _user_errors():
-            settings = h.generation_kwargs(max_new_tokens, temperature, top_p, num_beams, gen.do_sample)
-            return ui_api.api_answer(services, read(image), question, settings)
-
-    def report(image: FileData, max_new_tokens: int = gen.max_new_tokens, temperature: float = gen.temperature,
-               top_p: float = gen.top_p, num_beams: int = gen.num_beams) -> str:
-        """Draft a report for a chest radiograph (PNG, JPEG or DICOM). Research use only, not a diagnosis."""
-        return answer(image, "", max_new_tokens, temperature, top_p, num_beams)
-
-    def ask(image: FileData, question: str, max_new_tokens: int = gen.max_new_tokens,
-            temperature: float = gen.temperature, top_p: float = gen.top_p, num_beams: int = gen.num_beams) -> str:
-        """Answer one question about a chest radiograph. Research use only, not a diagnosis."""
-        return answer(image, question, max_new_tokens, temperature, top_p, num_beams)
-
-    def classify(image: FileData, model: str = services.config.zeroshot.default_model,
-                 preset: str = services.config.zeroshot.preset, labels: str = "", heatmaps: bool = False) -> dict:
-        """Zero-shot label scores for a chest radiograph: a preset (chexpert5, covid, rsna) or comma-separated
-        labels; heatmaps=True adds a Grad-CAM map per label (grid and overlay PNG). Research use only, not a
-        diagnosis."""
-        with _user_errors():
-            return ui_api.api_classify(services, read(image), model, preset, labels, heatmaps)
-
-    gr.api(report, api_name="report", concurrency_id=GENERATION, **limit)
-    gr.api(ask, api_name="ask", concurrency_id=GENERATION, **limit)
-    gr.api(classify, api_name="classify", concurrency_id=ZEROSHOT, **limit)
