@@ -26,7 +26,8 @@ BOT = "#chatbot [data-testid='bot']"
 
 
 def _chromium() -> str:
-    path = shutil.which("chromium") or "/usr/bin/chromium"
+    # XRAYGPT_TEST_CHROMIUM picks another browser binary (tests/test_browser_skip.py fakes a missing one)
+    path = os.environ.get("XRAYGPT_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(path).exists():
         if os.environ.get("CI"):
             pytest.fail("chromium is missing: scripts/setup.sh installs it (apt-get install chromium)")
@@ -246,8 +247,9 @@ def test_missing_weights_are_explained_in_the_tabs(browser, tmp_path):
         context.close()
 
 
-def test_no_uploaded_bytes_remain_in_gradio_cache(server, uploaded):
-    # Runs last: every session above has ended; the app deletes each upload once decoded.
+def test_no_uploaded_bytes_remain_in_gradio_cache(browser, server, uploaded):
+    # Runs last: every session above has ended; the app deletes each upload once decoded. Without a
+    # browser (``browser`` skips) the tests above uploaded nothing, so this one skips with them.
     assert uploaded, "the tests above should have uploaded files"
     for data in uploaded:
         assert files_holding(server.cache_dir, data) == []
