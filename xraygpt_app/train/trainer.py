@@ -141,7 +141,7 @@ class Trainer:
         log.info("data: %d training rows, %d validation rows, %d skipped", len(train_samples), len(val_samples),
                  skipped)
         model = load_family(config, train)
-        output_dir = Path(output or train.output_dir)
+        output_dir = Path(output or train.output_dir).resolve()  # printed paths work from anywhere
         output_dir.mkdir(parents=True, exist_ok=True)
         return cls(config, train, model, accelerator, train_samples, val_samples, output_dir, skipped)
 
