@@ -109,6 +109,10 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
 
     device, scale, root = setup(args)
     runtime, extra = mode_overrides(args, mode)
+    if args.dry_run:
+        from xraygpt_app import kvcache
+
+        kvcache.CPU_BACKEND = "aot_eager"  # the dry run checks the path, not inductor's minutes-long C++ build
     if runtime in ("8bit", "4bit", "low_resource") and not _has_bitsandbytes():
         return {"mode": mode, "skipped": "no bitsandbytes"}
     config = load_config(realsize.REAL_CONFIG, [*realsize.overrides(root, scale, runtime, device), *extra])

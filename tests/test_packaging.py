@@ -1,0 +1,43 @@
+"""pyproject.toml declares the supported minimums; requirements.txt (the tested pins) and
+requirements-old.txt (the oldest tested versions, .ci/run-old-versions) must both satisfy them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tomllib
+from packaging.requirements import Requirement
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _declared() -> dict[str, Requirement]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = [r for group in project["optional-dependencies"].values() for r in group]
+    return {Requirement(r).name.lower(): Requirement(r) for r in [*project["dependencies"], *extras]}
+
+
+def _pins(name: str) -> dict[str, str | None]:
+    pins = {}
+    for line in (REPO / name).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-"):
+            requirement = Requirement(line)
+            version = next((s.version for s in requirement.specifier if s.operator == "=="), None)
+            pins[requirement.name.lower()] = version
+    return pins
+
+
+def test_every_pinned_requirement_satisfies_the_declared_range() -> None:
+    declared = _declared()
+    for name, version in _pins("requirements.txt").items():
+        assert name in declared, f"{name} is pinned in requirements.txt but not declared in pyproject.toml"
+        if version is not None:
+            assert declared[name].specifier.contains(version), f"{name}=={version} is outside {declared[name]}"
+
+
+def test_old_versions_are_the_declared_minimums() -> None:
+    declared, old = _declared(), _pins("requirements-old.txt")
+    for name in ("torch", "torchvision", "transformers", "huggingface_hub", "timm", "accelerate"):
+        minimum = next(s.version for s in declared[name].specifier if s.operator == ">=")
+        assert old[name].startswith(minimum), f"{name}: requirements-old.txt has {old[name]}, pyproject >= {minimum}"
