@@ -177,6 +177,22 @@ def test_corrupt_upload_shows_a_notice(server, browser, uploaded):
     context.close()
 
 
+def test_the_loaded_file_is_named_and_can_be_replaced(server, browser, samples_dir, uploaded):
+    context, page = _open(browser, server)
+    _upload(page, samples_dir / NIH, uploaded)
+    assert page.locator("#loaded-file").inner_text().strip() == f"Loaded: {NIH}"
+    first_preview = page.locator("#preview img").first.get_attribute("src")
+    uploaded.append((samples_dir / DICOM).read_bytes())
+    with page.expect_file_chooser() as chooser:  # the "Replace image…" button beside the name opens a file dialog
+        page.locator("#replace").click()
+    chooser.value.set_files(str(samples_dir / DICOM))
+    page.wait_for_function(f"document.querySelector('#loaded-file').innerText.includes('{DICOM}')")
+    assert page.locator("#preview img").first.get_attribute("src") != first_preview
+    assert "DICOM" in page.locator("#description").inner_text()
+    _shot(page, "4b-loaded-file-and-replace")
+    context.close()
+
+
 def test_refused_question_stays_in_the_box(server, browser):
     context, page = _open(browser, server)
     _ask(page, "Is there a pneumothorax?")  # no image yet: refused with a notice

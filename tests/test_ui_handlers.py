@@ -47,6 +47,19 @@ def test_upload_gives_preview_and_description(services, png_bytes):
     assert state.messages == [] and state.session is None
 
 
+def test_the_loaded_file_name_is_kept_in_the_session_and_escaped(services, png_bytes):
+    from xraygpt_app.web.display import loaded_file_html
+
+    name = 'chest <img src=x onerror="alert(1)">.png'
+    state, _, _, note = h.load_image(None, png_bytes, services.config.image, name=name)
+    assert note == "" and state.file_name == name
+    shown = loaded_file_html(state.file_name)
+    assert "<img" not in shown and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;.png" in shown
+    state, _, _, note = h.load_image(state, b"not an image", services.config.image, name="other.png")
+    assert note and state.file_name == name  # a refused file leaves the loaded one (and its name) in place
+    assert h.load_example(None, "NIH PA (512 px)", services.config.image)[0].file_name == h.EXAMPLES["NIH PA (512 px)"]
+
+
 def test_dicom_upload_is_described_without_identity(services, samples_dir):
     data = (samples_dir / "cr_siim_chest_pa_mono2_jpeg_baseline.dcm").read_bytes()
     state, preview, description, note = h.load_image(None, data, services.config.image)

@@ -33,6 +33,7 @@ class WeightSpec:
     sources: list[str] = field(default_factory=list)
     sha256: str | None = None
     how_to_get: str = ""
+    licence: str = ""  # shown before a download, e.g. "MIT (MedCLIP's repository)"
 
 
 MODEL_FAMILIES = ("xraygpt", "llava")  # model.family: the architecture a config builds

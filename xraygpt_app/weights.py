@@ -46,6 +46,7 @@ HUB_PREFIX = "hf-hub:"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 CHUNK = 1 << 20
 URL_TIMEOUT_S = 60
+PROBE_TIMEOUT_S = 10  # asking a server for a size before downloading
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,9 @@ def _why_absent(source: str, download: bool, cache_dir: str | None) -> str:
 def _missing_message(spec: WeightSpec, name: str, looked: dict[str, str]) -> str:
     places = "\n".join(f"  - {source} ({why})" for source, why in looked.items()) or "  (no sources configured)"
     how = spec.how_to_get.strip() or f"set {name} in the config to a local path, hf-hub:org/repo or an https URL"
-    return f"Missing weights for {name}. Looked in:\n{places}\nHow to get them: {how}"
+    local = [source for source in spec.sources if not is_remote(source)]
+    where = f"\nSave them as: {local[0]}" if local else ""
+    return f"Missing weights for {name}. Looked in:\n{places}\nHow to get them: {how}{where}"
 
 
 def _brief(exc: Exception) -> str:
@@ -251,6 +254,44 @@ def download_hub_configs(repo_id: str) -> Path:
 
 
 # --- downloads ---------------------------------------------------------------------------------
+
+def download_size(source: str) -> int | None:
+    """Bytes that downloading ``source`` would fetch (HTTP Content-Length, or the Hub's file sizes);
+    None when the server does not say or cannot be reached (the download then reports why)."""
+    try:
+        if source.startswith(HUB_PREFIX):
+            return _hub_size(parse_hub_source(source))
+        _check_url(source)
+        request = urllib.request.Request(source, method="HEAD")
+        with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S) as response:
+            length = response.headers.get("Content-Length")
+        return int(length) if length else None
+    except Exception:  # noqa: BLE001 - a size is a courtesy; the download itself reports failures
+        return None
+
+
+def _hub_size(hub: HubSource) -> int | None:
+    import huggingface_hub
+
+    info = huggingface_hub.HfApi().model_info(hub.repo_id, revision=hub.revision, files_metadata=True,
+                                              timeout=PROBE_TIMEOUT_S)
+    prefix = f"{hub.subfolder}/" if hub.subfolder else ""
+    sizes = [f.size for f in info.siblings or [] if f.size is not None
+             and (f.rfilename == hub.filename if hub.filename else f.rfilename.startswith(prefix))]
+    return sum(sizes) if sizes else None
+
+
+def human_size(size: int | None) -> str:
+    """``1.9 GiB``-style text, or "size unknown"."""
+    if size is None:
+        return "size unknown"
+    value = float(size)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
 
 def _download(source: str, sha256: str | None, cache_dir: str | None) -> Path:
     """Download one remote source and return its local path (checksum verified)."""

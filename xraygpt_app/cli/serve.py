@@ -14,7 +14,7 @@ from .options import add_config_options
 
 AUTH_ENV = "XRAYGPT_AUTH"
 CONFIG_ENV = "XRAYGPT_CONFIG"
-DOWNLOAD_ENV = "XRAYGPT_DOWNLOAD"
+OFFLINE_ENV = "XRAYGPT_OFFLINE"
 SET_ENV = "XRAYGPT_SET"  # overrides separated by ";" (a Space cannot pass --set)
 SHARE_WARNING = """
 ************************************************************************************
@@ -39,9 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"user:password pairs separated by commas, or a file with one pair per line "
                              f"(also ${AUTH_ENV})")
     parser.add_argument("--max-file-size", default=None, help="largest upload, e.g. 50mb (default from config)")
-    parser.add_argument("--download", action="store_true",
-                        help=f"fetch missing weights from their Hub/URL sources at start-up "
-                             f"(also ${DOWNLOAD_ENV}=1)")
+    parser.add_argument("--offline", action="store_true",
+                        help=f"download nothing at start-up (by default the public weights that are missing are "
+                             f"fetched from their Hub/URL sources, with sizes and licences shown; also "
+                             f"${OFFLINE_ENV}=1 or HF_HUB_OFFLINE=1)")
+    parser.add_argument("--download", action="store_true", help="(the default; kept for older scripts)")
     parser.add_argument("--mcp", action="store_true",
                         help="also serve the report/ask/classify endpoints as MCP tools (at /gradio_api/mcp/)")
     parser.set_defaults(func=run)
@@ -96,13 +98,37 @@ def run(args: argparse.Namespace) -> int:
     from ..web.services import build_services
     from ..web.ui import CSS, build_app
 
-    download = args.download or os.environ.get(DOWNLOAD_ENV, "").lower() in ("1", "true", "yes")
-    services = build_services(config, progress=lambda message: print(message, flush=True), download=download)
+    fetch_on_start(config, offline=args.offline or _env_flag(OFFLINE_ENV) or _env_flag("HF_HUB_OFFLINE"))
+    services = build_services(config, progress=lambda message: print(message, flush=True))
     demo = build_app(services)
     demo.launch(server_name=config.app.host, server_port=config.app.port, share=config.app.share,
                 auth=auth or None, max_file_size=config.app.max_file_size, mcp_server=args.mcp,
                 ssr_mode=False, css=CSS, show_error=False)
     return 0
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def fetch_on_start(config: Config, offline: bool) -> int:
+    """Fetch the public weights that are missing (what ``xraygpt fetch`` does), unless ``offline``.
+
+    Nothing here stops the app: a failed or refused download leaves that model "missing", and its
+    tab then says what is missing and the commands that get it. Returns the entries still missing.
+    """
+    from .weights import fetch_weights
+
+    if offline:
+        print("Offline: nothing is downloaded. Weights not on this machine are listed in the app, with the "
+              "commands that get them.", flush=True)
+        return 0
+    print("Checking weights; public files that are missing are downloaded now (--offline skips this):", flush=True)
+    missing = fetch_weights(config, lambda message: print(message, flush=True))
+    if missing:
+        print(f"{missing} weights entr{'y is' if missing == 1 else 'ies are'} still missing: the app serves "
+              "without them and says in each tab how to get them.", flush=True)
+    return missing
 
 
 def _check_mcp() -> None:

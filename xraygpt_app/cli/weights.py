@@ -9,11 +9,20 @@ import argparse
 import json
 import sys
 import textwrap
+from collections.abc import Callable
 from typing import Any
 
-from ..config import DEFAULT_CONFIG, Config, iter_weight_specs, load_config
+from ..config import DEFAULT_CONFIG, Config, WeightSpec, iter_weight_specs, load_config
 from ..errors import MissingWeightsError, XrayGPTError
-from ..weights import WeightStatus, download_hub_configs, is_remote, resolve_weights, weights_status
+from ..weights import (
+    WeightStatus,
+    download_hub_configs,
+    download_size,
+    human_size,
+    is_remote,
+    resolve_weights,
+    weights_status,
+)
 from .options import add_config_options
 
 EXIT_MISSING = MissingWeightsError.exit_code
@@ -42,29 +51,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_fetch(args: argparse.Namespace) -> int:
     """Resolve every spec, downloading remote sources; print where each one is or how to get it."""
     config = load_config(args.config, args.overrides)
-    missing = 0
-    for name, spec in iter_weight_specs(config).items():
-        try:
-            path = resolve_weights(spec, name, cache_dir=config.weights.cache_dir)
-            print(f"present     {name}: {path}")
-            continue
-        except MissingWeightsError as exc:
-            offline_error = exc
-        if not any(is_remote(source) for source in spec.sources):
-            missing += 1
-            print(f"manual      {name}: cannot be downloaded automatically\n{_indent(str(offline_error))}")
-            continue
-        print(f"downloading {name} ...", flush=True)
-        try:
-            path = resolve_weights(spec, name, download=True, cache_dir=config.weights.cache_dir)
-            print(f"downloaded  {name}: {path}")
-        except MissingWeightsError as exc:
-            missing += 1
-            print(f"failed      {name}\n{_indent(str(exc))}")
-    return _summary(missing + _fetch_tower_configs(config))
+    return _summary(fetch_weights(config, lambda message: print(message, flush=True)))
 
 
-def _fetch_tower_configs(config: Config) -> int:
+def fetch_weights(config: Config, say: Callable[[str], None]) -> int:
+    """Every weights entry of ``config``: present, downloaded (size and licence said first) or how to get
+    it; then the towers' config files. Returns how many entries are still missing. ``serve`` runs
+    this on start (unless --offline); a failed download is reported, never raised."""
+    # zero-shot first: its files are the smallest, and with them the app is useful before XrayGPT's arrive
+    specs = sorted(iter_weight_specs(config).items(), key=lambda item: not item[0].startswith("zeroshot."))
+    missing = sum(not _fetch_one(config, name, spec, say) for name, spec in specs)
+    return missing + _fetch_tower_configs(config, say)
+
+
+def _fetch_one(config: Config, name: str, spec: WeightSpec, say: Callable[[str], None]) -> bool:
+    try:
+        say(f"present     {name}: {resolve_weights(spec, name, cache_dir=config.weights.cache_dir)}")
+        return True
+    except MissingWeightsError as exc:
+        offline_error = exc
+    remote = [source for source in spec.sources if is_remote(source)]
+    if not remote:
+        say(f"manual      {name}: cannot be downloaded automatically\n{_indent(str(offline_error))}")
+        return False
+    licence = spec.licence or "see the source"
+    say(f"downloading {name}: {human_size(download_size(remote[0]))} from {remote[0]} (licence: {licence}) ...")
+    try:
+        path = resolve_weights(spec, name, download=True, cache_dir=config.weights.cache_dir)
+    except MissingWeightsError as exc:
+        say(f"failed      {name}\n{_indent(str(exc))}")
+        return False
+    say(f"downloaded  {name}: {path}")
+    return True
+
+
+def _fetch_tower_configs(config: Config, say: Callable[[str], None]) -> int:
     """Config/tokenizer files of the vision and zero-shot towers (after their weights); returns the failures."""
     from ..tower import tower_config_repos as family_tower_repos
     from ..zeroshot import tower_config_repos
@@ -75,10 +96,10 @@ def _fetch_tower_configs(config: Config) -> int:
             continue
         fetched.add(repo)
         try:
-            print(f"configs     {name}: {download_hub_configs(repo)}")
+            say(f"configs     {name}: {download_hub_configs(repo)}")
         except Exception as exc:  # huggingface_hub raises many types for offline/unknown repos
             failed += 1
-            print(f"failed      {name}: hf-hub:{repo} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+            say(f"failed      {name}: hf-hub:{repo} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
     return failed
 
 

@@ -8,10 +8,8 @@ is ever stored in a module global. Errors meant for the user come back as notice
 from __future__ import annotations
 
 import base64
-import io
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +23,7 @@ from PIL import Image
 from ..conversation import DEFAULT_REPORT_QUESTION  # pure Python: no torch
 from ..errors import XrayGPTError
 from ..prompts import PRESETS, split_labels
+from .display import describe_image, md_text, preview_html
 from .services import ZEROSHOT_TITLES, Services
 
 logger = logging.getLogger(__name__)
@@ -40,7 +39,6 @@ SUGGESTED_QUESTIONS = (
 PRESET_TITLES = {name: preset.title for name, preset in PRESETS.items()}
 CUSTOM = "Custom labels"
 NO_IMAGE = "Upload a radiograph first (or pick an example)."
-PREVIEW_SIDE = 512  # display copy only; the model gets the loader's full image
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 EXAMPLES = {
     "NIH PA (512 px)": "nih_cxr14_00000001_000_pa_512.png",
@@ -55,6 +53,7 @@ class UserState:
 
     image: Image.Image | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    file_name: str = ""  # the loaded file's name, shown beside the preview; user data, never logged
     session: Any = None  # the core's ChatSession, created on the first question
     messages: list[dict[str, str]] = field(default_factory=list)
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -92,7 +91,7 @@ def model_line(services: Services) -> str:
     """The small "model" line: which family and weights answer in the chat tabs (empty if none is loaded)."""
     if services.xraygpt is None:
         return ""
-    return f"<small>**Model:** {_md_text(services.xraygpt.describe())}</small>"
+    return f"<small>**Model:** {md_text(services.xraygpt.describe())}</small>"
 
 
 def notice(text: str) -> str:
@@ -120,8 +119,8 @@ def read_upload(path: str | os.PathLike, upload_root: str | os.PathLike | None) 
 
 
 def load_image(state: UserState | None, data: bytes, limits: Any = None,
-               model_size: int = 224) -> tuple[UserState, str, str, str]:
-    """Decode an upload; returns (state, preview HTML, description Markdown, notice).
+               model_size: int = 224, name: str = "") -> tuple[UserState, str, str, str]:
+    """Decode an upload called ``name``; returns (state, preview HTML, description Markdown, notice).
 
     A new image starts a new conversation. A file that cannot be used leaves the previous
     image in place and returns a plain-language notice.
@@ -139,6 +138,7 @@ def load_image(state: UserState | None, data: bytes, limits: Any = None,
     logger.info("upload decoded: %d bytes, %s %dx%d in %.3f s", len(data), info.get("format"),
                 info.get("width", 0), info.get("height", 0), time.perf_counter() - start)
     state.reset(radiograph.image, info)
+    state.file_name = name
     return state, preview_html(radiograph.image, model_size), describe_image(info), ""
 
 
@@ -147,49 +147,7 @@ def load_example(state: UserState | None, name: str, limits: Any = None, model_s
     """Load one of the bundled example radiographs by its button label."""
     if name not in EXAMPLES:
         return state or UserState(), "", "", notice(f"Unknown example {name!r}.")
-    return load_image(state, (EXAMPLES_DIR / EXAMPLES[name]).read_bytes(), limits, model_size)
-
-
-def _data_url(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def preview_html(image: Image.Image, model_size: int = 224) -> str:
-    """The normalised 8-bit image the model gets, and its model-input shape, as in-memory HTML.
-
-    Data URLs keep the preview off the disk (a gr.Image output would be written to the cache).
-    """
-    display = image.copy()
-    display.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
-    model_view = image.convert("RGB").resize((model_size, model_size), Image.Resampling.BICUBIC)
-    return (
-        '<div class="xr-preview">'
-        f'<figure><img alt="Normalised radiograph" src="{_data_url(display)}" style="max-width:100%;max-height:420px">'
-        f"<figcaption>What the model gets: the decoded 8-bit image ({image.width}×{image.height})."
-        "</figcaption></figure>"
-        f'<figure><img alt="Model input" src="{_data_url(model_view)}" width="{model_size // 2}">'
-        f"<figcaption>XrayGPT input: resized to {model_size}×{model_size} (aspect ratio not kept)."
-        "</figcaption></figure></div>"
-    )
-
-
-def describe_image(info: dict[str, Any]) -> str:
-    """The loader's non-identifying description as a Markdown list."""
-    rows = [("Format", info.get("format")), ("Size", f"{info.get('width')} × {info.get('height')} px"),
-            ("Bit depth", info.get("bit_depth")), ("Photometric", info.get("photometric")),
-            ("Frames", info.get("frames")), ("Modality", info.get("modality")),
-            ("View", info.get("view_position")), ("Body part", info.get("body_part"))]
-    lines = [f"- **{name}:** {_md_text(value)}" for name, value in rows if value not in (None, "", [])]
-    lines += [f"- ℹ️ {_md_text(text)}" for text in info.get("notices") or []]
-    return "\n".join(lines)
-
-
-def _md_text(value: Any) -> str:
-    """``value`` as literal Markdown text: DICOM header fields come from the file, so they must not
-    become links, images (a request to any host) or HTML in the page."""
-    return re.sub(r"([\\`*_\[\]<>!|~$#])", r"\\\1", str(value))
+    return load_image(state, (EXAMPLES_DIR / EXAMPLES[name]).read_bytes(), limits, model_size, EXAMPLES[name])
 
 
 # ---- report chat --------------------------------------------------------------------------

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 from gradio.utils import get_upload_folder
 
+from . import display, maps, tools
 from . import handlers as h
-from . import maps, tools
 from .services import ZEROSHOT_TITLES, Services
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ CSS = """
 .xr-scale {display: flex; gap: 8px; align-items: center; font-size: 0.85em}
 .xr-scale-bar {flex: 1; height: 12px; min-width: 120px; border-radius: 3px}
 .xr-scale-note {font-size: 0.85em; opacity: 0.8}
+.xr-loaded {overflow-wrap: anywhere}
 """
 # No extension filter: DICOM from PACS often has no extension, and the radiograph loader
 # decides by content and refuses anything else with a plain message.
@@ -45,16 +47,20 @@ def disclaimer() -> gr.Markdown:
     return gr.Markdown(h.DISCLAIMER, elem_classes=["xr-disclaimer"])
 
 
-def _missing_box(reasons: dict[str, str], what: str) -> None:
-    """What is missing, per model, as the weights layer says it (where we looked, how to get it)."""
+def _missing_box(services: Services, reasons: dict[str, str], what: str) -> None:
+    """What is missing, per model, as the weights layer says it (where we looked, how to get it, where to
+    save it), and the commands that fetch the public files and restart with this config."""
     if reasons:
         blocks = "\n\n".join(f"**{name}**\n\n```text\n{reason}\n```" for name, reason in reasons.items())
-        gr.Markdown(f"### {what} is not available\n\n{blocks}\n\nSee the README (section *Weights and "
-                    "configuration*) for how to fetch the weights, then restart the app.", elem_classes=["xr-missing"])
+        config = services.config.source or "eval_configs/xraygpt_eval.yaml"
+        gr.Markdown(f"### {what} is not available\n\n{blocks}\n\nSave manual downloads where *Save them as* "
+                    f"says. The public files download with:\n\n```bash\nxraygpt fetch --config {config}\n```\n\n"
+                    f"then restart the app:\n\n```bash\nxraygpt serve --config {config}\n```",
+                    elem_classes=["xr-missing"])
 
 
 def _xraygpt_missing_box(services: Services) -> None:
-    _missing_box({"XrayGPT": services.xraygpt_missing} if services.xraygpt_missing else {}, "XrayGPT")
+    _missing_box(services, {"XrayGPT": services.xraygpt_missing} if services.xraygpt_missing else {}, "XrayGPT")
 
 
 def _zeroshot_reasons(services: Services) -> dict[str, str]:
@@ -81,7 +87,7 @@ def _forget_session(state: h.UserState | None) -> None:
     """Gradio deleted this session's state: stop its answers and let go of its image and cache."""
     if isinstance(state, h.UserState):
         state.reset()
-        state.image, state.info = None, {}
+        state.image, state.info, state.file_name = None, {}, ""
         logger.info("session state released (idle or closed)")
 
 
@@ -138,6 +144,9 @@ def _image_panel(services: Services) -> dict[str, Any]:
         example_buttons = {name: gr.Button(f"Example: {name}", size="sm", elem_classes=["xr-example"])
                            for name in h.EXAMPLES if (h.EXAMPLES_DIR / h.EXAMPLES[name]).is_file()}
     image_notice = gr.Markdown(elem_id="image-notice")
+    with gr.Row(equal_height=True):  # which file is loaded (the drop box empties itself), and a way to replace it
+        loaded = gr.HTML(elem_id="loaded-file")
+        replace = gr.UploadButton("Replace image…", size="sm", visible=False, elem_id="replace", scale=0)
     preview = gr.HTML(elem_id="preview")
     description = gr.Markdown(elem_id="description")
     gen = config.generation
@@ -150,7 +159,8 @@ def _image_panel(services: Services) -> dict[str, Any]:
             gr.Slider(1, 10, value=gen.num_beams, step=1, label="Beams", elem_id="beams"),
             gr.Checkbox(value=gen.do_sample, label="Sample (off: greedy, reproducible)", elem_id="do-sample"),
         ]
-    return {"upload": upload, "notice": image_notice, "preview": preview, "description": description,
+    return {"upload": upload, "replace": replace, "loaded": loaded, "notice": image_notice, "preview": preview,
+            "description": description,
             "sliders": sliders, "examples": example_buttons}
 
 
@@ -160,25 +170,29 @@ Resets = list[tuple[gr.components.Component, Any]]  # outputs about the image, w
 def _wire_image(services: Services, state: gr.State, image: dict[str, Any], resets: Resets) -> None:
     """Upload and example buttons: decode, preview, and empty every output about the old image."""
     limits, size = services.config.image, services.config.vision.image_size
-    outputs = [state, image["preview"], image["description"], image["notice"], image["upload"],
-               *[component for component, _ in resets]]
+    outputs = [state, image["preview"], image["description"], image["notice"], image["upload"], image["loaded"],
+               image["replace"], *[component for component, _ in resets]]
 
     def finish(result: tuple[h.UserState, str, str, str], old: h.UserState | None) -> tuple:
         new_state, preview, description, note = result
         if note:  # the old image and its results stay
-            return (old, gr.skip(), gr.skip(), note, None, *[gr.skip()] * len(resets))
-        return (new_state, preview, description, "", None, *[empty for _, empty in resets])
+            return (old, gr.skip(), gr.skip(), note, None, gr.skip(), gr.UploadButton(value=None),
+                    *[gr.skip()] * len(resets))
+        return (new_state, preview, description, "", None, display.loaded_file_html(new_state.file_name),
+                gr.UploadButton(value=None, visible=True), *[empty for _, empty in resets])
 
     def on_upload(file: dict | None, old: h.UserState | None) -> tuple:
         if not file or not file.get("path"):
             return tuple(gr.skip() for _ in outputs)
         data = h.read_upload(file["path"], get_upload_folder())
-        return finish(h.load_image(old, data, limits, size), old)
+        name = file.get("orig_name") or Path(file["path"]).name
+        return finish(h.load_image(old, data, limits, size, name), old)
 
     # preprocess=False: the handler gets the upload's FileData; gr.File's own preprocessing (type="filepath")
     # leaves an empty NamedTemporaryFile in the cache per upload that delete_cache never removes.
-    image["upload"].upload(on_upload, [image["upload"], state], outputs, api_visibility="private",
-                           concurrency_limit=None, preprocess=False)
+    for box in (image["upload"], image["replace"]):
+        box.upload(on_upload, [box, state], outputs, api_visibility="private", concurrency_limit=None,
+                   preprocess=False)
     for name, button in image["examples"].items():
         button.click(lambda old, name=name: finish(h.load_example(old, name, limits, size), old), [state],
                      outputs, api_visibility="private", concurrency_limit=None)
@@ -286,12 +300,12 @@ def _zeroshot_tab(services: Services, state: gr.State) -> Resets:
     choices = h.model_choices(services)
     missing = services.zeroshot_missing
     if not choices:
-        _missing_box(_zeroshot_reasons(services) or {"Zero-shot": "No zero-shot model is configured."},
+        _missing_box(services, _zeroshot_reasons(services) or {"Zero-shot": "No zero-shot model is configured."},
                      "Zero-shot classification")
         return []
     if missing:
         with gr.Accordion(f"Models not available here ({len(missing)})", open=False):
-            _missing_box(_zeroshot_reasons(services), "Some zero-shot models")
+            _missing_box(services, _zeroshot_reasons(services), "Some zero-shot models")
     default = services.config.zeroshot.default_model
     with gr.Row():
         model = gr.Dropdown(choices, value=default if default in services.classifiers else choices[0][1],
