@@ -55,6 +55,9 @@ def test_readme_finetune_commands_run_as_written(layout: Path) -> None:
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (layout / "runs" / "tiny" / "checkpoint_1.pth").is_file()
+    report = json.loads((layout / "runs" / "tiny" / "report_metrics.json").read_text(encoding="utf-8"))
+    assert set(report["overall"]) == {"bleu1", "bleu2", "bleu3", "bleu4", "rougeL"} and len(report["reports"]) == 1
+    assert (layout / "runs" / "tiny" / "loss_curve.png").is_file()
     assert (layout / "runs" / "tiny_lora" / "lora_adapter_1" / "adapter_config.json").is_file()
     loss_only = json.loads(done.stdout[done.stdout.rindex('{\n  "batches"'):])
     assert len(loss_only["batches"]) == 2 and loss_only["rows"] == 4
@@ -65,7 +68,8 @@ def test_readme_finetune_commands_run_as_written(layout: Path) -> None:
         config = json.loads(_wait_for_config(f"http://127.0.0.1:{port}/config", server))
         lines = [c["props"]["value"].replace("\\_", "_") for c in config["components"]
                  if "**Model:**" in str(c.get("props", {}).get("value"))]
-        assert len(lines) == 1 and "checkpoint checkpoint_1.pth" in lines[0] and "LoRA lora_adapter_1" in lines[0]
+        assert len(lines) == 1 and "checkpoint tiny_lora/checkpoint_1.pth" in lines[0]
+        assert "LoRA lora_adapter_1" in lines[0]
     finally:
         server.terminate()
         server.wait(timeout=30)

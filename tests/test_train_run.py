@@ -79,7 +79,7 @@ def test_checkpoint_has_xraygpts_layout_and_serves(lora_run: Path, samples_dir: 
     torch.testing.assert_close(bridge.llama_proj.weight, checkpoint["model"]["llama_proj.weight"], rtol=0, atol=0)
     torch.testing.assert_close(bridge.query_tokens, checkpoint["model"]["query_tokens"], rtol=0, atol=0)
     line = model_line(Services(model.config, xraygpt=model)).replace("\\_", "_")  # the app's "model" line
-    assert "checkpoint checkpoint_9.pth" in line and "LoRA lora_adapter_9" in line
+    assert f"checkpoint {lora_run.name}/checkpoint_9.pth" in line and "LoRA lora_adapter_9" in line
     image = load_radiograph(samples_dir / "nih_cxr14_00000001_000_pa_512.png").image
     turn = model.report(image, do_sample=False, max_new_tokens=8)
     assert turn.answer and len(turn.token_ids) > 0
@@ -193,9 +193,11 @@ def test_bad_rows_stop_the_cli_or_are_skipped(tmp_path: Path, samples_dir: Path,
             *[f"--set={o}" for o in QUIET]]
     assert main(args) == 2
     assert "filter_cap.json: annotation 2: no image named gone" in capsys.readouterr().err
-    assert main([*args, "--skip-bad"]) == 0
+    val = traindata.write_jsonl(tmp_path / "val.jsonl", [{"image": str(samples_dir / traindata.PNG), "caption": "x"}])
+    assert main([*args, "--skip-bad", "--val", str(val)]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert (summary["train_rows"], summary["skipped_rows"]) == (2, 1)
+    assert (summary["train_rows"], summary["val_rows"], summary["skipped_rows"]) == (2, 1, 1)
+    assert summary["val_loss"] > 0
 
 
 def test_qlora_is_refused_on_the_cpu(tmp_path: Path, data: Path, capsys: pytest.CaptureFixture) -> None:

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+PNG = "nih_cxr14_00000001_000_pa_512.png"
 CAPTIONS = {  # image file in xray-samples -> a report-like caption
     "nih_cxr14_00000001_000_pa_512.png": "The heart is normal in size. The lungs are clear.",
     "hannover_1479fa94_pa_640x755.png": "There is a moderate right pleural effusion.",

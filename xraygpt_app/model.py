@@ -143,7 +143,9 @@ class XrayGPTModel:
         log.info("model loaded in %.1f s (mode %s)", time.perf_counter() - started, placement.mode)
         model = cls(config, vision, bridge, llm, tokenizer, placement)
         model.decode = make_decoder(paths.llama_model, model.tokenizer)
-        model.weight_names = {"checkpoint": paths.ckpt.name, "LLM": paths.llama_model.name}
+        # The checkpoint with its folder: fine-tuning runs all write checkpoint_N.pth, their folders tell them apart.
+        checkpoint = f"{paths.ckpt.parent.name}/{paths.ckpt.name}"
+        model.weight_names = {"checkpoint": checkpoint, "LLM": paths.llama_model.name}
         if config.weights.lora:  # a fine-tuned adapter (xraygpt finetune): name it beside the checkpoint
             model.weight_names["LoRA"] = Path(config.weights.lora).name
         return model
