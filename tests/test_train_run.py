@@ -126,7 +126,7 @@ def test_resume_gives_the_uninterrupted_run(tmp_path: Path, data: Path) -> None:
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path, data: Path) -> None:
     out = tmp_path / "out"
     command = [sys.executable, "-m", "xraygpt_app.cli", "finetune", "-c", str(CONFIG), "--data", str(data),
-               "--output", str(out), *[f"--set={o}" for o in [*QUIET, "train.max_epoch=500"]]]
+               "--output", str(out), *[f"--set={o}" for o in [*QUIET, "train.max_epoch=500", "train.num_workers=1"]]]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -140,6 +140,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path, data: Path)
     checkpoint = torch.load(out / "checkpoint_last.pth", weights_only=True)
     assert checkpoint["iteration"] == checkpoint["step"] == records(out)[-1]["step"] > 0
     assert set(checkpoint["model"]) == {"llama_proj.weight", "llama_proj.bias"}
+    assert (out / "loss_curve.png").is_file()
 
 
 def test_loss_only_cli_reproduces_the_fixture(tmp_path: Path, samples_dir: Path, xraygpt_fixture_dir: Path,

@@ -163,6 +163,8 @@ class Trainer:
         except _StopRequested:
             progress.close()
             path = self._save(optimizer, state, self.output_dir / "checkpoint_last.pth")
+            if self.accelerator.is_main_process:
+                write_loss_curve(metrics, self.output_dir / "loss_curve.png")
             log.warning("interrupted at iteration %d; saved %s", state.iteration, path)
             return RunResult(state.iteration, path, True, self.output_dir)
         except KeyboardInterrupt:  # the second Ctrl-C: mid-step, so nothing consistent to save
@@ -184,7 +186,8 @@ class Trainer:
                              train.seed, start, self.total_iterations)
         dataset = PairDataset(self.train_samples, image_transform(self.config.vision, train.augment),
                               self.config.image)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=train.num_workers)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=train.num_workers,
+                          worker_init_fn=_ignore_ctrl_c)
 
     def _loop(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, state: _State,
               metrics: MetricsLog, progress: tqdm, stop_after: int | None, ctrl_c: _CtrlC) -> None:
@@ -274,6 +277,11 @@ class Trainer:
                                                   self.output_dir / "report_metrics.json")
         self.accelerator.wait_for_everyone()
         return result
+
+
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C to the main process, which finishes the step and saves."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _Window:
