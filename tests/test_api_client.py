@@ -50,6 +50,14 @@ def test_classify_preset_and_custom_labels(client, image):
     assert scores["labels"] == ["effusion", "pneumonia", "no finding"]
 
 
+def test_classify_returns_heatmaps_when_asked(client, image):
+    plain = client.predict(image, "medclip-vit", "covid", "", api_name="/classify")
+    mapped = client.predict(image, "medclip-vit", "covid", "", True, api_name="/classify")
+    assert "heatmaps" not in plain and mapped["logits"] == plain["logits"]
+    assert [m["label"] for m in mapped["heatmaps"]] == ["Normal", "COVID"]
+    assert len(mapped["heatmaps"][0]["grid"]) == 7 and mapped["heatmaps"][0]["overlay_png"].startswith("data:image/png")
+
+
 def test_bad_input_is_a_plain_error(client, server, tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 100)

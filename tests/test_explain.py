@@ -11,14 +11,18 @@ import pytest
 import tinyllava
 import tinyzeroshot
 import torch
-import yaml
 from PIL import Image, ImageDraw
 
 from xraygpt_app.api import XrayGPT
 from xraygpt_app.config import VisionConfig, load_config
 from xraygpt_app.errors import BadInputError
 from xraygpt_app.explain import figure_png, overlay, report_heatmap, zeroshot_heatmaps
-from xraygpt_app.explain.faithfulness import cascade_correlations, cascade_layers, deletion_drops
+from xraygpt_app.explain.faithfulness import (
+    cascade_correlations,
+    cascade_layers,
+    report_deletion,
+    zeroshot_deletion,
+)
 from xraygpt_app.explain.geometry import (
     InputGeometry,
     medclip_geometry,
@@ -26,8 +30,7 @@ from xraygpt_app.explain.geometry import (
     torchvision_geometry,
     xraygpt_geometry,
 )
-from xraygpt_app.explain.report_maps import span_logprob, span_token_indices, teacher_forced_logprobs
-from xraygpt_app.explain.zeroshot_maps import LabelLogits
+from xraygpt_app.explain.report_maps import span_token_indices, teacher_forced_logprobs
 from xraygpt_app.image_io import load_radiograph
 from xraygpt_app.medclip import medclip_preprocess
 from xraygpt_app.vision import preprocess
@@ -49,19 +52,7 @@ def images() -> list[Image.Image]:
 @pytest.fixture(scope="module")
 def classifiers(tmp_path_factory) -> dict[str, ZeroShotClassifier]:
     """The three zero-shot model kinds, each loaded from its released file layout through from_config."""
-    root = tmp_path_factory.mktemp("zeroshot")
-    archive, _ = tinyzeroshot.medclip_resnet_zip(root)
-    folder, text_dir, _ = tinyllava.write_tower(root)
-    config = yaml.safe_load(TINY_CONFIG.read_text())
-    vit = config["zeroshot"]["models"]["medclip-vit"]
-    for key in ("weights", "vision_config", "text_config"):
-        vit[key] = str((TINY_CONFIG.parent / vit[key]).resolve())
-    config["zeroshot"]["models"] |= {
-        "medclip-resnet": {"kind": "medclip-resnet", "weights": str(archive), "text_config": vit["text_config"]},
-        "biomedclip": {"kind": "biomedclip", "weights": str(folder), "text_config": str(text_dir)}}
-    path = root / "zs.yaml"
-    path.write_text(yaml.safe_dump(config))
-    loaded = load_config(path)
+    loaded = load_config(tinyzeroshot.three_kinds_config(tmp_path_factory.mktemp("zeroshot"), TINY_CONFIG))
     return {name: ZeroShotClassifier.from_config(loaded, name) for name in ("medclip-vit", "medclip-resnet",
                                                                              "biomedclip")}
 
@@ -235,33 +226,13 @@ def test_report_map_changes_as_layers_are_randomised(images):
 
 
 def test_deleting_salient_cells_lowers_the_zeroshot_score_more_than_random(classifiers, images):
-    classifier = classifiers["medclip-vit"]
-    prompt_set = classifier.prompt_set(preset="chexpert5")
-    scorer = LabelLogits(classifier, prompt_set)
-    top, random = [], []
-    for image in images:
-        pixels = classifier.encoder.pixel_values([image])
-        for i, heatmap in enumerate(zeroshot_heatmaps(classifier, image, preset="chexpert5")):
-            drops = deletion_drops(lambda p, i=i: float(scorer(p)[0, i]), pixels, heatmap.grid)
-            top.append(drops[0])
-            random.append(drops[1])
-    assert np.mean(top) > np.mean(random), (np.mean(top), np.mean(random))
+    top, random = np.mean(zeroshot_deletion(classifiers["medclip-vit"], images), axis=0)
+    assert top > random, (top, random)
 
 
 def test_deleting_salient_patches_lowers_the_words_logprob_more_than_random(xraygpt, images):
-    top, random = [], []
-    for image in images:
-        session = xraygpt.chat(image)
-        turn = session.ask("Describe the findings.", do_sample=False, max_new_tokens=8)
-        pixels = preprocess(image, xraygpt.config.vision)
-        for span in (None, *turn.answer.split()[:2]):
-            indices, _ = span_token_indices(xraygpt.model, turn.token_ids, span)
-            heatmap = report_heatmap(session, image, span=span)
-            drops = deletion_drops(lambda p, idx=indices, t=turn: float(span_logprob(xraygpt.model, p, t, idx)), pixels,
-                                   heatmap.raw_grid)
-            top.append(drops[0])
-            random.append(drops[1])
-    assert np.mean(top) > np.mean(random), (np.mean(top), np.mean(random))
+    top, random = np.mean(report_deletion(xraygpt.chat, images, "Describe the findings.", 8), axis=0)
+    assert top > random, (top, random)
 
 
 def test_llava_family_report_map_on_its_patch_tokens(tmp_path):

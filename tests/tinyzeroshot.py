@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+import yaml
 from torch import nn
 from transformers import AutoConfig, BertModel
 
@@ -40,3 +41,21 @@ def medclip_resnet_zip(folder: Path) -> tuple[Path, nn.Module]:
         handle.write(inner, "medclip-pretrained/pytorch_model.bin")
     inner.unlink()
     return archive, resnet
+
+
+def three_kinds_config(root: Path, tiny_config: Path) -> Path:
+    """A YAML config with the tiny MedCLIP-ViT fixture, a MedCLIP-ResNet and a tiny BiomedCLIP (one of each kind)."""
+    import tinyllava  # the BiomedCLIP open_clip folder writer
+
+    archive, _ = medclip_resnet_zip(root)
+    folder, text_dir, _ = tinyllava.write_tower(root)
+    config = yaml.safe_load(tiny_config.read_text())
+    vit = config["zeroshot"]["models"]["medclip-vit"]
+    for key in ("weights", "vision_config", "text_config"):
+        vit[key] = str((tiny_config.parent / vit[key]).resolve())
+    config["zeroshot"]["models"] |= {
+        "medclip-resnet": {"kind": "medclip-resnet", "weights": str(archive), "text_config": vit["text_config"]},
+        "biomedclip": {"kind": "biomedclip", "weights": str(folder), "text_config": str(text_dir)}}
+    path = root / "zs.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

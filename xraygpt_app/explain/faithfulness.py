@@ -10,6 +10,7 @@ Used by the tests and by ``bench/bench_explain.py``; they change the model they 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -81,3 +82,44 @@ def deletion_drops(score: Callable[[torch.Tensor], float], pixels: torch.Tensor,
     rng = np.random.default_rng(seed)
     random = [base - score(delete_cells(pixels, random_cells(grid.shape, fraction, rng))) for _ in range(draws)]
     return float(top), float(np.mean(random))
+
+
+def _logprob(model, turn, indices: list[int], pixels: torch.Tensor) -> float:
+    from .report_maps import span_logprob
+
+    return float(span_logprob(model, pixels, turn, indices))
+
+
+def zeroshot_deletion(classifier, images: list, preset: str = "chexpert5") -> list[tuple[float, float]]:
+    """(top-10% drop, random-10% drop) of each label's ensemble logit, for every image and label."""
+    from .zeroshot_maps import LabelLogits, zeroshot_heatmaps
+
+    scorer = LabelLogits(classifier, classifier.prompt_set(preset=preset))
+    drops = []
+    for image in images:
+        pixels = classifier.encoder.pixel_values([image])
+        for i, heatmap in enumerate(zeroshot_heatmaps(classifier, image, preset=preset)):
+            drops.append(deletion_drops(lambda p, i=i: float(scorer(p)[0, i]), pixels, heatmap.grid))
+    return drops
+
+
+def report_deletion(session_of: Callable, images: list, question: str, max_new_tokens: int,
+                    words: int = 2) -> list[tuple[float, float]]:
+    """(top-10% drop, random-10% drop) of the words' log-probability, for every image and span.
+
+    ``session_of(image)`` starts a conversation (e.g. ``XrayGPT.chat``); each image gets one greedy
+    answer, explained whole and word by word for its first ``words`` words.
+    """
+    from .report_maps import image_path, report_heatmap, span_token_indices
+
+    drops = []
+    for image in images:
+        session = session_of(image)
+        turn = session.ask(question, do_sample=False, max_new_tokens=max_new_tokens)
+        pixels = image_path(session.model).preprocess(image)
+        for span in (None, *turn.answer.split()[:words]):
+            indices, _ = span_token_indices(session.model, turn.token_ids, span)
+            heatmap = report_heatmap(session, image, turn=turn, span=span)
+            score = functools.partial(_logprob, session.model, turn, indices)
+            drops.append(deletion_drops(score, pixels, heatmap.raw_grid))
+    return drops
