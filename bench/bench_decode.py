@@ -8,9 +8,10 @@ per generated token (greedy, a fixed number of tokens):
 1. the whole engine step (``ChatSession`` timings: pick the token, stop checks, stream text, forward);
 2. the bare forward loop (``llm(input_ids=..., past_key_values=DynamicCache)`` only), so 1 - 2 is the
    engine's Python loop;
-3. inside that forward, ``torch.profiler``'s self time per ATen op as shares of the forward, grouped:
-   matrix products, attention, the cache (``cat`` of the dynamic cache, ``index_copy_`` of a static
-   one), other ops; the rest is Python and framework overhead (modules, dispatch, masks);
+3. the cache: appending one position to every layer of a ``DynamicCache`` at the conversation's length;
+   and inside the forward, ``torch.profiler``'s self time per ATen op as shares of the forward, grouped:
+   matrix products, attention, ``cat`` (cache appends and RoPE), other ops; the rest is Python and
+   framework overhead (modules, dispatch, masks);
 4. with ``--compile``: the engine step with ``runtime.compile: true`` (a static cache and
    ``torch.compile``'s inductor decode step; compiling takes minutes on a small CPU).
 """
@@ -32,15 +33,12 @@ import midsize  # noqa: E402
 GROUPS = {  # ATen op name fragments -> group
     "matmul": ("mm", "addmm", "linear", "matmul", "bmm"),
     "attention": ("scaled_dot_product", "_flash_attention", "softmax"),
-    "cache": ("index_copy", "index_put"),
+    "cat (cache append + RoPE)": ("cat",),  # the profiler records no shapes for tensor lists: one group
 }
 
 
-def _group(op: str, shapes: list) -> str:
+def _group(op: str) -> str:
     name = op.removeprefix("aten::")
-    if name == "cat":  # the dynamic cache appends one position to (1, heads, seq, dim); RoPE's cat is one position long
-        first = shapes[0] if shapes and shapes[0] else []
-        return "cache" if first and len(first[0]) == 4 and first[0][2] > 1 else "other ops"
     for group, fragments in GROUPS.items():
         if any(name == f or name.startswith(f + "_") or name.startswith("_" + f) for f in fragments):
             return group
@@ -81,7 +79,7 @@ def forward_loop(xray, image, tokens: int, profile: bool) -> tuple[float, dict[s
         logits = llm(inputs_embeds=prompt.embeds, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         groups: dict[str, float] = {}
-        profiler = torch.profiler.profile(activities=[ProfilerActivity.CPU], record_shapes=True) if profile else None
+        profiler = torch.profiler.profile(activities=[ProfilerActivity.CPU]) if profile else None
         if profiler:
             profiler.__enter__()
         started, wall = time.process_time(), time.perf_counter()
@@ -91,12 +89,27 @@ def forward_loop(xray, image, tokens: int, profile: bool) -> tuple[float, dict[s
         elapsed, wall = (time.process_time() - started) / tokens, (time.perf_counter() - wall) / tokens
         if profiler:
             profiler.__exit__(None, None, None)
-            for event in profiler.key_averages(group_by_input_shape=True):
+            for event in profiler.key_averages():
                 if event.key.startswith("aten::"):
-                    group = _group(event.key, event.input_shapes)
+                    group = _group(event.key)
                     groups[group] = groups.get(group, 0.0) + event.self_cpu_time_total / 1e6 / tokens / wall
             groups["Python/framework"] = 1 - sum(groups.values())  # the forward's time outside every ATen op
     return elapsed, groups  # groups: shares of the profiled forward's wall time (the profiler times wall-clock)
+
+
+def cache_append(llm_config, context: int, tokens: int) -> float:
+    """CPU seconds per token for appending one position to every layer of a DynamicCache holding ``context``."""
+    import torch
+    from transformers import DynamicCache
+
+    heads = getattr(llm_config, "num_key_value_heads", None) or llm_config.num_attention_heads
+    shape = (1, heads, context, llm_config.hidden_size // llm_config.num_attention_heads)
+    cache = DynamicCache(config=llm_config)
+    for layer in range(llm_config.num_hidden_layers):
+        cache.update(torch.zeros(shape), torch.zeros(shape), layer)
+    step = torch.zeros(*shape[:2], 1, shape[3])
+    return cpu_seconds(lambda: [cache.update(step, step, layer) for _ in range(tokens)
+                                for layer in range(llm_config.num_hidden_layers)]) / tokens
 
 
 def measure(config: str, tokens: int, compile_too: bool) -> dict:
@@ -107,8 +120,10 @@ def measure(config: str, tokens: int, compile_too: bool) -> dict:
     engine = statistics.median(engine_step(xray, image, tokens) for _ in range(3))
     forward = statistics.median(forward_loop(xray, image, tokens, profile=False)[0] for _ in range(3))
     _, shares = forward_loop(xray, image, tokens, profile=True)
+    context = len(xray.chat(image)._prepare("Describe the image.", tokens).ids) + tokens // 2
     row = {"tokens": tokens, "engine_s": engine, "forward_s": forward, "engine_loop_s": engine - forward,
-           "forward_shares": shares}
+           "forward_shares": shares, "context": context,
+           "cache_append_s": cache_append(xray.model.llm.config, context, tokens)}
     if compile_too:
         compiled = XrayGPT.from_config(config, ["runtime.mode=fp32", "runtime.compile=true"])
         started = time.perf_counter()
@@ -124,6 +139,8 @@ def print_row(row: dict) -> None:
     print(f"  chat engine step           {row['engine_s'] * ms:8.2f}")
     print(f"  bare forward (DynamicCache){row['forward_s'] * ms:8.2f}")
     print(f"  => engine loop (Python)    {row['engine_loop_s'] * ms:8.2f}")
+    print(f"  in the forward: DynamicCache append (all layers, context {row['context']})"
+          f"{row['cache_append_s'] * ms:8.2f}")
     print("  inside the forward (share of a profiled run's wall time; the profiler adds its own cost):")
     for group, share in sorted(row["forward_shares"].items(), key=lambda kv: -kv[1]):
         print(f"    {group:<24}{share:8.0%}")

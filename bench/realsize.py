@@ -263,6 +263,37 @@ def measure_mode(root: Path, scale: float, mode: str, max_new_tokens: int) -> di
     }
 
 
+def measure_vision(root: Path, scale: float, mode: str) -> dict:
+    """Only EVA + Q-Former (no LLM): load, cast and place them as ``XrayGPTModel.load`` does, encode one image.
+
+    At scale 1 this fits in about 5 GiB (the ViT in float32 on the CPU), where the whole model needs 20.
+    """
+    import torch
+    from bench_memory import AnonPeak, held_after_gc
+
+    from xraygpt_app.config import load_config
+    from xraygpt_app.memory import estimate
+    from xraygpt_app.model import load_vision_and_bridge, resolve_model_weights
+    from xraygpt_app.placement import plan_placement
+    from xraygpt_app.qformer import cast_bridge
+    from xraygpt_app.vision import place_vision, preprocess
+
+    config = load_config(REAL_CONFIG, overrides(root, scale, mode))
+    parts = estimate(config, assume_cuda=False).breakdown["cpu"]
+    placement = plan_placement(config.runtime, config.vision)
+    anon_baseline, sampler = held_after_gc(), AnonPeak()
+    started = time.perf_counter()
+    vision, bridge, _ = load_vision_and_bridge(config, resolve_model_weights(config))
+    vision, bridge = place_vision(vision, placement), cast_bridge(bridge, placement)
+    load_s = time.perf_counter() - started
+    started = time.perf_counter()
+    with torch.inference_mode():
+        bridge(vision(preprocess(midsize.sample_image(), config.vision)).float())
+    return {"mode": mode, "load_s": load_s, "encode_s": time.perf_counter() - started,
+            "anon_after_load": held_after_gc() - anon_baseline, "anon_peak": sampler.stop() - anon_baseline,
+            "estimate_weights": parts["vision"] + parts["qformer"]}
+
+
 def run_modes(root: Path, scale: float, modes: list[str], max_new_tokens: int) -> list[dict]:
     """One subprocess per mode, so one mode's allocations cannot hide another's peak."""
     from bench_memory import child_json
@@ -309,6 +340,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", default=",".join(CPU_MODES), help="comma-separated runtime modes (CPU)")
     parser.add_argument("--max-new-tokens", type=int, default=6)
     parser.add_argument("--build-only", action="store_true", help="write the checkpoints and stop")
+    parser.add_argument("--vision-only", action="store_true",
+                        help="load and run only EVA + Q-Former (bf16 mode's placement): about 5 GiB at scale 1")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--child", metavar="MODE", help=argparse.SUPPRESS)  # internal: measure one mode
     return parser.parse_args(argv)
@@ -322,6 +355,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     build(root, args.scale, log=lambda text: print(text, file=sys.stderr, flush=True))
     if args.build_only:
+        return 0
+    if args.vision_only:
+        row = measure_vision(root, args.scale, "bf16")
+        print(json.dumps(row, indent=1) if args.json else
+              f"EVA + Q-Former (bf16 placement: ViT float32 on the CPU): load {row['load_s']:.1f} s, one image"
+              f" {row['encode_s']:.2f} s; RssAnon after load {row['anon_after_load'] / 2**30:.2f} GiB, peak"
+              f" {row['anon_peak'] / 2**30:.2f} GiB; estimate (weights) {row['estimate_weights'] / 2**30:.2f} GiB")
         return 0
     rows = run_modes(root, args.scale, [m.strip() for m in args.modes.split(",") if m.strip()], args.max_new_tokens)
     if args.json:
