@@ -293,7 +293,7 @@ def test_llava_family_chat_in_the_app(browser, samples_dir, tmp_path_factory):
         context.close()
 
 
-def test_maps_in_the_chat_and_zero_shot_tabs(server, browser, samples_dir, uploaded):
+def test_maps_in_the_chat_vqa_and_zero_shot_tabs(server, browser, samples_dir, uploaded):
     context, page = _open(browser, server)
     _upload(page, samples_dir / NIH, uploaded)
     _greedy(page)
@@ -309,6 +309,15 @@ def test_maps_in_the_chat_and_zero_shot_tabs(server, browser, samples_dir, uploa
     _set_number(page, "#chat-map-opacity", 1)  # re-blended without the model
     page.wait_for_function(f"document.querySelector('#chat-map img').src !== {first!r}")
     _shot(page, "5-chat-map")
+
+    page.get_by_role("tab", name="VQA").click()
+    page.get_by_text("Is the heart size normal?").first.click()
+    page.locator("#vqa-ask").click()
+    page.wait_for_function("document.querySelector('#vqa-answer').innerText.trim().length > 0")
+    page.locator("text=Where did it look? (heatmap of an answer) >> visible=true").click()
+    page.locator("#vqa-map-show").click()
+    page.wait_for_selector("#vqa-map img")
+    assert "not a segmentation, not a diagnosis" in page.locator("#vqa-map").inner_text()
 
     page.get_by_role("tab", name="Zero-shot").click()
     page.locator("#zs-run").click()

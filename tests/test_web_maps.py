@@ -80,3 +80,13 @@ def test_classify_endpoint_returns_maps_only_when_asked(services, samples_dir):
     first = mapped["heatmaps"][0]
     assert len(first["grid"]) == 7 and first["image_size"] == [512, 512] and "not a diagnosis" in first["meaning"]
     assert first["overlay_png"].startswith("data:image/png;base64,")
+
+
+def test_vqa_map_of_the_last_answer(services, loaded):
+    assert "Answer a question first" in maps.vqa_map(loaded, services, "", 0.5)[2]
+    *_, (answer, note) = h.vqa_answer(loaded, services, "Is the heart size normal?", GREEDY)
+    assert note == "" and loaded.vqa_turn is not None
+    html_text, heatmap, note = maps.vqa_map(loaded, services, "", 0.5)
+    assert note == "" and heatmap.grid.shape == (16, 16) and "not a diagnosis" in html_text
+    h.clear_chat(loaded)  # a new conversation forgets the answer the map was of
+    assert loaded.vqa_turn is None

@@ -187,15 +187,20 @@ def _turn_of(session: ChatSession, turn: int | TurnResult) -> TurnResult:
 def report_heatmap(session: ChatSession, image: Image.Image, turn: int | TurnResult = -1,
                    span: str | None = None) -> Heatmap:
     """Where the model looked for ``span`` (or the whole answer) of a turn of ``session`` about ``image``."""
-    started = time.perf_counter()
     model, result = session.model, _turn_of(session, turn)
-    image = model_ready(image)
-    path = image_path(model)
-    pixel_values = path.preprocess(image)
+    pixel_values = image_path(model).preprocess(model_ready(image))
     if not torch.allclose(pixel_values, session.encoding.pixel_values.cpu(), atol=1e-4):
         raise BadInputError("this image is not the one the conversation is about")
-    indices, label = span_token_indices(model, result.token_ids, span)
-    grid, target = report_grid(model, pixel_values, result, indices)
+    return turn_heatmap(model, image, result, span)
+
+
+def turn_heatmap(model: ChatModel, image: Image.Image, turn: TurnResult, span: str | None = None) -> Heatmap:
+    """As :func:`report_heatmap`, from a recorded turn alone (the caller vouches that it is about ``image``)."""
+    started = time.perf_counter()
+    image = model_ready(image)
+    path = image_path(model)
+    indices, label = span_token_indices(model, turn.token_ids, span)
+    grid, target = report_grid(model, path.preprocess(image), turn, indices)
     heatmap = make_heatmap(label, grid, path.geometry(image.width, image.height), METHOD,
                            model.config.model.family, target)
     log.info("report map of %d tokens in %.2f s", len(indices), time.perf_counter() - started)

@@ -55,6 +55,7 @@ class UserState:
     info: dict[str, Any] = field(default_factory=dict)
     file_name: str = ""  # the loaded file's name, shown beside the preview; user data, never logged
     session: Any = None  # the core's ChatSession, created on the first question
+    vqa_turn: Any = None  # the last VQA answer (its TurnResult, not its KV cache), kept for its heatmap
     messages: list[dict[str, str]] = field(default_factory=list)
     cancel: threading.Event = field(default_factory=threading.Event)
     vqa_cancel: threading.Event = field(default_factory=threading.Event)
@@ -71,7 +72,7 @@ class UserState:
         self.cancel, self.vqa_cancel = threading.Event(), threading.Event()
         if image is not None:
             self.image, self.info = image, info or {}
-        self.session, self.messages = None, []
+        self.session, self.messages, self.vqa_turn = None, [], None
         self.epoch += 1
 
     def arm(self) -> None:
@@ -304,6 +305,7 @@ def vqa_answer(state: UserState | None, services: Services, question: str, setti
         return
     turn = session.turns[-1]
     state.vqa_cancel.clear()  # this Stop was for this answer
+    state.vqa_turn = turn
     logger.info("vqa answer: %d tokens in %.2f s", len(turn.token_ids), time.perf_counter() - began)
     yield turn.answer, notice("Generation stopped." if turn.cancelled else "")
 

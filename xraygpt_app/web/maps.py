@@ -114,6 +114,21 @@ def report_map(state: UserState | None, services: Services, answer: float | None
     return map_html(state.image, heatmap, opacity), heatmap, ""
 
 
+def vqa_map(state: UserState | None, services: Services, span: str, opacity: float) -> MapOutput:
+    """Where the model looked for ``span`` (or the whole answer) in the last VQA answer."""
+    from ..explain.report_maps import turn_heatmap
+
+    if state is None or state.image is None:
+        return "", None, notice(NO_IMAGE)
+    if state.vqa_turn is None or services.xraygpt is None:
+        return "", None, notice("Answer a question first.")
+    try:
+        heatmap = turn_heatmap(services.xraygpt.model, state.image, state.vqa_turn, span=span or None)
+    except XrayGPTError as exc:
+        return "", None, notice(str(exc))
+    return map_html(state.image, heatmap, opacity), heatmap, ""
+
+
 def api_heatmaps(classifier: Any, image: Image.Image, labels: list[str] | None, preset: str | None) -> list[dict]:
     """Every label's map for the ``classify`` endpoint: the grid, its meaning and a small overlay PNG."""
     from ..explain import overlay, zeroshot_heatmaps

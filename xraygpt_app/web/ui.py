@@ -239,7 +239,7 @@ def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Res
     stop_button.click(h.stop, [state], None, queue=False, api_visibility="private")
     for trigger in (clear_button.click, chatbot.clear):  # the chatbot's own bin icon clears the state too
         trigger(h.clear_chat, [state], outputs, queue=False, api_visibility="private")
-    return [(chatbot, []), (chat_notice, ""), (download, ""), *_chat_map_block(services, state)]
+    return [(chatbot, []), (chat_notice, ""), (download, ""), *_answer_map_block(services, state, "chat")]
 
 
 def _map_view(state: gr.State, prefix: str) -> tuple[gr.Slider, gr.HTML, gr.Markdown, gr.State, Resets]:
@@ -252,17 +252,19 @@ def _map_view(state: gr.State, prefix: str) -> tuple[gr.Slider, gr.HTML, gr.Mark
     return opacity, view, map_notice, kept, [(view, ""), (map_notice, ""), (kept, None)]
 
 
-def _chat_map_block(services: Services, state: gr.State) -> Resets:
-    """"Where did it look?": a heatmap of an answer, or of some of its words."""
+def _answer_map_block(services: Services, state: gr.State, prefix: str) -> Resets:
+    """"Where did it look?": a heatmap of an answer (chat: pick one; VQA: the last), or of some of its words."""
     with gr.Accordion("Where did it look? (heatmap of an answer)", open=False):
         with gr.Row():
             answer = gr.Number(value=0, precision=0, minimum=0, label="Answer number (0 = the last)",
-                               elem_id="chat-map-answer")
-            span = gr.Textbox(label="Words of that answer (empty: the whole answer)", elem_id="chat-map-span")
-        show = gr.Button("Where did it look?", elem_id="chat-map-show")
-        opacity, view, map_notice, kept, resets = _map_view(state, "chat")
+                               elem_id=f"{prefix}-map-answer", visible=prefix == "chat")
+            span = gr.Textbox(label="Words of that answer (empty: the whole answer)", elem_id=f"{prefix}-map-span")
+        show = gr.Button("Where did it look?", elem_id=f"{prefix}-map-show")
+        opacity, view, map_notice, kept, resets = _map_view(state, prefix)
 
     def on_show(st: h.UserState | None, number: float | None, words: str, alpha: float):
+        if prefix == "vqa":
+            return maps.vqa_map(st, services, words, alpha)
         return maps.report_map(st, services, number, words, alpha)
 
     show.click(on_show, [state, answer, span, opacity], [view, kept, map_notice], **_queued(services, GENERATION))
@@ -292,7 +294,7 @@ def _vqa_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Rese
         _armed(trigger, state).then(on_answer, [state, question, *image["sliders"]], [answer, vqa_notice],
                                     **_queued(services, GENERATION))
     stop_button.click(h.stop, [state], None, queue=False, api_visibility="private")
-    return [(answer, ""), (vqa_notice, "")]
+    return [(answer, ""), (vqa_notice, ""), *_answer_map_block(services, state, "vqa")]
 
 
 def _zeroshot_tab(services: Services, state: gr.State) -> Resets:
