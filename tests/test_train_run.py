@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -172,7 +173,10 @@ def test_two_processes_match_one(tmp_path: Path, samples_dir: Path) -> None:
     common = ["-m", "xraygpt_app.cli", "finetune", "-c", str(CONFIG), "--data", str(data), "--json",
               *[f"--set={o}" for o in [*QUIET, "train.augment=false", "train.init_lr=1e-2"]]]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     subprocess.run([*launch, *common, "--output", str(tmp_path / "two"), "--set", "train.batch_size=1"],
                    check=True, env=env, capture_output=True, timeout=300)
     assert main([*common[2:], "--output", str(tmp_path / "one"), "--set", "train.batch_size=2"]) == 0
