@@ -251,3 +251,18 @@ def test_llava_family_report_map_on_its_patch_tokens(tmp_path):
     assert seen[:, 150:450].all() and not seen[:, :149].any() and not seen[:, 451:].any()
     again = model.chat(image).ask("Describe the findings.", do_sample=False, max_new_tokens=8)
     assert again.token_ids == turn.token_ids
+
+
+@pytest.mark.filterwarnings("ignore:MatMul8bitLt")
+def test_report_maps_in_8bit_and_a_clear_refusal_in_4bit(tmp_path):
+    import tinymodels
+
+    quant = tinymodels.build_all(tmp_path / "quant", dims=tinymodels.QUANT_DIMS)  # 4-bit needs multiples of 64
+    image = Image.linear_gradient("L").resize((96, 80))
+    session = XrayGPT.from_config(quant.config, ["runtime.mode=8bit"]).chat(image)
+    session.ask("Describe the findings.", do_sample=False, max_new_tokens=6)
+    assert np.abs(report_heatmap(session, image).raw_grid).sum() > 0
+    session = XrayGPT.from_config(quant.config, ["runtime.mode=4bit"]).chat(image)
+    session.ask("Describe the findings.", do_sample=False, max_new_tokens=6)
+    with pytest.raises(BadInputError, match="no gradient reaches the image"):
+        report_heatmap(session, image)

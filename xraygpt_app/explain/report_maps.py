@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -169,7 +170,13 @@ def report_grid(model: ChatModel, pixel_values: torch.Tensor, turn: TurnResult,
     with _all_frozen(model):
         pixels = pixel_values.detach().clone().float().requires_grad_(True)
         target = span_logprob(model, pixels, turn, indices)
-        (grad,) = torch.autograd.grad(target, pixels)
+        with warnings.catch_warnings():  # bitsandbytes' 4-bit kernels warn that they have no backward
+            warnings.simplefilter("ignore", UserWarning)
+            (grad,) = torch.autograd.grad(target, pixels)
+    if not torch.any(grad):  # e.g. bitsandbytes' 4-bit layers pass no gradient back: refuse, never a blank map
+        raise BadInputError(f"no gradient reaches the image in runtime mode {model.placement.mode!r}"
+                            " (bitsandbytes 4-bit layers have no backward pass): report maps need fp32, fp16,"
+                            " bf16 or 8-bit")
     return patch_attribution(grad, pixels, image_path(model).patch), float(target.detach())
 
 
