@@ -110,7 +110,7 @@ def section_faithfulness(classifiers: dict, images: list, xraygpt: XrayGPT, mids
 
     print("\n1. Deletion (mean over images x labels / spans; drop of the explained score)")
     for name, classifier in classifiers.items():
-        print_deletion(f"zero-shot {name} (tiny)", summary(zeroshot_deletion(classifier, images)))
+        print_deletion(f"zero-shot {name}", summary(zeroshot_deletion(classifier, images)))
     print_deletion("report map, XrayGPT tiny", summary(report_deletion(xraygpt.chat, images, QUESTION, 12)))
     if midsize_model is not None:
         print_deletion("report map, XrayGPT mid-size",

@@ -45,6 +45,7 @@ def test_zeroshot_map_shows_an_overlay_with_its_meaning(services, loaded):
     assert note == "" and heatmap.label == "Edema" and heatmap.grid.shape == (7, 7)
     assert "not a segmentation, not a diagnosis" in html_text and "not seen by the model" in html_text
     assert _overlay(html_text).size == (640, 524)  # the displayed image, not the model input
+    assert heatmap.image_map.size == 0 and maps.restyle(loaded, heatmap, 0.5) == html_text  # kept slim, same picture
     assert h.classify(loaded, services, "medclip-vit", "chexpert5", "")[1] == before
     faded = maps.restyle(loaded, heatmap, 0.0)
     assert list(_overlay(faded).getdata())[:50] == list(loaded.image.convert("RGB").getdata())[:50]

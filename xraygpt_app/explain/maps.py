@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,13 +34,22 @@ class Heatmap:
     target: float  # the explained score: the label's ensemble logit, or the words' summed log-probability
     geometry: InputGeometry
 
+    def slim(self) -> Heatmap:
+        """A copy without the full-size ``image_map`` (recomputed from the grid when needed): small to keep."""
+        return dataclasses.replace(self, image_map=np.empty((0, 0), dtype=np.float32))
+
+    def full_map(self) -> np.ndarray:
+        """``image_map``, recomputed from the grid and the geometry if this is a slim copy."""
+        return self.image_map if self.image_map.size else to_image(self.grid, self.geometry)
+
     def to_dict(self, image_map: bool = False) -> dict:
         """A JSON-ready dict: the grid as nested lists (the full-size map only when asked: it is large)."""
         data = {"label": self.label, "method": self.method, "model": self.model, "target": self.target,
                 "grid": self.grid.round(4).tolist(), "raw_grid": self.raw_grid.tolist(),
                 "image_size": [self.geometry.width, self.geometry.height], "meaning": MEANING}
         if image_map:
-            data["image_map"] = np.where(np.isnan(self.image_map), None, self.image_map.round(4)).tolist()
+            full = self.full_map()
+            data["image_map"] = np.where(np.isnan(full), None, full.round(4)).tolist()
         return data
 
 

@@ -47,9 +47,10 @@ def overlay(image: Image.Image, heatmap: Heatmap, opacity: float = 0.5) -> Image
                          f" not {image.width}x{image.height}")
     opacity = float(np.clip(opacity, 0.0, 1.0))
     base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    colours = colorize(heatmap.image_map).astype(np.float32)
-    alpha = np.full(heatmap.image_map.shape, opacity, dtype=np.float32)
-    alpha[np.isnan(heatmap.image_map)] = 1.0
+    image_map = heatmap.full_map()
+    colours = colorize(image_map).astype(np.float32)
+    alpha = np.full(image_map.shape, opacity, dtype=np.float32)
+    alpha[np.isnan(image_map)] = 1.0
     blended = base * (1 - alpha[..., None]) + colours * alpha[..., None]
     return Image.fromarray(blended.round().astype(np.uint8), "RGB")
 

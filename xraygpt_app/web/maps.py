@@ -25,7 +25,7 @@ DISPLAY_SIDE = 768  # the overlay shown in the page; the map is computed on the 
 MEANING_TEXT = "Where the model's score is most sensitive; not a segmentation, not a diagnosis."
 # matplotlib's inferno at 0, 0.2, ..., 1: the overlay's colour scale as a CSS gradient
 INFERNO = ("#000004", "#420a68", "#932667", "#dd513a", "#fca50a", "#fcffa4")
-MapOutput = tuple[str, Any, str]  # overlay HTML, the Heatmap kept in gr.State, notice
+MapOutput = tuple[str, Any, str]  # overlay HTML, the Heatmap kept in gr.State (slim: no full-size map), notice
 
 
 def _data_url(image: Image.Image) -> str:
@@ -88,7 +88,7 @@ def zeroshot_map(state: UserState | None, services: Services, model: str, preset
     except XrayGPTError as exc:
         return "", None, notice(str(exc))
     logger.info("zero-shot map (%s) in %.2f s", model, time.perf_counter() - began)
-    return map_html(state.image, heatmap, opacity), heatmap, ""
+    return map_html(state.image, heatmap, opacity), heatmap.slim(), ""
 
 
 def report_map(state: UserState | None, services: Services, answer: float | None, span: str,
@@ -111,7 +111,7 @@ def report_map(state: UserState | None, services: Services, answer: float | None
     except XrayGPTError as exc:
         return "", None, notice(str(exc))
     logger.info("report map in %.2f s", time.perf_counter() - began)
-    return map_html(state.image, heatmap, opacity), heatmap, ""
+    return map_html(state.image, heatmap, opacity), heatmap.slim(), ""
 
 
 def vqa_map(state: UserState | None, services: Services, span: str, opacity: float) -> MapOutput:
@@ -126,7 +126,7 @@ def vqa_map(state: UserState | None, services: Services, span: str, opacity: flo
         heatmap = turn_heatmap(services.xraygpt.model, state.image, state.vqa_turn, span=span or None)
     except XrayGPTError as exc:
         return "", None, notice(str(exc))
-    return map_html(state.image, heatmap, opacity), heatmap, ""
+    return map_html(state.image, heatmap, opacity), heatmap.slim(), ""
 
 
 def api_heatmaps(classifier: Any, image: Image.Image, labels: list[str] | None, preset: str | None) -> list[dict]:
