@@ -159,3 +159,18 @@ def test_weight_spec_mapping_form(tmp_path: Path) -> None:
                                                                  "how_to_get": "ask"}}}))
     assert config.weights.ckpt.sha256 == digest and config.weights.ckpt.how_to_get == "ask"
     assert config.weights.ckpt.sources == [str(tmp_path / "c.pth")]
+
+
+def test_relative_paths_typed_in_set_mean_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    path = _write(folder, {"weights": {"ckpt": {"sources": ["in_yaml.pth"], "sha256": "ab" * 32}}})
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path, ["weights.ckpt=runs/x.pth", "weights.lora=runs/adapter",
+                                "weights.llama_model=[vicuna, hf-hub:org/repo]", f"weights.ckpt.sha256={'cd' * 32}"])
+    assert config.weights.ckpt.sources == [str(tmp_path / "runs" / "x.pth")]
+    assert config.weights.ckpt.sha256 == "cd" * 32  # not a path
+    assert config.weights.lora == str(tmp_path / "runs" / "adapter")
+    assert config.weights.llama_model.sources == [str(tmp_path / "vicuna"), "hf-hub:org/repo"]
+    assert load_config(path).weights.ckpt.sources == [str(folder / "in_yaml.pth")]  # the YAML's own: its folder

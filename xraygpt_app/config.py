@@ -301,11 +301,27 @@ def _apply_override(raw: dict, item: str, path: Path) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {item!r}: {key!r} is not a section (in {path})")
         node = child
+    if PATH_KEYS.intersection(keys) and keys[-1] not in NOT_PATHS:
+        value = _from_working_dir(value)
     current = node.get(keys[-1])
     if isinstance(current, dict) and "sources" in current and isinstance(value, (str, list)):
         current["sources"] = [value] if isinstance(value, str) else value  # keep sha256/how_to_get
     else:
         node[keys[-1]] = value
+
+
+# Keys whose values are file locations. Typed on the command line, a relative path means the working
+# directory, as in any shell command; written in a config file, it means that file's folder.
+PATH_KEYS = frozenset({"weights", "sources", "lora", "vision_config", "text_config"})
+NOT_PATHS = frozenset({"sha256", "how_to_get", "licence"})  # the other fields of a weights entry
+
+
+def _from_working_dir(value: Any) -> Any:
+    if isinstance(value, str):
+        return _absolute(value, Path.cwd())
+    if isinstance(value, list):
+        return [_from_working_dir(item) for item in value]
+    return value
 
 
 def build_section(cls: type, data: Any, source: str, where: str) -> Any:
