@@ -4,6 +4,9 @@
 ``StaticCache`` of the whole context and runs each one-token decode step through ``torch.compile``
 (``mode="reduce-overhead"``, i.e. CUDA graphs, on a GPU). Prefills stay eager: their length
 varies. Both keep the conversation's cache between turns, so a follow-up reuses the shared prefix.
+The compiled step is built once per LLM; each conversation has its own static cache (the full
+context's keys and values from its first turn), so on a GPU each new conversation may record its
+own CUDA graph: the option suits one conversation at a time (CLI, API, a single-user app).
 """
 
 from __future__ import annotations
