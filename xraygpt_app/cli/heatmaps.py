@@ -106,4 +106,5 @@ def write_report_maps(folder_path: str, session, path: str, image: Image.Image, 
 
 
 def _short(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split())  # one line: answers can hold line breaks
     return text if len(text) <= limit else text[:limit - 3] + "..."
