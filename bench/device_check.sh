@@ -36,7 +36,8 @@ rm -f "$OUT"/rows/*.json
 
 if [ ${#DRY[@]} -eq 0 ]; then
   "$PY" -m pip install --no-deps --no-build-isolation --no-index -e "$REPO" >"$OUT/logs/install.log" 2>&1 \
-    || echo "warning: pip install of the project failed (see $OUT/logs/install.log); running from the source tree"
+    || echo "note: pip could not install the project offline (it needs setuptools>=64 and wheel in that Python;" \
+            "see $OUT/logs/install.log); every step runs from the source tree through PYTHONPATH instead"
   if [ -n "$WHEELS" ]; then
     "$PY" -m pip install --no-index --find-links "$WHEELS" bitsandbytes >>"$OUT/logs/install.log" 2>&1 \
       || echo "warning: bitsandbytes did not install from $WHEELS"
