@@ -139,6 +139,8 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
     if device == "cuda":
         row["peak_bytes"] = torch.cuda.max_memory_allocated() + CUDA_CONTEXT_BYTES  # the estimate counts the context
         row["estimate_bytes"] = planned.peak["cuda:0"]
+        free, total = torch.cuda.mem_get_info()
+        row.update(max_reserved_bytes=torch.cuda.max_memory_reserved(), device_used_now_bytes=total - free)
     else:
         row["peak_bytes"] = anon_peak + HOST_BASELINE_BYTES  # the estimate counts the process baseline
         row["estimate_bytes"] = planned.peak["cpu"]
