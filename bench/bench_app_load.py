@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--idle-seconds", type=int, default=30,
                         help="app.session_idle_seconds of the server: longer than any queue wait here")
+    parser.add_argument("--capacity", type=int, default=None,
+                        help="app.session_capacity of the server: sessions whose Gradio-side copies are kept")
     parser.add_argument("--heartbeat", type=float, default=None,
                         help="GRADIO_HEARTBEAT_INTERVAL of the server: how soon a closed client is noticed "
                              "(Gradio's default 15 s)")
@@ -236,6 +238,8 @@ def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     settings = [args.max_new_tokens, 1.0, 0.9, 1, False]  # max tokens, temperature, top-p, beams, greedy
     samples = chest_samples(args.users)
     command = ["-m", "xraygpt_app.cli", "--verbose", "serve", "--set", f"app.session_idle_seconds={args.idle_seconds}"]
+    if args.capacity:
+        command += ["--set", f"app.session_capacity={args.capacity}"]
     extra = {"config": config} if config else {}
     env = {"GRADIO_HEARTBEAT_INTERVAL": str(args.heartbeat)} if args.heartbeat else {}
     with running_app(workdir, command, env, **extra) as server:

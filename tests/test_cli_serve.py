@@ -59,3 +59,13 @@ def test_mcp_without_the_extra_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "mcp", None)  # as if the package were not installed: import raises
     with pytest.raises(BadInputError, match=r"pip install 'mcp==1\.30\.0'"):
         cli_serve.run(_args("--config", str(TINY), "--mcp"))
+
+
+def test_session_capacity_reaches_gradio(monkeypatch, capsys):
+    import gradio as gr
+
+    launched = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs))
+    assert cli_serve.run(_args("--config", str(TINY), "--offline", "--set", "app.session_capacity=7")) == 0
+    assert launched["state_session_capacity"] == 7  # Gradio's per-session copies are bounded by the config
+    assert "Offline: nothing is downloaded" in capsys.readouterr().out

@@ -222,6 +222,9 @@ class AppConfig:
     queue_max_size: int = 32
     delete_cache_seconds: int = 600  # Gradio's delete_cache (frequency, age); uploads are deleted at once anyway
     session_idle_seconds: int = 1800  # a session untouched this long is forgotten: image, chat, KV cache
+    # Gradio also keeps, per session, a copy of every component value it sent (previews, chats: ~2 MB a
+    # session here) until the session is pushed out by newer ones; this bounds that (Gradio's default 10000).
+    session_capacity: int = 1000
 
 
 @dataclass

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     demo = build_app(services)
     demo.launch(server_name=config.app.host, server_port=config.app.port, share=config.app.share,
                 auth=auth or None, max_file_size=config.app.max_file_size, mcp_server=args.mcp,
-                ssr_mode=False, css=CSS, show_error=False)
+                ssr_mode=False, css=CSS, show_error=False, state_session_capacity=config.app.session_capacity)
     return 0
 
 
