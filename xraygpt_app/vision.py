@@ -94,7 +94,7 @@ def cast_vision(tower: VisionTower, placement: Placement, device: torch.device |
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if tensor.is_floating_point():
                 value = tensor.detach().to(rounding).to(device=device, dtype=storage)
-                setattr(module, name, nn.Parameter(value, requires_grad=False) if isinstance(tensor, nn.Parameter)
+                setattr(module, name, nn.Parameter(value, tensor.requires_grad) if isinstance(tensor, nn.Parameter)
                         else value)
     return tower
 
