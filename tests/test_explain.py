@@ -158,6 +158,17 @@ def test_only_some_labels_and_occlusion(classifiers, images):
         zeroshot_heatmaps(classifier, images[0], preset="chexpert5", only=["Nope"])
 
 
+def test_max_ensemble_maps_explain_the_max_logit(classifiers, images):
+    classifier = classifiers["medclip-vit"]
+    classifier.ensemble = "max"
+    try:
+        logits = classifier.classify([images[0]], preset="chexpert5")[0].logits
+        maps = zeroshot_heatmaps(classifier, images[0], preset="chexpert5")
+    finally:
+        classifier.ensemble = "mean"
+    np.testing.assert_allclose([m.target for m in maps], logits, rtol=1e-4, atol=1e-4)
+
+
 def test_overlay_and_figure(classifiers, images, tmp_path):
     image = images[0]
     heatmap = zeroshot_heatmaps(classifiers["biomedclip"], image, labels=["effusion"])[0]

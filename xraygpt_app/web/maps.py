@@ -52,6 +52,8 @@ def map_html(image: Image.Image, heatmap: Any, opacity: float) -> str:
     shown.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
     caption = (f"<b>{html.escape(heatmap.label[:200])}</b> — {html.escape(heatmap.model)}, "
                f"{html.escape(heatmap.method)}; explained score {heatmap.target:.3f}")
+    if not heatmap.grid.any():
+        caption += ". No region raises this score: the map is empty."
     return (f'<figure class="xr-map"><img alt="Heatmap overlay" src="{_data_url(shown)}" '
             f'style="max-width:100%"><figcaption>{caption}</figcaption></figure>{scale_html()}'
             f'<p class="xr-map-meaning"><b>{MEANING_TEXT}</b></p>')
