@@ -1,4 +1,5 @@
-"""The Gradio layout of the web app. Handlers live in ``ui_handlers``; this module only wires them.
+"""The Gradio layout of the web app. Handlers live in ``handlers`` (and ``maps``), what the image panel
+shows in ``display``, the API/MCP endpoints in ``tools``; this module only wires them.
 
 One image panel (upload, examples, preview, description, generation settings) feeds three tabs:
 Report chat, VQA and Zero-shot. Per-user data is a ``UserState`` in ``gr.State``. Generation
