@@ -68,7 +68,7 @@ def test_first_start_fetches_public_weights_and_zero_shot_works(server, tmp_path
             f"{base}/medclip-vit-pretrained.zip (licence: {LICENCE})") in out
     assert out.index("zeroshot.models.medclip-vit") < out.index("weights.eva_vit_g")  # the small, useful ones first
     assert "downloaded  weights.eva_vit_g" in out and "BSD-3-Clause" in out
-    assert f"Save them as: {tmp_path / 'checkpoints' / 'xraygpt_pretrained.pth'}" in out
+    assert f"Save them as: {tmp_path / 'checkpoints' / 'xraygpt_pretrained.pth'}\n" in out
 
     services = build_services(config)
     assert "Save them as" in services.xraygpt_missing and services.xraygpt is None
@@ -85,6 +85,7 @@ def test_unreachable_sources_and_offline_download_nothing_and_say_so(tmp_path, c
     assert fetch_on_start(config, offline=False) == 3
     out = capsys.readouterr().out
     assert "size unknown" in out and "failed      zeroshot.models.medclip-vit.weights" in out
+    assert f"Save them as: {tmp_path / 'checkpoints' / 'eva_vit_g.pth'}\n" in out  # one local place
     assert "download failed: URLError" in out and "still missing" in out
     assert fetch_on_start(config, offline=True) == 0
     out = capsys.readouterr().out

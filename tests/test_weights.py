@@ -115,6 +115,16 @@ def test_missing_message_names_weights_places_and_how_to_get(tmp_path):
     assert info.value.exit_code == 3
 
 
+def test_missing_message_says_where_to_save(tmp_path):
+    folder, archive = tmp_path / "medclip" / "pytorch_model.bin", tmp_path / "medclip.zip"
+    with pytest.raises(MissingWeightsError) as info:
+        resolve_weights(WeightSpec(sources=[str(folder), str(archive), "https://example.org/medclip.zip"]), "w")
+    assert str(info.value).endswith(f"\nSave them as: {folder} (or {archive})")
+    with pytest.raises(MissingWeightsError) as info:
+        resolve_weights(WeightSpec(sources=["hf-hub:someorg/somerepo"]), "w")
+    assert "Save them as" not in str(info.value)  # nowhere local to name
+
+
 def test_sha256_checked_for_local_files(tmp_path):
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"payload")

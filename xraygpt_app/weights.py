@@ -176,6 +176,7 @@ def _missing_message(spec: WeightSpec, name: str, looked: dict[str, str]) -> str
     how = spec.how_to_get.strip() or f"set {name} in the config to a local path, hf-hub:org/repo or an https URL"
     local = [source for source in spec.sources if not is_remote(source)]
     where = f"\nSave them as: {local[0]}" if local else ""
+    where += f" (or {', '.join(local[1:])})" if len(local) > 1 else ""
     return f"Missing weights for {name}. Looked in:\n{places}\nHow to get them: {how}{where}"
 
 
