@@ -17,7 +17,8 @@ from PIL import Image
 PREVIEW_SIDE = 512  # display copy only; the model gets the loader's full image
 
 
-def _data_url(image: Image.Image) -> str:
+def png_data_url(image: Image.Image) -> str:
+    """The image as an inline PNG data URL: shown in the page, never written to disk."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -33,10 +34,11 @@ def preview_html(image: Image.Image, model_size: int = 224) -> str:
     model_view = image.convert("RGB").resize((model_size, model_size), Image.Resampling.BICUBIC)
     return (
         '<div class="xr-preview">'
-        f'<figure><img alt="Normalised radiograph" src="{_data_url(display)}" style="max-width:100%;max-height:420px">'
+        f'<figure><img alt="Normalised radiograph" src="{png_data_url(display)}"'
+        ' style="max-width:100%;max-height:420px">'
         f"<figcaption>What the model gets: the decoded 8-bit image ({image.width}×{image.height})."
         "</figcaption></figure>"
-        f'<figure><img alt="Model input" src="{_data_url(model_view)}" width="{model_size // 2}">'
+        f'<figure><img alt="Model input" src="{png_data_url(model_view)}" width="{model_size // 2}">'
         f"<figcaption>XrayGPT input: resized to {model_size}×{model_size} (aspect ratio not kept)."
         "</figcaption></figure></div>"
     )

@@ -7,9 +7,7 @@ down for display; the map itself stays with the session so the opacity slider on
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import logging
 import time
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 from PIL import Image
 
 from ..errors import XrayGPTError
+from .display import png_data_url
 from .handlers import CUSTOM, NO_IMAGE, UserState, notice, parse_labels
 from .services import Services
 
@@ -26,12 +25,6 @@ MEANING_TEXT = "Where the model's score is most sensitive; not a segmentation, n
 # matplotlib's inferno at 0, 0.2, ..., 1: the overlay's colour scale as a CSS gradient
 INFERNO = ("#000004", "#420a68", "#932667", "#dd513a", "#fca50a", "#fcffa4")
 MapOutput = tuple[str, Any, str]  # overlay HTML, the Heatmap kept in gr.State (slim: no full-size map), notice
-
-
-def _data_url(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def scale_html() -> str:
@@ -54,7 +47,7 @@ def map_html(image: Image.Image, heatmap: Any, opacity: float) -> str:
                f"{html.escape(heatmap.method)}; explained score {heatmap.target:.3f}")
     if not heatmap.grid.any():
         caption += ". No region raises this score: the map is empty."
-    return (f'<figure class="xr-map"><img alt="Heatmap overlay" src="{_data_url(shown)}" '
+    return (f'<figure class="xr-map"><img alt="Heatmap overlay" src="{png_data_url(shown)}" '
             f'style="max-width:100%"><figcaption>{caption}</figcaption></figure>{scale_html()}'
             f'<p class="xr-map-meaning"><b>{MEANING_TEXT}</b></p>')
 
@@ -139,5 +132,5 @@ def api_heatmaps(classifier: Any, image: Image.Image, labels: list[str] | None, 
     for heatmap in zeroshot_heatmaps(classifier, image, labels=labels, preset=preset):
         shown = overlay(image, heatmap, 0.5)
         shown.thumbnail((512, 512))
-        out.append({**heatmap.to_dict(), "overlay_png": _data_url(shown)})
+        out.append({**heatmap.to_dict(), "overlay_png": png_data_url(shown)})
     return out
