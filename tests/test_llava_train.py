@@ -134,7 +134,7 @@ def test_stage2_adapter_served_merged_equals_unmerged(tiny, pixels, tmp_path, sa
     family.eval()
     image = load_radiograph(samples_dir / IMAGES[0]).image
     served = XrayGPT.from_config(tiny.config, overrides=[f"weights.lora={tmp_path / 'lora_adapter_0'}"])
-    assert "LoRA lora_adapter_0" in served.describe()
+    assert "LoRA adapter lora_adapter_0" in served.describe()
     assert not any("lora" in n for n, _ in served.model.llm.named_parameters())  # merged into the weights
     segments = served.model.render_prompt([], QUESTIONS[0])
     with torch.no_grad():
@@ -146,3 +146,88 @@ def test_stage2_adapter_served_merged_equals_unmerged(tiny, pixels, tmp_path, sa
     torch.testing.assert_close(merged_logits, peft_logits, atol=1e-4, rtol=1e-4)
     plain = XrayGPT.from_config(tiny.config).model.llm(inputs_embeds=embeds).logits
     assert not torch.allclose(plain, merged_logits, atol=1e-3)  # the adapter changes the answers
+
+
+# --- through the trainer (xraygpt finetune) ------------------------------------------------------------
+
+QUIET = ["train.report_samples=0", "train.val_fraction=0", "train.warmup_steps=0", "train.augment=false"]
+
+
+def _records(folder) -> list[dict]:
+    import json
+
+    lines = (folder / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r for r in map(json.loads, lines) if r["type"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def stage1(tiny, samples_dir, tmp_path_factory):
+    """Stage 1 through the Trainer: a fresh projector, two report rows, ten epochs at a high learning rate."""
+    import traindata
+
+    from xraygpt_app.train.trainer import Trainer
+
+    data = traindata.caption_folder(tmp_path_factory.mktemp("data"), samples_dir, list(traindata.CAPTIONS)[:2])
+    out = tmp_path_factory.mktemp("stage1")
+    overrides = [*QUIET, "train.max_epoch=10", "train.init_lr=3e-2", "train.min_lr=3e-3", "train.batch_size=2",
+                 "weights.projector=[]"]
+    result = Trainer.from_config(tiny.config, data=data, overrides=overrides, output=out).fit()
+    assert not result.interrupted and result.checkpoint == out / "checkpoint_9.pth"
+    return data, out
+
+
+def test_trainer_stage1_overfits_and_its_checkpoint_serves(stage1, tiny, samples_dir) -> None:
+    _, out = stage1
+    losses = [r["loss"] for r in _records(out)]
+    # only the projector learns; the random tiny LLM's own text loss sets the floor
+    assert len(losses) == 10 and losses[-1] < 0.85 * losses[0]
+    saved = torch.load(out / "checkpoint_9.pth", weights_only=True)
+    assert set(saved["model"]) == {"mm_projector.0.weight", "mm_projector.0.bias", "mm_projector.2.weight",
+                                   "mm_projector.2.bias"} and saved["config"]["family"] == "llava"
+    served = XrayGPT.from_config(tiny.config, overrides=[f"weights.projector={out / 'checkpoint_9.pth'}"])
+    torch.testing.assert_close(served.model.projector[0].weight, saved["model"]["mm_projector.0.weight"])
+    assert "projector checkpoint_9.pth" in served.describe()
+    session = served.chat(load_radiograph(samples_dir / IMAGES[0]).image)
+    reuse = [session.ask(q, do_sample=False, max_new_tokens=8) for q in QUESTIONS]
+    full = served.chat(load_radiograph(samples_dir / IMAGES[0]).image, reuse_kv=False)
+    assert [t.token_ids for t in reuse] == [full.ask(q, do_sample=False, max_new_tokens=8).token_ids for q in QUESTIONS]
+
+
+def test_cli_stage2_trains_lora_from_the_stage1_projector(stage1, tiny, tmp_path, capsys, samples_dir) -> None:
+    import json
+
+    from xraygpt_app.cli import main
+
+    data, out1 = stage1
+    out2 = tmp_path / "stage2"
+    args = ["finetune", "-c", str(tiny.config), "--data", str(data), "--output", str(out2), "--json",
+            "--set", f"weights.projector={out1 / 'checkpoint_9.pth'}", "--set", "train.lora.enabled=true",
+            "--set", "train.max_epoch=2", "--set", "train.init_lr=1e-2", *sum((["--set", o] for o in QUIET), [])]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["checkpoint"] == str(out2 / "checkpoint_1.pth")
+    assert (out2 / "lora_adapter_1" / "adapter_config.json").is_file()
+    start = torch.load(out1 / "checkpoint_9.pth", weights_only=True)["model"]["mm_projector.2.weight"]
+    end = torch.load(out2 / "checkpoint_1.pth", weights_only=True)["model"]["mm_projector.2.weight"]
+    assert not torch.allclose(start, end)  # the projector kept training
+    served = XrayGPT.from_config(tiny.config, overrides=[f"weights.projector={out2 / 'checkpoint_1.pth'}",
+                                                         f"weights.lora={out2 / 'lora_adapter_1'}"])
+    assert "LoRA adapter lora_adapter_1" in served.describe()
+    assert served.chat(load_radiograph(samples_dir / IMAGES[1]).image).ask(QUESTIONS[1], max_new_tokens=6).token_ids
+
+
+def test_stage1_resume_gives_the_uninterrupted_run(tiny, stage1, tmp_path) -> None:
+    from xraygpt_app.train.trainer import Trainer
+
+    data, _ = stage1
+    overrides = [*QUIET, "train.max_epoch=3", "train.init_lr=1e-2", "weights.projector=[]"]
+    whole = Trainer.from_config(tiny.config, data=data, overrides=overrides, output=tmp_path / "whole").fit()
+    cut = Trainer.from_config(tiny.config, data=data, overrides=overrides, output=tmp_path / "cut").fit(stop_after=3)
+    resumed = Trainer.from_config(tiny.config, data=data, overrides=overrides, output=tmp_path / "cut").fit(
+        resume=cut.checkpoint)
+    assert whole.iterations_done == resumed.iterations_done == 6
+    assert [r["loss"] for r in _records(tmp_path / "cut")] == pytest.approx([r["loss"] for r in
+                                                                            _records(tmp_path / "whole")], rel=1e-6)
+    final = [torch.load(tmp_path / run / "checkpoint_2.pth", weights_only=True)["model"] for run in ("whole", "cut")]
+    for key, value in final[0].items():
+        torch.testing.assert_close(final[1][key], value, rtol=0, atol=1e-7)

@@ -30,7 +30,7 @@ from .conversation import Turn
 from .errors import ConfigError
 from .family import PromptSegments
 from .llm import (
-    apply_lora_adapter,
+    attach_lora,
     check_vocabulary,
     embed_ids,
     load_llm,
@@ -158,10 +158,14 @@ class LlavaModel:
         self.pending_suffixes = tuple(s for s in (template.end_of_turn, "\ufffd") if s)
 
     @classmethod
-    def load(cls, config: Config, download: bool = False) -> LlavaModel:
+    def load(cls, config: Config, download: bool = False, new_projector: bool = False) -> LlavaModel:
+        """Load tower, LLM (and adapter) and projector. ``new_projector``: when ``weights.projector`` names no
+        source, start from a freshly initialised one (stage 1 of fine-tuning) instead of failing."""
         placement = plan_placement(config.runtime, config.vision)
+        fresh = new_projector and not config.weights.projector.sources
         paths = {name: resolve_weights(getattr(config.weights, name), f"weights.{name}", download=download,
-                                       cache_dir=config.weights.cache_dir) for name in LLAVA_WEIGHTS}
+                                       cache_dir=config.weights.cache_dir)
+                 for name in LLAVA_WEIGHTS if not (fresh and name == "projector")}
         started = time.perf_counter()
         tokenizer = load_tokenizer(paths["llama_model"])
         template = ChatTemplate(tokenizer, paths["llama_model"])
@@ -170,14 +174,15 @@ class LlavaModel:
         hidden = AutoConfig.from_pretrained(paths["llama_model"]).hidden_size  # the projector is sized from it
         llm = load_llm(paths["llama_model"], dataclasses.replace(config.llm, hidden_size=hidden), placement)
         if config.weights.lora:  # stage 2 of `xraygpt finetune`
-            llm = apply_lora_adapter(llm, config.weights.lora, placement)
-        projector = load_projector(paths["projector"], config.projector.type, tower.width, hidden)
+            llm = attach_lora(llm, config.weights.lora, placement)
+        projector = (build_projector(config.projector.type, tower.width, hidden) if fresh else
+                     load_projector(paths["projector"], config.projector.type, tower.width, hidden))
         projector = projector.to(placement.llm_device, placement.llm_dtype).eval().requires_grad_(False)
         log.info("llava model loaded in %.1f s (mode %s)", time.perf_counter() - started, placement.mode)
-        names = {"tower": _name(paths["vision_tower"]), "projector": paths["projector"].name,
+        names = {"tower": _name(paths["vision_tower"]), "projector": "new" if fresh else paths["projector"].name,
                  "LLM": _name(paths["llama_model"])}
         if config.weights.lora:
-            names["LoRA"] = Path(config.weights.lora).name
+            names["LoRA adapter"] = Path(config.weights.lora).name
         return cls(config, tower, projector, llm, tokenizer, placement, template, names)
 
     def describe(self) -> str:

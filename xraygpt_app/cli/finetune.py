@@ -1,4 +1,6 @@
-"""``xraygpt finetune``: train XrayGPT on report / VQA pairs with XrayGPT's objective (or only compute the loss).
+"""``xraygpt finetune``: train the config's model family on report / VQA pairs (or only compute the loss).
+
+XrayGPT with XrayGPT's objective; the llava family's projector (stage 1) or projector + LoRA (stage 2).
 
 Exit codes: 0 done; 2 bad config or data; 3 missing weights; 130 interrupted (a checkpoint was saved).
 """
@@ -59,7 +61,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        _print_summary(summary, args, train.lora.enabled)
+        _print_summary(summary, args, train.lora.enabled, trainer.family.checkpoint_weight)
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
@@ -83,7 +85,7 @@ def _loss_only(args: argparse.Namespace, config, train) -> int:
     return 0
 
 
-def _print_summary(summary: dict, args: argparse.Namespace, lora: bool) -> None:
+def _print_summary(summary: dict, args: argparse.Namespace, lora: bool, weight: str) -> None:
     state = "interrupted; resume with --resume " + str(summary["checkpoint"]) if summary["interrupted"] else "done"
     print(f"fine-tuning {state}: {summary['iterations']} iterations, {summary['train_rows']} training rows,"
           f" {summary['val_rows']} validation rows, {summary['skipped_rows']} skipped")
@@ -94,7 +96,7 @@ def _print_summary(summary: dict, args: argparse.Namespace, lora: bool) -> None:
         print("report metrics on the validation split: "
               + ", ".join(f"{k} {v:.4f}" for k, v in summary["report_metrics"].items()))
     if summary["checkpoint"] and not summary["interrupted"]:
-        serve = f"xraygpt serve -c {args.config} --set weights.ckpt={summary['checkpoint']}"
+        serve = f"xraygpt serve -c {args.config} --set {weight}={summary['checkpoint']}"
         if lora:
             adapter = Path(summary["checkpoint"]).with_name(Path(summary["checkpoint"]).stem.replace(
                 "checkpoint", "lora_adapter"))

@@ -2,15 +2,17 @@
 
 Modules: ``data`` (read and check pairs, split, image transforms), ``config`` (the ``train:``
 section), ``family`` (what a model family gives the trainer), ``xraygpt_objective`` (XrayGPT's
-``MiniGPT4.forward`` on our model), ``lora`` (peft adapters), ``schedule`` (XrayGPT's learning-rate
-schedule), ``trainer`` (the ``accelerate`` loop), ``outputs`` (checkpoints, metrics, charts).
+``MiniGPT4.forward`` on our model), ``llava_objective`` (the llava family: the projector, then the
+projector + LoRA), ``lora`` (peft adapters), ``schedule`` (XrayGPT's learning-rate schedule),
+``trainer`` (the ``accelerate`` loop), ``outputs`` (checkpoints, metrics, charts).
 
-The loop is family-agnostic. A model family (XrayGPT here; a LLaVA-style one plugs in the same
-way) is an ``nn.Module`` that implements :class:`~xraygpt_app.train.family.TrainableFamily`:
+The loop is family-agnostic. A model family (``model.family``: xraygpt or llava) is an ``nn.Module``
+that implements :class:`~xraygpt_app.train.family.TrainableFamily`:
 
 - ``forward(pixel_values, instructions, targets) -> (loss, target_tokens)``, built on
   ``training_batch(...) -> TrainingBatch(inputs_embeds, attention_mask, labels)``: the family
   wraps each instruction (or a VQA row's question) in its own prompt template;
+- ``image_transform(augment)``: the family's training transform, or its deterministic eval one;
 - ``instructions``: the list drawn from (one per batch, seeded) for rows without a question;
 - ``named_trainable()``: trainable parameters under the family's checkpoint names (the
   optimizer's weight-decay rule reads those names);

@@ -15,14 +15,14 @@ from ..evaluation import report_metrics
 from ..image_io import load_radiograph
 from .batches import choose_instructions
 from .config import TrainConfig
-from .data import PairDataset, Sample, collate, image_transform
+from .data import PairDataset, Sample, collate
 
 log = logging.getLogger(__name__)
 
 
-def _batches(samples: Sequence[Sample], config: Config, batch_size: int):
-    """File-order batches through the deterministic eval transform."""
-    dataset = PairDataset(samples, image_transform(config.vision, augment=False), config.image)
+def _batches(family: nn.Module, samples: Sequence[Sample], config: Config, batch_size: int):
+    """File-order batches through the family's deterministic eval transform."""
+    dataset = PairDataset(samples, family.image_transform(augment=False), config.image)
     for first in range(0, len(samples), batch_size):
         yield collate([dataset[(i, 0)] for i in range(first, min(first + batch_size, len(samples)))])
 
@@ -34,7 +34,7 @@ def validation_loss(family: nn.Module, samples: Sequence[Sample], config: Config
         return None
     family.eval()
     total, tokens = 0.0, 0
-    for pixels, targets, questions in _batches(samples, config, train.batch_size):
+    for pixels, targets, questions in _batches(family, samples, config, train.batch_size):
         instructions = [q or family.instructions[0] for q in questions]
         loss, count = family(pixels, instructions, targets)
         total += loss.item() * count.item()
@@ -51,7 +51,7 @@ def loss_only(family: nn.Module, samples: Sequence[Sample], config: Config, trai
     family.train()
     trainable = family.named_trainable()
     out = []
-    for index, (pixels, targets, questions) in enumerate(_batches(samples, config, batch_size)):
+    for index, (pixels, targets, questions) in enumerate(_batches(family, samples, config, batch_size)):
         family.zero_grad(set_to_none=True)
         torch.manual_seed(train.seed)
         instructions = choose_instructions(questions, family.instructions, train.seed, index)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -33,8 +34,11 @@ class TrainableFamily(Protocol):
     """
 
     family: str  # a short name, written into the checkpoint's config
+    checkpoint_weight: str  # the config key that serves its checkpoints (weights.ckpt, weights.projector)
     instructions: list[str]  # instructions drawn (one per batch) for rows without a question
     llm: nn.Module  # the causal LM, possibly peft-wrapped
+
+    def image_transform(self, augment: bool) -> Callable[[Image.Image], torch.Tensor]: ...
 
     def training_batch(self, pixel_values: torch.Tensor, instructions: list[str],
                        targets: list[str]) -> TrainingBatch: ...

@@ -43,6 +43,7 @@ class LlavaTrainable(nn.Module):
     """The loaded llava-family model as a trainable family (see :mod:`xraygpt_app.train`)."""
 
     family = "llava"
+    checkpoint_weight = "weights.projector"  # the config key that serves a checkpoint of this family
 
     def __init__(self, model: LlavaModel, settings: TrainConfig):
         super().__init__()
@@ -55,7 +56,8 @@ class LlavaTrainable(nn.Module):
     @classmethod
     def from_config(cls, config: Config, settings: TrainConfig) -> LlavaTrainable:
         """Load the model through the app's own path and mark what trains."""
-        family = cls(LlavaModel.load(config), settings)
+        torch.manual_seed(settings.seed)  # a new projector (stage 1, no weights.projector) starts the same every run
+        family = cls(LlavaModel.load(config, new_projector=True), settings)
         family.configure_trainable()
         return family
 

@@ -27,8 +27,9 @@ from ..config import Config
 from ..errors import ConfigError
 from .batches import RunBatches, choose_instructions, iteration_seed
 from .config import TrainConfig, load_train_config
-from .data import PairDataset, Sample, collate, image_transform, read_samples, split_samples
+from .data import PairDataset, Sample, collate, read_samples, split_samples
 from .evaluate import report_scores, validation_loss
+from .llava_objective import LlavaTrainable
 from .outputs import (
     MetricsLog,
     TrainingError,
@@ -43,7 +44,8 @@ from .xraygpt_objective import XrayGPTTrainable
 log = logging.getLogger(__name__)
 
 # Model families the trainer can fine-tune: name -> loader (see the package docstring for the interface).
-FAMILIES: dict[str, Callable[[Config, TrainConfig], nn.Module]] = {"xraygpt": XrayGPTTrainable.from_config}
+FAMILIES: dict[str, Callable[[Config, TrainConfig], nn.Module]] = {"xraygpt": XrayGPTTrainable.from_config,
+                                                                   "llava": LlavaTrainable.from_config}
 
 
 def load_family(config: Config, train: TrainConfig) -> nn.Module:
@@ -184,8 +186,7 @@ class Trainer:
         acc, train = self.accelerator, self.train
         sampler = RunBatches(len(self.train_samples), train.batch_size, acc.num_processes, acc.process_index,
                              train.seed, start, self.total_iterations)
-        dataset = PairDataset(self.train_samples, image_transform(self.config.vision, train.augment),
-                              self.config.image)
+        dataset = PairDataset(self.train_samples, self.family.image_transform(train.augment), self.config.image)
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=train.num_workers,
                           worker_init_fn=_ignore_ctrl_c)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,6 +34,7 @@ from ..conversation import DEFAULT_REPORT_QUESTION, IMAGE_MESSAGE, IMAGE_PLACEHO
 from ..errors import ConfigError
 from ..model import XrayGPTModel
 from .config import TrainConfig
+from .data import image_transform
 from .family import TrainingBatch
 from .lora import add_lora, enable_llm_training, lora_state, set_lora_state
 
@@ -64,6 +66,7 @@ class XrayGPTTrainable(nn.Module):
     """The loaded XrayGPT as a trainable family (see :mod:`xraygpt_app.train` for the interface)."""
 
     family = "xraygpt"
+    checkpoint_weight = "weights.ckpt"  # the config key that serves a checkpoint of this family
 
     def __init__(self, model: XrayGPTModel, settings: TrainConfig):
         super().__init__()
@@ -105,6 +108,10 @@ class XrayGPTTrainable(nn.Module):
         out = {export_bridge_key(n): p for n, p in self.bridge.named_parameters() if p.requires_grad}
         out.update({n: p for n, p in self.llm.named_parameters() if p.requires_grad})
         return out
+
+    def image_transform(self, augment: bool) -> Callable[[Image.Image], torch.Tensor]:
+        """XrayGPT's ``blip2_image_train`` transform, or the app's deterministic eval transform."""
+        return image_transform(self.model.config.vision, augment)
 
     # --- the objective ----------------------------------------------------------------------------
     def prompt_for(self, instruction: str) -> str:
