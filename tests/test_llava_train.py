@@ -134,7 +134,7 @@ def test_stage2_adapter_served_merged_equals_unmerged(tiny, pixels, tmp_path, sa
     family.eval()
     image = load_radiograph(samples_dir / IMAGES[0]).image
     served = XrayGPT.from_config(tiny.config, overrides=[f"weights.lora={tmp_path / 'lora_adapter_0'}"])
-    assert "LoRA adapter lora_adapter_0" in served.describe()
+    assert "LoRA lora_adapter_0" in served.describe()
     assert not any("lora" in n for n, _ in served.model.llm.named_parameters())  # merged into the weights
     segments = served.model.render_prompt([], QUESTIONS[0])
     with torch.no_grad():
@@ -212,7 +212,7 @@ def test_cli_stage2_trains_lora_from_the_stage1_projector(stage1, tiny, tmp_path
     assert not torch.allclose(start, end)  # the projector kept training
     served = XrayGPT.from_config(tiny.config, overrides=[f"weights.projector={out2 / 'checkpoint_1.pth'}",
                                                          f"weights.lora={out2 / 'lora_adapter_1'}"])
-    assert "LoRA adapter lora_adapter_1" in served.describe()
+    assert "LoRA lora_adapter_1" in served.describe()
     assert served.chat(load_radiograph(samples_dir / IMAGES[1]).image).ask(QUESTIONS[1], max_new_tokens=6).token_ids
 
 

@@ -30,7 +30,7 @@ from .conversation import Turn
 from .errors import ConfigError
 from .family import PromptSegments
 from .llm import (
-    attach_lora,
+    apply_lora_adapter,
     check_vocabulary,
     embed_ids,
     load_llm,
@@ -174,7 +174,7 @@ class LlavaModel:
         hidden = AutoConfig.from_pretrained(paths["llama_model"]).hidden_size  # the projector is sized from it
         llm = load_llm(paths["llama_model"], dataclasses.replace(config.llm, hidden_size=hidden), placement)
         if config.weights.lora:  # stage 2 of `xraygpt finetune`
-            llm = attach_lora(llm, config.weights.lora, placement)
+            llm = apply_lora_adapter(llm, config.weights.lora, placement)
         projector = (build_projector(config.projector.type, tower.width, hidden) if fresh else
                      load_projector(paths["projector"], config.projector.type, tower.width, hidden))
         projector = projector.to(placement.llm_device, placement.llm_dtype).eval().requires_grad_(False)
@@ -182,7 +182,7 @@ class LlavaModel:
         names = {"tower": _name(paths["vision_tower"]), "projector": "new" if fresh else paths["projector"].name,
                  "LLM": _name(paths["llama_model"])}
         if config.weights.lora:
-            names["LoRA adapter"] = Path(config.weights.lora).name
+            names["LoRA"] = Path(config.weights.lora).name
         return cls(config, tower, projector, llm, tokenizer, placement, template, names)
 
     def describe(self) -> str:

@@ -126,6 +126,21 @@ def load_llm(folder: Path, config: LLMConfig, placement: Placement) -> torch.nn.
     return model
 
 
+def apply_lora_adapter(llm: torch.nn.Module, folder: str | Path, placement: Placement) -> torch.nn.Module:
+    """A peft LoRA adapter folder (from ``xraygpt finetune``) on the LLM: merged into the weights when they are
+    not quantised (no per-token cost), else kept as peft layers."""
+    from peft import PeftModel
+
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").is_file():
+        raise ConfigError(f"weights.lora: {folder} is not a peft adapter folder (no adapter_config.json)")
+    model = PeftModel.from_pretrained(llm, str(folder), is_trainable=False)
+    if placement.llm_quantization is None:
+        model = model.merge_and_unload()
+    log.info("LoRA adapter %s applied (%s)", folder.name, "merged" if placement.llm_quantization is None else "peft")
+    return model.eval().requires_grad_(False)
+
+
 @torch.inference_mode()
 def embed_ids(llm: torch.nn.Module, ids: list[int], device: torch.device) -> torch.Tensor:
     """Token ids -> ``(1, n, hidden)`` input embeddings of ``llm`` on ``device``."""
