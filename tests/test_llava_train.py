@@ -186,7 +186,7 @@ def test_trainer_stage1_overfits_and_its_checkpoint_serves(stage1, tiny, samples
                                    "mm_projector.2.bias"} and saved["config"]["family"] == "llava"
     served = XrayGPT.from_config(tiny.config, overrides=[f"weights.projector={out / 'checkpoint_9.pth'}"])
     torch.testing.assert_close(served.model.projector[0].weight, saved["model"]["mm_projector.0.weight"])
-    assert "projector checkpoint_9.pth" in served.describe()
+    assert f"projector {out.name}/checkpoint_9.pth" in served.describe()
     session = served.chat(load_radiograph(samples_dir / IMAGES[0]).image)
     reuse = [session.ask(q, do_sample=False, max_new_tokens=8) for q in QUESTIONS]
     full = served.chat(load_radiograph(samples_dir / IMAGES[0]).image, reuse_kv=False)

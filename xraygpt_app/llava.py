@@ -179,7 +179,9 @@ class LlavaModel:
                      load_projector(paths["projector"], config.projector.type, tower.width, hidden))
         projector = projector.to(placement.llm_device, placement.llm_dtype).eval().requires_grad_(False)
         log.info("llava model loaded in %.1f s (mode %s)", time.perf_counter() - started, placement.mode)
-        names = {"tower": _name(paths["vision_tower"]), "projector": "new" if fresh else paths["projector"].name,
+        # The projector with its folder: fine-tuning runs all write checkpoint_N.pth, their folders tell them apart.
+        projector_name = "new" if fresh else f"{paths['projector'].parent.name}/{paths['projector'].name}"
+        names = {"tower": _name(paths["vision_tower"]), "projector": projector_name,
                  "LLM": _name(paths["llama_model"])}
         if config.weights.lora:
             names["LoRA"] = Path(config.weights.lora).name
