@@ -272,3 +272,17 @@ def test_cli_ask_on_the_family_names_the_model(tiny, samples_dir, capsys) -> Non
     assert payload["model"].startswith("LLaVA-style") and payload["config"]["model"]["family"] == "llava"
     assert [turn["question"] for turn in payload["turns"]] == list(QUESTIONS[:2])
     assert payload["turns"][1]["timings"]["reused_tokens"] > 196
+
+
+def test_bench_runs_on_the_tiny_model(capsys) -> None:
+    """bench/bench_llava.py end to end on the tiny model (figures are printed, never asserted)."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_llava
+
+    assert bench_llava.main(["--models", "tiny", "--modes", "fp32", "--repeats", "1", "--new-tokens", "2",
+                             "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["measured"]["tiny"]
+    assert row["prompt_tokens"] > 196 and row["followup_prefilled"] < row["prompt_tokens"]

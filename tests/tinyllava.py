@@ -54,12 +54,12 @@ class TinyLlava:
     llm: torch.nn.Module
 
 
-def open_clip_config(text_model: str) -> dict:
-    """BiomedCLIP's open_clip_config.json with a tiny timm ViT and a given text model name."""
+def open_clip_config(text_model: str, timm_model: str = "vit_tiny_patch16_224") -> dict:
+    """BiomedCLIP's open_clip_config.json with a (tiny) timm ViT and a given text model name."""
     return {
         "model_cfg": {
             "embed_dim": 64,
-            "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False,
+            "vision_cfg": {"timm_model_name": timm_model, "timm_model_pretrained": False,
                            "timm_pool": "", "timm_proj": "linear", "image_size": 224},
             "text_cfg": {"hf_model_name": text_model, "hf_tokenizer_name": text_model, "hf_proj_type": "mlp",
                          "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256},
@@ -68,19 +68,21 @@ def open_clip_config(text_model: str) -> dict:
     }
 
 
-def write_tower(root: Path, seed: int = 0) -> tuple[Path, Path, torch.nn.Module]:
-    """(open_clip folder, local text config folder, the reference open_clip model)."""
+def write_tower(root: Path, seed: int = 0, timm_model: str = "vit_tiny_patch16_224"
+                ) -> tuple[Path, Path, torch.nn.Module]:
+    """(open_clip folder, local text config folder, the reference open_clip model); ``timm_model``
+    ``vit_base_patch16_224`` gives BiomedCLIP's own tower architecture (random weights)."""
     text_dir = root / "bert_tiny"
     shutil.copytree(BERT_TINY, text_dir, dirs_exist_ok=True)
     build_dir = root / "_build"
     build_dir.mkdir(parents=True, exist_ok=True)
-    (build_dir / "open_clip_config.json").write_text(json.dumps(open_clip_config(str(text_dir))))
+    (build_dir / "open_clip_config.json").write_text(json.dumps(open_clip_config(str(text_dir), timm_model)))
     torch.manual_seed(seed)
     reference = open_clip.create_model(f"local-dir:{build_dir}", pretrained_text=False).eval()
     shutil.rmtree(build_dir)
     folder = root / "biomedclip_tiny"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "open_clip_config.json").write_text(json.dumps(open_clip_config(PUBMEDBERT)))
+    (folder / "open_clip_config.json").write_text(json.dumps(open_clip_config(PUBMEDBERT, timm_model)))
     for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(BERT_TINY / name, folder / name)
     torch.save(reference.state_dict(), folder / "open_clip_pytorch_model.bin")
