@@ -99,6 +99,13 @@ def test_layer_and_cls_selection(tiny, tmp_path, image, layer, select, count) ->
     torch.testing.assert_close(encoding.patch_tokens, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(("key", "value"), [("model__family", "blip2"), ("tower__select", "cls"),
+                                            ("projector__type", "mlp3x_gelu")])
+def test_bad_family_choices_name_the_key(tiny, tmp_path, key, value) -> None:
+    with pytest.raises(ConfigError, match=key.replace("__", ".") + " must be one of"):
+        load_config(_config(tiny, tmp_path, **{key: value}))
+
+
 def test_tower_is_frozen_and_layer_checked(model, tiny, tmp_path) -> None:
     assert not any(p.requires_grad for p in model.model.tower.parameters())
     with pytest.raises(ConfigError, match="tower.layer is 12 but the tower has 12 blocks"):

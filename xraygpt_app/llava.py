@@ -76,16 +76,6 @@ def _read_pickled(path: Path) -> dict[str, torch.Tensor]:
         return read_state_dict(path, container_key="model")
 
 
-def save_projector(projector: nn.Module, path: Path) -> Path:
-    """Write the projector as safetensors under LLaVA's key names (``mm_projector.0.weight`` ...)."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({f"mm_projector.{k}": v.detach().float().cpu().contiguous() for k, v in projector.state_dict().items()},
-              str(path))
-    return path
-
-
 @dataclass
 class LlavaImageEncoding:
     """One image, encoded once: the projected LLM input embeddings and the tower's tokens."""
