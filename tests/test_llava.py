@@ -293,3 +293,16 @@ def test_bench_runs_on_the_tiny_model(capsys) -> None:
                              "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)["measured"]["tiny"]
     assert row["prompt_tokens"] > 196 and row["followup_prefilled"] < row["prompt_tokens"]
+
+
+@pytest.mark.parametrize(("mode", "llm_dtype"), [("bf16", torch.bfloat16), ("8bit", torch.float32)])
+def test_cpu_precision_modes(tiny, image, mode, llm_dtype) -> None:
+    """The same runtime modes as XrayGPT: bf16 everywhere, or an 8-bit LLM (bitsandbytes) with a float32 tower."""
+    model = XrayGPT.from_config(tiny.config, overrides=[f"runtime.mode={mode}"])
+    encoding = model.model.encode_image(image)
+    assert encoding.llm_embeds.dtype == llm_dtype and model.model.placement.llm_quantization == (
+        "8bit" if mode == "8bit" else None)
+    assert next(model.model.tower.parameters()).dtype == (torch.bfloat16 if mode == "bf16" else torch.float32)
+    session = model.chat(image)
+    assert session.ask(QUESTIONS[0], **GREEDY).token_ids and session.ask(QUESTIONS[1], **GREEDY).token_ids
+    assert session.turns[1].timings["reused_tokens"] > 196
