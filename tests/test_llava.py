@@ -306,3 +306,19 @@ def test_cpu_precision_modes(tiny, image, mode, llm_dtype) -> None:
     session = model.chat(image)
     assert session.ask(QUESTIONS[0], **GREEDY).token_ids and session.ask(QUESTIONS[1], **GREEDY).token_ids
     assert session.turns[1].timings["reused_tokens"] > 196
+
+
+def test_app_preview_shows_the_towers_own_crop(model, tiny, image, samples_dir) -> None:
+    """The upload preview shows the image as open_clip's transform frames it (centre crop), not XrayGPT's resize."""
+    from torchvision.transforms.functional import normalize, to_tensor
+
+    from xraygpt_app.web import handlers as h
+
+    view, how = model.input_view(image)
+    mean, std = tiny.reference_clip.visual.preprocess_cfg["mean"], tiny.reference_clip.visual.preprocess_cfg["std"]
+    pixels = model.model.encode_image(image).pixel_values
+    torch.testing.assert_close(normalize(to_tensor(view), mean, std)[None], pixels)
+    assert "CenterCrop" in how
+    data = (samples_dir / "covidcxr_ARDSSevere_rgb_790x631.png").read_bytes()
+    _, preview, _, note = h.load_image(None, data, model.config.image, input_view=model.input_view)
+    assert not note and "Model input: Resize(224) then CenterCrop" in preview and "aspect ratio not kept" not in preview

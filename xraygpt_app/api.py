@@ -49,6 +49,10 @@ class XrayGPT:
         """One line naming what is loaded (the family and its weights), for the app's "model" line."""
         return self.model.describe()
 
+    def input_view(self, image: Image.Image) -> tuple[Image.Image, str]:
+        """The image as the model's preprocessing frames it (before normalisation), and how, for previews."""
+        return self.model.input_view(image)
+
     def report(self, image: Image.Image, question: str = DEFAULT_REPORT_QUESTION, **generation) -> TurnResult:
         """The first-turn report for ``image``."""
         return self.chat(image).ask(question, **generation)

@@ -67,6 +67,8 @@ class ChatModel(Protocol):
 
     def describe(self) -> str: ...
 
+    def input_view(self, image: Image.Image) -> tuple[Image.Image, str]: ...
+
 
 def model_class(family: str) -> type:
     """The loaded-model class of ``family`` (a key of :data:`FAMILIES`; the config has checked it)."""

@@ -204,6 +204,10 @@ class LlavaModel:
         """Token ids -> (1, n, hidden) input embeddings on the LLM device."""
         return embed_ids(self.llm, ids, self.placement.llm_device)
 
+    def input_view(self, image: Image.Image) -> tuple[Image.Image, str]:
+        """The image as the tower's open_clip transform frames it (its steps before ``ToTensor``), and how."""
+        return self.tower.input_view(image)
+
     def render_prompt(self, history: list[Turn], question: str) -> PromptSegments:
         """The tokenizer's chat template around the image (see :class:`ChatTemplate`)."""
         return self.template.render(history, question)

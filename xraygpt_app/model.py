@@ -155,6 +155,12 @@ class XrayGPTModel:
         names = ", ".join(f"{part} {name}" for part, name in self.weight_names.items())
         return self.config.model.name or f"XrayGPT (EVA ViT-g, Q-Former, LLaMA){': ' + names if names else ''}"
 
+    def input_view(self, image: Image.Image) -> tuple[Image.Image, str]:
+        """The image as BLIP-2's eval transform frames it, and how (for the app's preview)."""
+        size = self.config.vision.image_size
+        return (image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC),
+                f"resized to {size}×{size} (aspect ratio not kept)")
+
     def render_prompt(self, history: list[Turn], question: str) -> PromptSegments:
         """XrayGPT's template; each side of the image tokenized on its own, BOS only before it (its splicing)."""
         text = render_prompt(history, question)

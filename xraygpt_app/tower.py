@@ -50,6 +50,19 @@ class PatchTokenTower(nn.Module):
         """PIL image (any mode) -> ``(1, 3, H, W)`` with the model's own open_clip transform."""
         return self.preprocess_fn(model_ready(image).convert("RGB")).unsqueeze(0)
 
+    def input_view(self, image: Image.Image) -> tuple[Image.Image, str]:
+        """The PIL steps of the open_clip transform (resize, crop) applied to ``image``, and the sized ones' names."""
+        steps = []
+        view = model_ready(image).convert("RGB")
+        for step in getattr(self.preprocess_fn, "transforms", []):
+            out = step(view)
+            if not isinstance(out, Image.Image):  # ToTensor: the rest is normalisation
+                break
+            view = out
+            if hasattr(step, "size"):
+                steps.append(f"{type(step).__name__}({step.size})")
+        return view, " then ".join(steps) + f" (open_clip's preprocessing) -> {view.width}×{view.height}"
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         dtype = next(self.visual.parameters()).dtype
         out = self.visual.forward_intermediates(

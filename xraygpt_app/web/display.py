@@ -10,11 +10,15 @@ import base64
 import html
 import io
 import re
+from collections.abc import Callable
 from typing import Any
 
 from PIL import Image
 
 PREVIEW_SIDE = 512  # display copy only; the model gets the loader's full image
+
+
+InputView = Callable[[Image.Image], tuple[Image.Image, str]]  # the model's input image, how it was made
 
 
 def png_data_url(image: Image.Image) -> str:
@@ -24,22 +28,28 @@ def png_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def preview_html(image: Image.Image, model_size: int = 224) -> str:
+def preview_html(image: Image.Image, model_size: int = 224, input_view: InputView | None = None) -> str:
     """The normalised 8-bit image the model gets, and its model-input shape, as in-memory HTML.
 
-    Data URLs keep the preview off the disk (a gr.Image output would be written to the cache).
+    ``input_view``: the loaded model's own view of the image and how it was made (its family's
+    preprocessing); without a model, XrayGPT's square resize to ``model_size``. Data URLs keep the
+    preview off the disk (a gr.Image output would be written to the cache).
     """
     display = image.copy()
     display.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
-    model_view = image.convert("RGB").resize((model_size, model_size), Image.Resampling.BICUBIC)
+    if input_view is None:
+        model_view = image.convert("RGB").resize((model_size, model_size), Image.Resampling.BICUBIC)
+        how = f"resized to {model_size}×{model_size} (aspect ratio not kept)"
+    else:
+        model_view, how = input_view(image)
     return (
         '<div class="xr-preview">'
         f'<figure><img alt="Normalised radiograph" src="{png_data_url(display)}"'
         ' style="max-width:100%;max-height:420px">'
         f"<figcaption>What the model gets: the decoded 8-bit image ({image.width}×{image.height})."
         "</figcaption></figure>"
-        f'<figure><img alt="Model input" src="{png_data_url(model_view)}" width="{model_size // 2}">'
-        f"<figcaption>XrayGPT input: resized to {model_size}×{model_size} (aspect ratio not kept)."
+        f'<figure><img alt="Model input" src="{png_data_url(model_view)}" width="{model_view.width // 2}">'
+        f"<figcaption>Model input: {how}."
         "</figcaption></figure></div>"
     )
 

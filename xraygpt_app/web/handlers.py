@@ -23,7 +23,7 @@ from PIL import Image
 from ..conversation import DEFAULT_REPORT_QUESTION  # pure Python: no torch
 from ..errors import XrayGPTError
 from ..prompts import PRESETS, split_labels
-from .display import describe_image, md_text, preview_html
+from .display import InputView, describe_image, md_text, preview_html
 from .services import ZEROSHOT_TITLES, Services
 
 logger = logging.getLogger(__name__)
@@ -119,9 +119,11 @@ def read_upload(path: str | os.PathLike, upload_root: str | os.PathLike | None) 
     return data
 
 
-def load_image(state: UserState | None, data: bytes, limits: Any = None,
-               model_size: int = 224, name: str = "") -> tuple[UserState, str, str, str]:
+def load_image(state: UserState | None, data: bytes, limits: Any = None, model_size: int = 224, name: str = "",
+               input_view: InputView | None = None) -> tuple[UserState, str, str, str]:
     """Decode an upload called ``name``; returns (state, preview HTML, description Markdown, notice).
+
+    ``input_view``: the loaded model's preview of its input (``XrayGPT.input_view``), when there is one.
 
     A new image starts a new conversation. A file that cannot be used leaves the previous
     image in place and returns a plain-language notice.
@@ -140,15 +142,16 @@ def load_image(state: UserState | None, data: bytes, limits: Any = None,
                 info.get("width", 0), info.get("height", 0), time.perf_counter() - start)
     state.reset(radiograph.image, info)
     state.file_name = name
-    return state, preview_html(radiograph.image, model_size), describe_image(info), ""
+    return state, preview_html(radiograph.image, model_size, input_view), describe_image(info), ""
 
 
-def load_example(state: UserState | None, name: str, limits: Any = None, model_size: int = 224
-                 ) -> tuple[UserState, str, str, str]:
+def load_example(state: UserState | None, name: str, limits: Any = None, model_size: int = 224,
+                 input_view: InputView | None = None) -> tuple[UserState, str, str, str]:
     """Load one of the bundled example radiographs by its button label."""
     if name not in EXAMPLES:
         return state or UserState(), "", "", notice(f"Unknown example {name!r}.")
-    return load_image(state, (EXAMPLES_DIR / EXAMPLES[name]).read_bytes(), limits, model_size, EXAMPLES[name])
+    return load_image(state, (EXAMPLES_DIR / EXAMPLES[name]).read_bytes(), limits, model_size, EXAMPLES[name],
+                      input_view)
 
 
 # ---- report chat --------------------------------------------------------------------------

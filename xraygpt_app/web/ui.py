@@ -171,6 +171,7 @@ Resets = list[tuple[gr.components.Component, Any]]  # outputs about the image, w
 def _wire_image(services: Services, state: gr.State, image: dict[str, Any], resets: Resets) -> None:
     """Upload and example buttons: decode, preview, and empty every output about the old image."""
     limits, size = services.config.image, services.config.vision.image_size
+    view = services.xraygpt.input_view if services.xraygpt is not None else None  # the loaded family's preprocessing
     outputs = [state, image["preview"], image["description"], image["notice"], image["upload"], image["loaded"],
                image["replace"], *[component for component, _ in resets]]
 
@@ -187,7 +188,7 @@ def _wire_image(services: Services, state: gr.State, image: dict[str, Any], rese
             return tuple(gr.skip() for _ in outputs)
         data = h.read_upload(file["path"], get_upload_folder())
         name = file.get("orig_name") or Path(file["path"]).name
-        return finish(h.load_image(old, data, limits, size, name), old)
+        return finish(h.load_image(old, data, limits, size, name, view), old)
 
     # preprocess=False: the handler gets the upload's FileData; gr.File's own preprocessing (type="filepath")
     # leaves an empty NamedTemporaryFile in the cache per upload that delete_cache never removes.
@@ -195,7 +196,7 @@ def _wire_image(services: Services, state: gr.State, image: dict[str, Any], rese
         box.upload(on_upload, [box, state], outputs, api_visibility="private", concurrency_limit=None,
                    preprocess=False)
     for name, button in image["examples"].items():
-        button.click(lambda old, name=name: finish(h.load_example(old, name, limits, size), old), [state],
+        button.click(lambda old, name=name: finish(h.load_example(old, name, limits, size, view), old), [state],
                      outputs, api_visibility="private", concurrency_limit=None)
 
 
