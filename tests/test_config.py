@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xraygpt_app.config import Config, load_config, parse_override
+from xraygpt_app.config import Config, load_config
 from xraygpt_app.errors import ConfigError
+from xraygpt_app.yamlconfig import parse_override
 
 EVAL_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "eval_configs").glob("*.yaml"))
 

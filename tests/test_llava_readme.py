@@ -35,6 +35,6 @@ def test_readme_llava_commands_run_as_written(layout: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert (layout / "output" / "llava_tiny_stage1" / "checkpoint_1.pth").is_file()
     assert (layout / "output" / "llava_tiny_stage2" / "lora_adapter_1" / "adapter_config.json").is_file()
-    assert "model: LLaVA-style" in done.stderr and done.stdout.count("Patient: ") == 2
+    assert "model: LLaVA-style" in done.stderr and done.stdout.count("Question: ") == 2
     line = served_model_line(serve, layout, env)
     assert "projector llava_tiny_stage2/checkpoint_1.pth" in line and "LoRA lora_adapter_1" in line

@@ -9,15 +9,12 @@ typos).
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import ConfigError
+from .yamlconfig import absolute_path, build_section, read_raw_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "eval_configs" / "xraygpt_eval.yaml"
 
@@ -29,6 +26,8 @@ class WeightSpec:
     ``sources`` are tried in order; each is a local path, ``hf-hub:org/repo[/file]`` or an
     https URL. ``how_to_get`` is shown when none of them is available.
     """
+
+    SHORTHAND_FIELD = "sources"  # a bare path or list in YAML means the sources
 
     sources: list[str] = field(default_factory=list)
     sha256: str | None = None
@@ -258,21 +257,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return config_from_raw(raw, path)
 
 
-def read_raw_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """The YAML mapping of a config file with ``key.path=value`` overrides applied (not yet validated)."""
-    if not path.is_file():
-        raise ConfigError(f"Config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for item in overrides:
-        _apply_override(raw, item, path)
-    return raw
-
-
 def config_from_raw(raw: dict, path: Path) -> Config:
     """Build and validate a :class:`Config` from a mapping read from ``path``."""
     config = build_section(Config, raw, str(path), "")
@@ -282,127 +266,17 @@ def config_from_raw(raw: dict, path: Path) -> Config:
     return config
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """Split ``a.b.c=value`` into its key path and a YAML-parsed value."""
-    key, sep, text = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {item!r}: expected key.path=value")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
-    return key.strip().split("."), value
-
-
-def _apply_override(raw: dict, item: str, path: Path) -> None:
-    keys, value = parse_override(item)
-    node = raw
-    for key in keys[:-1]:
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {item!r}: {key!r} is not a section (in {path})")
-        node = child
-    if PATH_KEYS.intersection(keys) and keys[-1] not in NOT_PATHS:
-        value = _from_working_dir(value)
-    current = node.get(keys[-1])
-    if isinstance(current, dict) and "sources" in current and isinstance(value, (str, list)):
-        current["sources"] = [value] if isinstance(value, str) else value  # keep sha256/how_to_get
-    else:
-        node[keys[-1]] = value
-
-
-# Keys whose values are file locations. Typed on the command line, a relative path means the working
-# directory, as in any shell command; written in a config file, it means that file's folder.
-PATH_KEYS = frozenset({"weights", "sources", "lora", "vision_config", "text_config"})
-NOT_PATHS = frozenset({"sha256", "how_to_get", "licence"})  # the other fields of a weights entry
-
-
-def _from_working_dir(value: Any) -> Any:
-    if isinstance(value, str):
-        return _absolute(value, Path.cwd())
-    if isinstance(value, list):
-        return [_from_working_dir(item) for item in value]
-    return value
-
-
-def build_section(cls: type, data: Any, source: str, where: str) -> Any:
-    """Build dataclass ``cls`` from a mapping, rejecting unknown keys by name (``where``: its key path)."""
-    if data is None:
-        data = {}
-    if cls is WeightSpec and isinstance(data, (str, list)):
-        data = {"sources": [data] if isinstance(data, str) else data}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {where or 'top level'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown key {where + '.' if where else ''}{unknown[0]}"
-            f" (known keys{' in ' + where if where else ''}: {', '.join(sorted(known))})"
-        )
-    values = {name: _coerce(hints[name], value, source, f"{where}.{name}" if where else name)
-              for name, value in data.items()}
-    return cls(**values)
-
-
-def _coerce(hint: Any, value: Any, source: str, where: str) -> Any:
-    """Check ``value`` against a field's type hint, converting where YAML is looser."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
-        return build_section(hint, value, source, where)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, source, where)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {where} must be a mapping")
-        return {str(k): _coerce(args[1], v, source, f"{where}.{k}") for k, v in value.items()}
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {where} must be a list, got {value!r}")
-        items = [_coerce(args[0], v, source, where) for v in value]
-        return tuple(items) if origin is tuple else items
-    return _coerce_scalar(hint, value, source, where)
-
-
-def _coerce_scalar(hint: Any, value: Any, source: str, where: str) -> Any:
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML 1.1 reads "1e-6" as a string
-        except ValueError:
-            pass
-    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if hint in (int, float, str, bool) and (type(value) is not hint):
-        raise ConfigError(f"{source}: {where} must be {hint.__name__}, got {value!r}")
-    return value
-
-
 def _resolve_relative_sources(config: Config, base: Path) -> None:
     """Make relative local weight paths relative to the config file, not the working dir."""
     specs = [getattr(config.weights, f.name) for f in dataclasses.fields(WeightsConfig) if f.type == "WeightSpec"]
     for spec in specs + [model.weights for model in config.zeroshot.models.values()]:
-        spec.sources = [_absolute(s, base) for s in spec.sources]
-    config.weights.lora = _absolute(config.weights.lora, base) if config.weights.lora else None
+        spec.sources = [absolute_path(s, base) for s in spec.sources]
+    config.weights.lora = absolute_path(config.weights.lora, base) if config.weights.lora else None
     if config.tower.text_config:
-        config.tower.text_config = _absolute(config.tower.text_config, base)
+        config.tower.text_config = absolute_path(config.tower.text_config, base)
     for model in config.zeroshot.models.values():
-        model.vision_config = _absolute(model.vision_config, base) if model.vision_config else None
-        model.text_config = _absolute(model.text_config, base) if model.text_config else None
-
-
-def _absolute(source: str, base: Path) -> str:
-    if ":" in source.split("/")[0] or Path(source).expanduser().is_absolute():
-        return str(Path(source).expanduser()) if source.startswith(("~", "/")) else source
-    return str((base / source).resolve())
+        model.vision_config = absolute_path(model.vision_config, base) if model.vision_config else None
+        model.text_config = absolute_path(model.text_config, base) if model.text_config else None
 
 
 XRAYGPT_WEIGHTS = ("ckpt", "llama_model", "eva_vit_g", "blip2_qformer")  # the WeightSpec fields of WeightsConfig

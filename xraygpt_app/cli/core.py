@@ -107,7 +107,7 @@ def _run_turn(session: ChatSession, question: str, generation: dict, stream: boo
     if not stream:
         session.ask(question, **generation)
         return
-    print(f"\nPatient: {question}\nXrayGPT: ", end="", flush=True)
+    print(f"\nQuestion: {question}\nAnswer: ", end="", flush=True)  # the same labels for every model family
     for piece in session.ask_stream(question, **generation):
         print(piece, end="", flush=True)
     turn = session.turns[-1]

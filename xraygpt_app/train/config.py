@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, build_section, config_from_raw, read_raw_config
+from ..config import Config, config_from_raw
 from ..errors import ConfigError
+from ..yamlconfig import build_section, read_raw_config
 
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 QUANTIZATIONS = ("none", "8bit", "4bit")
