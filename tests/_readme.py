@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -31,6 +32,15 @@ def venv_scripts(repo: Path) -> None:
         script = repo / ".venv" / "bin" / name
         script.write_text(f'#!/bin/sh\nexec "{sys.executable}"{run} "$@"\n', encoding="utf-8")
         script.chmod(0o755)
+
+
+def run_readme_section(section: str, cwd: Path, timeout: int) -> tuple[subprocess.CompletedProcess, str, dict]:
+    """Run a README section's commands (all but its serve line) in ``cwd``; the run, the serve line, the env."""
+    commands, serve = readme_commands(section)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", "-e", "-c", commands], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    return done, serve, env
 
 
 def served_model_line(serve: str, cwd: Path, env: dict[str, str]) -> str:

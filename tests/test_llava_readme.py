@@ -7,13 +7,11 @@ calling this interpreter), never in the repository.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-from _readme import REPO, readme_commands, served_model_line, venv_scripts
+from _readme import REPO, run_readme_section, served_model_line, venv_scripts
 
 
 @pytest.fixture
@@ -28,10 +26,7 @@ def layout(tmp_path: Path, shared_dir: Path) -> Path:
 
 
 def test_readme_llava_commands_run_as_written(layout: Path) -> None:
-    commands, serve = readme_commands("## A second model family")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(["bash", "-e", "-c", commands], cwd=layout, env=env, capture_output=True, text=True,
-                          timeout=900)
+    done, serve, env = run_readme_section("## A second model family", layout, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (layout / "output" / "llava_tiny_stage1" / "checkpoint_1.pth").is_file()
     assert (layout / "output" / "llava_tiny_stage2" / "lora_adapter_1" / "adapter_config.json").is_file()

@@ -7,12 +7,10 @@ They run in a scratch copy of the layout they expect (``eval_configs/`` of this 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
-from _readme import REPO, readme_commands, served_model_line, venv_scripts
+from _readme import REPO, run_readme_section, served_model_line, venv_scripts
 
 
 @pytest.fixture
@@ -25,10 +23,7 @@ def layout(tmp_path: Path, shared_dir: Path) -> Path:
 
 
 def test_readme_finetune_commands_run_as_written(layout: Path) -> None:
-    commands, serve = readme_commands("## Fine-tuning")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(["bash", "-e", "-c", commands], cwd=layout, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done, serve, env = run_readme_section("## Fine-tuning", layout, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (layout / "runs" / "tiny" / "checkpoint_1.pth").is_file()
     report = json.loads((layout / "runs" / "tiny" / "report_metrics.json").read_text(encoding="utf-8"))

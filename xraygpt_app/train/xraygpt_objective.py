@@ -92,7 +92,6 @@ class XrayGPTTrainable(nn.Module):
             self.bridge.query_tokens.requires_grad_(True)
         if self.settings.lora.enabled:
             self.llm = self.model.llm = add_lora(self.llm, self.settings)
-        if self.settings.lora.enabled:
             enable_llm_training(self.llm, self.settings.gradient_checkpointing)
 
     def train(self, mode: bool = True) -> XrayGPTTrainable:
