@@ -280,10 +280,10 @@ def measure_vision(root: Path, scale: float, mode: str) -> dict:
 
     from xraygpt_app.config import load_config
     from xraygpt_app.memory import estimate
-    from xraygpt_app.model import load_vision_and_bridge, resolve_model_weights
+    from xraygpt_app.families.xraygpt.model import load_vision_and_bridge, resolve_model_weights
     from xraygpt_app.placement import plan_placement
-    from xraygpt_app.qformer import cast_bridge
-    from xraygpt_app.vision import place_vision, preprocess
+    from xraygpt_app.families.xraygpt.qformer import cast_bridge
+    from xraygpt_app.families.xraygpt.vision import place_vision, preprocess
 
     config = load_config(REAL_CONFIG, overrides(root, scale, mode))
     parts = estimate(config, assume_cuda=False).breakdown["cpu"]

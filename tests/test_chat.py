@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from xraygpt_app.api import XrayGPT
-from xraygpt_app.conversation import DEFAULT_REPORT_QUESTION, IMAGE_MESSAGE, SYSTEM_TEXT
+from xraygpt_app.families.xraygpt.conversation import DEFAULT_REPORT_QUESTION, IMAGE_MESSAGE, SYSTEM_TEXT
 from xraygpt_app.errors import BadInputError, ModelMemoryError
 from xraygpt_app.image_io import load_radiograph
 

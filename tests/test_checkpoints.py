@@ -16,7 +16,7 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel
 from xraygpt_app.api import XrayGPT
 from xraygpt_app.checkpoints import CheckpointKeyError, read_state_dict, remap_blip2, remap_eva_vit, remap_xraygpt
 from xraygpt_app.errors import ConfigError
-from xraygpt_app.vision import preprocess
+from xraygpt_app.families.xraygpt.vision import preprocess
 
 
 def _load(tiny: tm.TinyModels, *overrides: str) -> XrayGPT:

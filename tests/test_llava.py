@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from xraygpt_app.api import XrayGPT
 from xraygpt_app.checkpoints import CheckpointKeyError
 from xraygpt_app.config import load_config
-from xraygpt_app.conversation import Turn
+from xraygpt_app.families.xraygpt.conversation import Turn
 from xraygpt_app.errors import ConfigError, MissingWeightsError
 from xraygpt_app.image_io import load_radiograph
 from xraygpt_app.llava import ChatTemplate

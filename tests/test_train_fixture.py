@@ -17,7 +17,7 @@ from xraygpt_app.config import load_config
 from xraygpt_app.image_io import load_radiograph
 from xraygpt_app.train.config import TrainConfig
 from xraygpt_app.train.xraygpt_objective import XrayGPTTrainable, read_instructions
-from xraygpt_app.vision import preprocess
+from xraygpt_app.families.xraygpt.vision import preprocess
 
 CONFIG = Path(__file__).resolve().parents[1] / "eval_configs" / "tiny_fixture.yaml"
 

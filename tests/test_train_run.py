@@ -23,7 +23,7 @@ from xraygpt_app.config import load_config
 from xraygpt_app.errors import ConfigError
 from xraygpt_app.image_io import load_radiograph
 from xraygpt_app.llm import load_llm
-from xraygpt_app.model import resolve_model_weights
+from xraygpt_app.families.xraygpt.model import resolve_model_weights
 from xraygpt_app.placement import plan_placement
 from xraygpt_app.train import outputs
 from xraygpt_app.train.config import TrainConfig, load_train_config

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .conversation import Turn
+from .families.xraygpt.conversation import Turn
 from .errors import BadInputError, ModelMemoryError
 from .family import ChatModel, ImageEmbedding
 from .generation import StopOnEvent, StopOnSequences, ends_with_any, logits_processors, next_token, settings_with

@@ -19,11 +19,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from .config import Config
-    from .conversation import Turn
+    from .families.xraygpt.conversation import Turn
     from .placement import Placement
 
 # model.family -> "module:class" of its loaded model (imported only when that family is loaded)
-FAMILIES = {"xraygpt": "xraygpt_app.model:XrayGPTModel", "llava": "xraygpt_app.llava:LlavaModel"}
+FAMILIES = {"xraygpt": "xraygpt_app.families.xraygpt.model:XrayGPTModel", "llava": "xraygpt_app.llava:LlavaModel"}
 
 
 @dataclass

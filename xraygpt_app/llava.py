@@ -26,7 +26,7 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from .checkpoints import CheckpointKeyError, load_exact, read_state_dict
 from .config import LLAVA_WEIGHTS, Config
-from .conversation import Turn
+from .families.xraygpt.conversation import Turn
 from .errors import ConfigError
 from .family import PromptSegments
 from .llm import (

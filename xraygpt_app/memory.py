@@ -49,10 +49,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, L
 
 from .config import Config, RuntimeConfig
 from .errors import MissingWeightsError
-from .model import build_parts
+from .families.xraygpt.model import build_parts
 from .placement import Placement, plan_placement
-from .qformer import cast_bridge
-from .vision import cast_vision
+from .families.xraygpt.qformer import cast_bridge
+from .families.xraygpt.vision import cast_vision
 from .weights import resolve_weights
 
 log = logging.getLogger(__name__)

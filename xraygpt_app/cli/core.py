@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..config import load_config
-from ..conversation import DEFAULT_REPORT_QUESTION
+from ..families.xraygpt.conversation import DEFAULT_REPORT_QUESTION
 from ..errors import BadInputError, ImageLoadError
 from ..image_io import load_radiograph
 from .heatmaps import MEANING_LINE, add_heatmap_option, output_folder, write_report_maps

@@ -35,7 +35,7 @@ from ..chat import ChatSession, TurnResult
 from ..errors import BadInputError
 from ..family import ChatModel
 from ..image_io import model_ready
-from ..vision import preprocess
+from ..families.xraygpt.vision import preprocess
 from .geometry import InputGeometry, torchvision_geometry, xraygpt_geometry
 from .maps import Heatmap, frozen, make_heatmap
 

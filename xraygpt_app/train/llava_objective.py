@@ -27,7 +27,7 @@ from torch import nn
 
 from ..checkpoints import CheckpointKeyError
 from ..config import Config
-from ..conversation import IMAGE_MESSAGE
+from ..families.xraygpt.conversation import IMAGE_MESSAGE
 from ..llava import LlavaModel
 from .config import TrainConfig
 from .family import TrainingBatch

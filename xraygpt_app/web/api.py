@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..conversation import DEFAULT_REPORT_QUESTION
+from ..families.xraygpt.conversation import DEFAULT_REPORT_QUESTION
 from ..errors import XrayGPTError
 from .handlers import parse_labels
 from .services import Services

@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..conversation import DEFAULT_REPORT_QUESTION  # pure Python: no torch
+from ..families.xraygpt.conversation import DEFAULT_REPORT_QUESTION  # pure Python: no torch
 from ..errors import XrayGPTError
 from ..prompts import PRESETS, split_labels
 from .display import InputView, describe_image, md_text, preview_html

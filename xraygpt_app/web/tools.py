@@ -19,7 +19,7 @@ import gradio as gr
 from gradio.data_classes import FileData
 from gradio.utils import get_upload_folder
 
-from ..conversation import DEFAULT_REPORT_QUESTION
+from ..families.xraygpt.conversation import DEFAULT_REPORT_QUESTION
 from ..errors import XrayGPTError
 from ..prompts import PRESETS
 from . import api as ui_api

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from .checkpoints import CheckpointKeyError, load_exact, read_state_dict, remap_blip2, remap_eva_vit, remap_xraygpt
-from .config import XRAYGPT_WEIGHTS, Config
+from ...checkpoints import CheckpointKeyError, load_exact, read_state_dict, remap_blip2, remap_eva_vit, remap_xraygpt
+from ...config import XRAYGPT_WEIGHTS, Config
 from .conversation import SEPARATOR, Turn, clean_answer, display_answer, render_prompt, split_on_image
-from .family import PromptSegments
-from .llm import (
+from ...family import PromptSegments
+from ...llm import (
     apply_lora_adapter,
     check_llm_config,
     check_vocabulary,
@@ -28,10 +28,10 @@ from .llm import (
     stop_token_sequences,
     undecodable_ids,
 )
-from .placement import Placement, plan_placement
+from ...placement import Placement, plan_placement
 from .qformer import VisionLanguageBridge, cast_bridge
 from .vision import VisionTower, place_vision, preprocess
-from .weights import resolve_weights
+from ...weights import resolve_weights
 
 log = logging.getLogger(__name__)
 

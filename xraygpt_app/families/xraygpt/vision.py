@@ -11,9 +11,9 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
-from .config import VisionConfig
-from .image_io import model_ready
-from .placement import Placement
+from ...config import VisionConfig
+from ...image_io import model_ready
+from ...placement import Placement
 
 
 def build_preprocess(config: VisionConfig) -> transforms.Compose:

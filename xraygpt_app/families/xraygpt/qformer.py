@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
-from .config import QFormerConfig
-from .placement import Placement
+from ...config import QFormerConfig
+from ...placement import Placement
 
 
 def qformer_config(config: QFormerConfig, vision_width: int) -> Blip2QFormerConfig:
