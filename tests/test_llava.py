@@ -21,7 +21,7 @@ from xraygpt_app.config import load_config
 from xraygpt_app.families.xraygpt.conversation import Turn
 from xraygpt_app.errors import ConfigError, MissingWeightsError
 from xraygpt_app.image_io import load_radiograph
-from xraygpt_app.llava import ChatTemplate
+from xraygpt_app.families.llava.model import ChatTemplate
 
 QUESTIONS = ("Describe the given chest x-ray image in detail.", "Is there pleural effusion?",
              "Is the heart size normal?", "Any pneumothorax?")
@@ -245,7 +245,7 @@ def result_peak_gpu(result) -> int:
 
 
 def test_fetch_names_the_towers_text_config_repo(tiny) -> None:
-    from xraygpt_app.tower import tower_config_repos
+    from xraygpt_app.families.llava.tower import tower_config_repos
 
     config = load_config(tiny.config)
     assert tower_config_repos(config) == {}  # tower.text_config is set: nothing to fetch

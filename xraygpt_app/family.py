@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .placement import Placement
 
 # model.family -> "module:class" of its loaded model (imported only when that family is loaded)
-FAMILIES = {"xraygpt": "xraygpt_app.families.xraygpt.model:XrayGPTModel", "llava": "xraygpt_app.llava:LlavaModel"}
+FAMILIES = {"xraygpt": "xraygpt_app.families.xraygpt.model:XrayGPTModel", "llava": "xraygpt_app.families.llava.model:LlavaModel"}
 
 
 @dataclass

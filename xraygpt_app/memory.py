@@ -147,8 +147,8 @@ def _llava_image_side(config: Config, placement: Placement, llm_config: Pretrain
     The "qformer" part holds the projector. Loading briefly also holds open_clip's text tower
     (BiomedCLIP: PubMedBERT, about 0.4 GiB in float32), freed before the LLM loads.
     """
-    from .llava import build_projector
-    from .tower import local_tower, meta_trunk
+    from .families.llava.model import build_projector
+    from .families.llava.tower import local_tower, meta_trunk
 
     trunk, assumed = meta_trunk(local_tower(config))
     notes += assumed

@@ -24,12 +24,12 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
-from .checkpoints import CheckpointKeyError, load_exact, read_state_dict
-from .config import LLAVA_WEIGHTS, Config
-from .families.xraygpt.conversation import Turn
-from .errors import ConfigError
-from .family import PromptSegments
-from .llm import (
+from ...checkpoints import CheckpointKeyError, load_exact, read_state_dict
+from ...config import LLAVA_WEIGHTS, Config
+from ..xraygpt.conversation import Turn
+from ...errors import ConfigError
+from ...family import PromptSegments
+from ...llm import (
     apply_lora_adapter,
     check_vocabulary,
     embed_ids,
@@ -38,9 +38,9 @@ from .llm import (
     stop_token_sequences,
     undecodable_ids,
 )
-from .placement import Placement, plan_placement
+from ...placement import Placement, plan_placement
 from .tower import PatchTokenTower, load_tower
-from .weights import resolve_weights
+from ...weights import resolve_weights
 
 log = logging.getLogger(__name__)
 
