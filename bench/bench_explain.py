@@ -37,7 +37,7 @@ import tinyzeroshot  # noqa: E402
 from xraygpt_app.api import XrayGPT  # noqa: E402
 from xraygpt_app.config import load_config  # noqa: E402
 from xraygpt_app.image_io import load_radiograph  # noqa: E402
-from xraygpt_app.zeroshot import ZeroShotClassifier  # noqa: E402
+from xraygpt_app.zeroshot.classifier import ZeroShotClassifier  # noqa: E402
 
 TINY = REPO / "eval_configs" / "tiny_fixture.yaml"
 SAMPLES = REPO.parent / "shared" / "xray-samples"
@@ -68,7 +68,7 @@ def real_size_medclip() -> ZeroShotClassifier:
     """MedCLIP-ViT at its real dimensions (Swin-tiny, BERT-base, 512-d) with random weights."""
     from transformers import BertConfig, SwinConfig
 
-    from xraygpt_app.medclip import MedCLIP, MedCLIPEncoder, MedCLIPTokenizer
+    from xraygpt_app.zeroshot.medclip import MedCLIP, MedCLIPEncoder, MedCLIPTokenizer
 
     torch.manual_seed(0)
     model = MedCLIP("vit", BertConfig(vocab_size=28996), 512, SwinConfig()).eval()

@@ -19,7 +19,7 @@ import torch
 
 from xraygpt_app.config import load_config
 from xraygpt_app.image_io import load_radiograph
-from xraygpt_app.zeroshot import ZeroShotClassifier
+from xraygpt_app.zeroshot.classifier import ZeroShotClassifier
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -34,7 +34,7 @@ def real_size_classifier(args: argparse.Namespace) -> ZeroShotClassifier:
     """MedCLIP-ViT at its real dimensions (Swin-tiny, BERT-base, 512-d projections) with random weights."""
     from transformers import BertConfig, SwinConfig
 
-    from xraygpt_app.medclip import MedCLIP, MedCLIPEncoder, MedCLIPTokenizer
+    from xraygpt_app.zeroshot.medclip import MedCLIP, MedCLIPEncoder, MedCLIPTokenizer
 
     torch.manual_seed(0)
     # SwinConfig() defaults are swin-tiny-patch4-window7-224; Bio_ClinicalBERT is BERT-base (cased vocab 28996).

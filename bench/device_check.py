@@ -187,7 +187,7 @@ def write_medclip(folder: Path) -> tuple[Path, Path, Path]:
     import torch
     from transformers import BertConfig, SwinConfig
 
-    from xraygpt_app.medclip import MedCLIP
+    from xraygpt_app.zeroshot.medclip import MedCLIP
 
     weights, bert, swin = folder / "pytorch_model.bin", folder / "bert", folder / "swin"
     if not weights.is_file():
@@ -205,8 +205,8 @@ def write_medclip(folder: Path) -> tuple[Path, Path, Path]:
 
 def run_medclip(args: argparse.Namespace) -> dict:
     """20 radiographs through the real-size MedCLIP-ViT, loaded by the production loader."""
-    from xraygpt_app.medclip import load_encoder
-    from xraygpt_app.zeroshot import ZeroShotClassifier
+    from xraygpt_app.zeroshot.medclip import load_encoder
+    from xraygpt_app.zeroshot.classifier import ZeroShotClassifier
 
     if not (REPO.parent / "shared" / "fixtures" / "medclip_tiny").is_dir():
         return {"skipped": "the MedCLIP fixture's tokenizer (../shared/fixtures/medclip_tiny) is not present"}

@@ -15,7 +15,7 @@ from xraygpt_app.cli import main
 from xraygpt_app.config import load_config
 from xraygpt_app.evaluation import report_metrics
 from xraygpt_app.image_io import load_radiograph
-from xraygpt_app.zeroshot import PRESETS, ZeroShotClassifier
+from xraygpt_app.zeroshot.classifier import PRESETS, ZeroShotClassifier
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO.parent / "shared" / "xray-samples"

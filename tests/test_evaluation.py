@@ -22,7 +22,7 @@ from xraygpt_app.evaluation import (
     roc_curves,
     zeroshot_metrics,
 )
-from xraygpt_app.zeroshot import results_from_logits
+from xraygpt_app.zeroshot.classifier import results_from_logits
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

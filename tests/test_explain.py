@@ -32,9 +32,9 @@ from xraygpt_app.explain.geometry import (
 )
 from xraygpt_app.explain.report_maps import span_token_indices, teacher_forced_logprobs
 from xraygpt_app.image_io import load_radiograph
-from xraygpt_app.medclip import medclip_preprocess
+from xraygpt_app.zeroshot.medclip import medclip_preprocess
 from xraygpt_app.families.xraygpt.vision import preprocess
-from xraygpt_app.zeroshot import ZeroShotClassifier
+from xraygpt_app.zeroshot.classifier import ZeroShotClassifier
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "eval_configs" / "tiny_fixture.yaml"

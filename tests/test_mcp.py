@@ -15,7 +15,7 @@ from _app_server import files_holding, running_app
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from xraygpt_app.prompts import PRESETS
+from xraygpt_app.zeroshot.prompts import PRESETS
 from xraygpt_app.web.tools import REFUSED_URL
 
 pytestmark = pytest.mark.timeout(600)

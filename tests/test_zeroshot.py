@@ -17,7 +17,7 @@ from xraygpt_app.checkpoints import CheckpointKeyError
 from xraygpt_app.config import load_config
 from xraygpt_app.errors import BadInputError, ConfigError, MissingWeightsError
 from xraygpt_app.image_io import load_radiograph
-from xraygpt_app.medclip import (
+from xraygpt_app.zeroshot.medclip import (
     IMAGE_MEAN,
     IMAGE_STD,
     MedCLIP,
@@ -25,7 +25,7 @@ from xraygpt_app.medclip import (
     read_medclip_file,
     remap_medclip_state_dict,
 )
-from xraygpt_app.prompts import (
+from xraygpt_app.zeroshot.prompts import (
     chexpert_prompts,
     covid_prompts,
     load_prompt_file,
@@ -33,7 +33,7 @@ from xraygpt_app.prompts import (
     rsna_prompts,
     template_prompts,
 )
-from xraygpt_app.zeroshot import (
+from xraygpt_app.zeroshot.classifier import (
     PRESETS,
     ZeroShotClassifier,
     available_models,
@@ -278,7 +278,7 @@ def test_preprocess_pads_to_a_grey_square():
 
 def test_tower_config_repos_lists_the_hub_configs_the_real_config_reads() -> None:
     from xraygpt_app.config import load_config
-    from xraygpt_app.zeroshot import tower_config_repos
+    from xraygpt_app.zeroshot.classifier import tower_config_repos
 
     repos = tower_config_repos(load_config(Path(__file__).parents[1] / "eval_configs" / "xraygpt_eval.yaml"))
     assert repos["zeroshot.models.medclip-vit.vision_config"] == "microsoft/swin-tiny-patch4-window7-224"

@@ -88,7 +88,7 @@ def _fetch_one(config: Config, name: str, spec: WeightSpec, say: Callable[[str],
 def _fetch_tower_configs(config: Config, say: Callable[[str], None]) -> int:
     """Config/tokenizer files of the vision and zero-shot towers (after their weights); returns the failures."""
     from ..families.llava.tower import tower_config_repos as family_tower_repos
-    from ..zeroshot import tower_config_repos
+    from ..zeroshot.classifier import tower_config_repos
 
     failed, fetched = 0, set()
     for name, repo in {**family_tower_repos(config), **tower_config_repos(config)}.items():

@@ -18,7 +18,7 @@ import numpy as np
 from ..config import ENSEMBLES, Config, load_config
 from ..errors import BadInputError, ImageLoadError
 from ..image_io import load_radiograph
-from ..prompts import PRESETS, PromptSet, load_prompt_file, parse_labels
+from ..zeroshot.prompts import PRESETS, PromptSet, load_prompt_file, parse_labels
 from .heatmaps import MEANING_LINE, add_heatmap_option, output_folder, write_zeroshot_maps
 from .options import add_config_options
 
@@ -66,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _classifier(config: Config, args: argparse.Namespace):
-    from ..zeroshot import ZeroShotClassifier  # deferred: torch import only for commands that need it
+    from ..zeroshot.classifier import ZeroShotClassifier  # deferred: torch import only for commands that need it
 
     classifier = ZeroShotClassifier.from_config(config, args.model)
     if args.ensemble:

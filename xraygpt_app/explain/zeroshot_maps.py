@@ -1,6 +1,6 @@
 """Zero-shot maps: Grad-CAM (pytorch-grad-cam) of each label's ensemble logit, plus occlusion for comparison.
 
-The explained score is exactly the one :class:`~xraygpt_app.zeroshot.ZeroShotClassifier` reports:
+The explained score is exactly the one :class:`~xraygpt_app.zeroshot.classifier.ZeroShotClassifier` reports:
 ``ensemble_logits`` over the classifier's cached prompt embeddings, on the encoder's own
 preprocessing (``pixel_values`` / ``embed_pixels``). Grad-CAM layers:
 
@@ -25,8 +25,8 @@ from torch import nn
 
 from ..errors import BadInputError
 from ..image_io import model_ready
-from ..prompts import PromptSet
-from ..zeroshot import ZeroShotClassifier, ensemble_logits
+from ..zeroshot.prompts import PromptSet
+from ..zeroshot.classifier import ZeroShotClassifier, ensemble_logits
 from .geometry import InputGeometry, medclip_geometry, torchvision_geometry
 from .maps import Heatmap, delete_cells, frozen, make_heatmap
 

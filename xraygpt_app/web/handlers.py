@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..families.xraygpt.conversation import DEFAULT_REPORT_QUESTION  # pure Python: no torch
 from ..errors import XrayGPTError
-from ..prompts import PRESETS, split_labels
+from ..zeroshot.prompts import PRESETS, split_labels
 from .display import InputView, describe_image, md_text, preview_html
 from .services import ZEROSHOT_TITLES, Services
 

@@ -78,7 +78,7 @@ def _load_xraygpt(config: Config, say: Callable[[str], None], download: bool) ->
 def _load_zeroshot(config: Config, say: Callable[[str], None], download: bool
                    ) -> tuple[dict[str, Any], dict[str, str]]:
     try:
-        from .. import zeroshot
+        from ..zeroshot import classifier as zeroshot
     except ImportError as exc:
         reason = f"Zero-shot models could not be imported on this install: {exc}"
         say(reason)
@@ -106,7 +106,7 @@ def _load_zeroshot(config: Config, say: Callable[[str], None], download: bool
 
 def _fetch_zeroshot_weights(config: Config, say: Callable[[str], None]) -> None:
     """Download missing zero-shot weights into the cache, where ``available_models`` then finds them."""
-    from ..zeroshot import resolve_zeroshot_weights
+    from ..zeroshot.classifier import resolve_zeroshot_weights
 
     for name in config.zeroshot.models:
         try:

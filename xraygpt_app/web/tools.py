@@ -21,7 +21,7 @@ from gradio.utils import get_upload_folder
 
 from ..families.xraygpt.conversation import DEFAULT_REPORT_QUESTION
 from ..errors import XrayGPTError
-from ..prompts import PRESETS
+from ..zeroshot.prompts import PRESETS
 from . import api as ui_api
 from . import handlers as h
 from .services import Services

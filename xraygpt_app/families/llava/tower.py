@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ...biomedclip import load_open_clip, text_tower_repos
+from ...zeroshot.biomedclip import load_open_clip, text_tower_repos
 from ...config import FAMILY_WEIGHTS, Config, TowerConfig
 from ...errors import ConfigError, MissingWeightsError
 from ...image_io import model_ready

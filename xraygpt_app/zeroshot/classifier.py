@@ -20,11 +20,11 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from .config import ENSEMBLES, Config, ZeroShotModelConfig
-from .errors import BadInputError, ConfigError, MissingWeightsError
-from .image_io import model_ready
+from ..config import ENSEMBLES, Config, ZeroShotModelConfig
+from ..errors import BadInputError, ConfigError, MissingWeightsError
+from ..image_io import model_ready
 from .prompts import PRESETS, PromptSet, template_prompts
-from .weights import HUB_PREFIX, resolve_weights
+from ..weights import HUB_PREFIX, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class ZeroShotClassifier:
 
 
 def _device(config: Config) -> str:
-    from .placement import main_device  # the same resolution and check as the XrayGPT model's
+    from ..placement import main_device  # the same resolution and check as the XrayGPT model's
 
     return str(main_device(config.runtime.device, torch.cuda.is_available()))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .errors import BadInputError, MissingWeightsError
+from ..errors import BadInputError, MissingWeightsError
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import BadInputError
+from ..errors import BadInputError
 
 PromptSet = dict[str, list[str]]
 

@@ -22,10 +22,10 @@ from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, BertModel, SwinModel
 
-from .checkpoints import CheckpointKeyError, load_exact
-from .errors import BadInputError, MissingWeightsError
+from ..checkpoints import CheckpointKeyError, load_exact
+from ..errors import BadInputError, MissingWeightsError
 from .prompts import DEFAULT_TEMPLATE
-from .weights import HUB_PREFIX
+from ..weights import HUB_PREFIX
 
 log = logging.getLogger(__name__)
 
