@@ -36,7 +36,7 @@ import tinyzeroshot  # noqa: E402
 
 from xraygpt_app.api import XrayGPT  # noqa: E402
 from xraygpt_app.config import load_config  # noqa: E402
-from xraygpt_app.image_io import load_radiograph  # noqa: E402
+from xraygpt_app.imaging.loader import load_radiograph  # noqa: E402
 from xraygpt_app.zeroshot.classifier import ZeroShotClassifier  # noqa: E402
 
 TINY = REPO / "eval_configs" / "tiny_fixture.yaml"

@@ -44,7 +44,7 @@ import tinyllava  # noqa: E402  (tests/ holds the real-format writers)
 import tinymodels  # noqa: E402
 
 from xraygpt_app.api import XrayGPT  # noqa: E402
-from xraygpt_app.image_io import load_radiograph  # noqa: E402
+from xraygpt_app.imaging.loader import load_radiograph  # noqa: E402
 
 QUESTIONS = ("Describe the given chest x-ray image in detail.", "Is there evidence of pleural effusion?")
 IMAGE = REPO / "examples" / "nih_cxr14_00000001_000_pa_512.png"

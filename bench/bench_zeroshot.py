@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from xraygpt_app.config import load_config
-from xraygpt_app.image_io import load_radiograph
+from xraygpt_app.imaging.loader import load_radiograph
 from xraygpt_app.zeroshot.classifier import ZeroShotClassifier
 
 REPO = Path(__file__).resolve().parents[1]

@@ -35,6 +35,6 @@ def build_midsize(root: Path) -> Path:
 
 def sample_image() -> Image.Image:
     """A real radiograph shipped with the repository, decoded by the project's loader."""
-    from xraygpt_app.image_io import load_radiograph
+    from xraygpt_app.imaging.loader import load_radiograph
 
     return load_radiograph(SAMPLE_IMAGE).image

@@ -13,7 +13,7 @@ import torch
 from xraygpt_app.api import XrayGPT
 from xraygpt_app.families.xraygpt.conversation import DEFAULT_REPORT_QUESTION, IMAGE_MESSAGE, SYSTEM_TEXT
 from xraygpt_app.errors import BadInputError, ModelMemoryError
-from xraygpt_app.image_io import load_radiograph
+from xraygpt_app.imaging.loader import load_radiograph
 
 CONFIG = Path(__file__).resolve().parents[1] / "eval_configs" / "tiny_fixture.yaml"
 QUESTIONS = ("Could you provide a detailed description of the given x-ray image?",

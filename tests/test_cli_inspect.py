@@ -13,7 +13,7 @@ from conftest import SAMPLES, sample_rows
 from PIL import Image
 
 from xraygpt_app.cli import main
-from xraygpt_app.image_io import load_radiograph
+from xraygpt_app.imaging.loader import load_radiograph
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_FILES = [str(SAMPLES / row["filename"]) for row in sample_rows()]

@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 
 from xraygpt_app import kvcache
 from xraygpt_app.api import XrayGPT
-from xraygpt_app.image_io import load_radiograph
+from xraygpt_app.imaging.loader import load_radiograph
 
 CONFIG = Path(__file__).resolve().parents[1] / "eval_configs" / "tiny_fixture.yaml"
 IMAGE = Path(__file__).resolve().parents[1] / "examples" / "nih_cxr14_00000001_000_pa_512.png"

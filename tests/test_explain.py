@@ -31,7 +31,7 @@ from xraygpt_app.explain.geometry import (
     xraygpt_geometry,
 )
 from xraygpt_app.explain.report_maps import span_token_indices, teacher_forced_logprobs
-from xraygpt_app.image_io import load_radiograph
+from xraygpt_app.imaging.loader import load_radiograph
 from xraygpt_app.zeroshot.medclip import medclip_preprocess
 from xraygpt_app.families.xraygpt.vision import preprocess
 from xraygpt_app.zeroshot.classifier import ZeroShotClassifier

@@ -55,7 +55,7 @@ def first_run_config(tmp_path: Path, base: str, extra: dict | None = None) -> Pa
 
 
 def test_first_start_fetches_public_weights_and_zero_shot_works(server, tmp_path, capsys, samples_dir):  # noqa: F811
-    from xraygpt_app.image_io import load_radiograph
+    from xraygpt_app.imaging.loader import load_radiograph
     from xraygpt_app.web.services import build_services
 
     base, root = server

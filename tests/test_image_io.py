@@ -21,7 +21,7 @@ from PIL import Image
 
 from xraygpt_app.config import ImageConfig
 from xraygpt_app.errors import ImageLoadError
-from xraygpt_app.image_io import Radiograph, describe_content, load_radiograph, looks_like_dicom, model_ready
+from xraygpt_app.imaging.loader import Radiograph, describe_content, load_radiograph, looks_like_dicom, model_ready
 
 ROWS = sample_rows()
 PNG_8BIT = "nih_cxr14_00000001_000_pa_512.png"

@@ -20,7 +20,7 @@ from xraygpt_app.checkpoints import CheckpointKeyError
 from xraygpt_app.config import load_config
 from xraygpt_app.families.xraygpt.conversation import Turn
 from xraygpt_app.errors import ConfigError, MissingWeightsError
-from xraygpt_app.image_io import load_radiograph
+from xraygpt_app.imaging.loader import load_radiograph
 from xraygpt_app.families.llava.model import ChatTemplate
 
 QUESTIONS = ("Describe the given chest x-ray image in detail.", "Is there pleural effusion?",

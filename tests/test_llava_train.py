@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from xraygpt_app.api import XrayGPT
 from xraygpt_app.checkpoints import CheckpointKeyError
 from xraygpt_app.config import load_config
-from xraygpt_app.image_io import load_radiograph
+from xraygpt_app.imaging.loader import load_radiograph
 from xraygpt_app.train.config import TrainConfig
 from xraygpt_app.train.llava_objective import LlavaTrainable
 

@@ -10,7 +10,7 @@ import pytest
 
 from xraygpt_app.api import XrayGPT
 from xraygpt_app.config import Config
-from xraygpt_app.image_io import load_radiograph
+from xraygpt_app.imaging.loader import load_radiograph
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))

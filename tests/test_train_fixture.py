@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from xraygpt_app.config import load_config
-from xraygpt_app.image_io import load_radiograph
+from xraygpt_app.imaging.loader import load_radiograph
 from xraygpt_app.train.config import TrainConfig
 from xraygpt_app.train.xraygpt_objective import XrayGPTTrainable, read_instructions
 from xraygpt_app.families.xraygpt.vision import preprocess

@@ -21,7 +21,7 @@ from xraygpt_app.api import XrayGPT
 from xraygpt_app.cli import main
 from xraygpt_app.config import load_config
 from xraygpt_app.errors import ConfigError
-from xraygpt_app.image_io import load_radiograph
+from xraygpt_app.imaging.loader import load_radiograph
 from xraygpt_app.llm import load_llm
 from xraygpt_app.families.xraygpt.model import resolve_model_weights
 from xraygpt_app.placement import plan_placement

@@ -15,7 +15,7 @@ import torch
 from xraygpt_app.api import XrayGPT
 from xraygpt_app.checkpoints import CheckpointKeyError
 from xraygpt_app.cli import main
-from xraygpt_app.image_io import load_radiograph
+from xraygpt_app.imaging.loader import load_radiograph
 from xraygpt_app.llm import load_tokenizer, make_decoder
 
 GREEDY = {"do_sample": False, "max_new_tokens": 8, "min_length": 8}

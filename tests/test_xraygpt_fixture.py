@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from xraygpt_app.api import XrayGPT
-from xraygpt_app.image_io import load_radiograph
+from xraygpt_app.imaging.loader import load_radiograph
 
 CONFIG = Path(__file__).resolve().parents[1] / "eval_configs" / "tiny_fixture.yaml"
 TENSORS = {  # ImageEncoding field -> key suffix in expected_tensors.pt

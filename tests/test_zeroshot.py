@@ -16,7 +16,7 @@ from transformers import AutoConfig
 from xraygpt_app.checkpoints import CheckpointKeyError
 from xraygpt_app.config import load_config
 from xraygpt_app.errors import BadInputError, ConfigError, MissingWeightsError
-from xraygpt_app.image_io import load_radiograph
+from xraygpt_app.imaging.loader import load_radiograph
 from xraygpt_app.zeroshot.medclip import (
     IMAGE_MEAN,
     IMAGE_STD,

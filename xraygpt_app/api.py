@@ -1,7 +1,7 @@
 """The documented Python API.
 
 >>> from xraygpt_app.api import XrayGPT
->>> from xraygpt_app.image_io import load_radiograph
+>>> from xraygpt_app.imaging.loader import load_radiograph
 >>> model = XrayGPT.from_config("eval_configs/tiny_fixture.yaml")
 >>> image = load_radiograph("chest.dcm").image
 >>> print(model.report(image).answer)

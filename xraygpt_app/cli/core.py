@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from ..config import load_config
 from ..families.xraygpt.conversation import DEFAULT_REPORT_QUESTION
 from ..errors import BadInputError, ImageLoadError
-from ..image_io import load_radiograph
+from ..imaging.loader import load_radiograph
 from .heatmaps import MEANING_LINE, add_heatmap_option, output_folder, write_report_maps
 from .options import add_config_options
 

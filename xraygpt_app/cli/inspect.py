@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import ImageConfig, load_config
 from ..errors import ImageLoadError
-from ..image_io import ImageInfo, Radiograph, load_radiograph
+from ..imaging.loader import ImageInfo, Radiograph, load_radiograph
 from .options import add_config_options
 
 logger = logging.getLogger(__name__)

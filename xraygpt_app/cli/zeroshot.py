@@ -17,7 +17,7 @@ import numpy as np
 
 from ..config import ENSEMBLES, Config, load_config
 from ..errors import BadInputError, ImageLoadError
-from ..image_io import load_radiograph
+from ..imaging.loader import load_radiograph
 from ..zeroshot.prompts import PRESETS, PromptSet, load_prompt_file, parse_labels
 from .heatmaps import MEANING_LINE, add_heatmap_option, output_folder, write_zeroshot_maps
 from .options import add_config_options

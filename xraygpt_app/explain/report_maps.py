@@ -34,7 +34,7 @@ from PIL import Image
 from ..chat import ChatSession, TurnResult
 from ..errors import BadInputError
 from ..family import ChatModel
-from ..image_io import model_ready
+from ..imaging.loader import model_ready
 from ..families.xraygpt.vision import preprocess
 from .geometry import InputGeometry, torchvision_geometry, xraygpt_geometry
 from .maps import Heatmap, frozen, make_heatmap

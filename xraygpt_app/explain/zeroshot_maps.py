@@ -24,7 +24,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from ..errors import BadInputError
-from ..image_io import model_ready
+from ..imaging.loader import model_ready
 from ..zeroshot.prompts import PromptSet
 from ..zeroshot.classifier import ZeroShotClassifier, ensemble_logits
 from .geometry import InputGeometry, medclip_geometry, torchvision_geometry

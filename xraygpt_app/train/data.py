@@ -30,7 +30,7 @@ from torchvision import transforms
 
 from ..config import ImageConfig, VisionConfig
 from ..errors import BadInputError, XrayGPTError
-from ..image_io import load_radiograph, model_ready
+from ..imaging.loader import load_radiograph, model_ready
 from ..families.xraygpt.vision import build_preprocess
 
 log = logging.getLogger(__name__)

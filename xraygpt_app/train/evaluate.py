@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import Config
 from ..evaluation import report_metrics
-from ..image_io import load_radiograph
+from ..imaging.loader import load_radiograph
 from .batches import choose_instructions
 from .config import TrainConfig
 from .data import PairDataset, Sample, collate

@@ -20,7 +20,7 @@ from .services import Services
 logger = logging.getLogger(__name__)
 
 def _api_image(data: bytes, services: Services) -> Image.Image:
-    from ..image_io import load_radiograph
+    from ..imaging.loader import load_radiograph
 
     return load_radiograph(data, services.config.image).image
 

@@ -128,7 +128,7 @@ def load_image(state: UserState | None, data: bytes, limits: Any = None, model_s
     A new image starts a new conversation. A file that cannot be used leaves the previous
     image in place and returns a plain-language notice.
     """
-    from ..image_io import load_radiograph
+    from ..imaging.loader import load_radiograph
 
     state = state or UserState()
     start = time.perf_counter()

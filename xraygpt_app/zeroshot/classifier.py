@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..config import ENSEMBLES, Config, ZeroShotModelConfig
 from ..errors import BadInputError, ConfigError, MissingWeightsError
-from ..image_io import model_ready
+from ..imaging.loader import model_ready
 from .prompts import PRESETS, PromptSet, template_prompts
 from ..weights import HUB_PREFIX, resolve_weights
 

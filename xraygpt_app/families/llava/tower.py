@@ -22,7 +22,7 @@ from torch import nn
 from ...zeroshot.biomedclip import load_open_clip, text_tower_repos
 from ...config import FAMILY_WEIGHTS, Config, TowerConfig
 from ...errors import ConfigError, MissingWeightsError
-from ...image_io import model_ready
+from ...imaging.loader import model_ready
 from ...weights import resolve_weights
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from torch import nn
 from torchvision import transforms
 
 from ...config import VisionConfig
-from ...image_io import model_ready
+from ...imaging.loader import model_ready
 from ...placement import Placement
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import ImageConfig
-from .errors import ImageLoadError
+from ..config import ImageConfig
+from ..errors import ImageLoadError
 from .radiograph import (  # noqa: F401  (re-exported: the loader's public types)
     ImageInfo,
     Radiograph,
@@ -57,7 +57,7 @@ def load_radiograph(source: bytes | str | os.PathLike, limits: ImageConfig | Non
     if not data:
         raise ImageLoadError("The file is empty (0 bytes).")
     if looks_like_dicom(data):
-        from .dicom_io import load_dicom  # pydicom is imported only when needed
+        from .dicom import load_dicom  # pydicom is imported only when needed
 
         radiograph = load_dicom(data, limits)
     else:

@@ -32,8 +32,8 @@ from pydicom.pixels import (
 )
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from .config import ImageConfig
-from .errors import ImageLoadError
+from ..config import ImageConfig
+from ..errors import ImageLoadError
 from .radiograph import ImageInfo, Radiograph, check_dimensions, scale_to_uint8, to_display_mode
 
 logger = logging.getLogger(__name__)

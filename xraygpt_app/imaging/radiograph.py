@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .config import ImageConfig
-from .errors import ImageLoadError
+from ..config import ImageConfig
+from ..errors import ImageLoadError
 
 
 @dataclass(frozen=True)
