@@ -13,7 +13,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score
 
 from xraygpt_app.cli import main
 from xraygpt_app.config import load_config
-from xraygpt_app.evaluation import report_metrics
+from xraygpt_app.evaluation.metrics import report_metrics
 from xraygpt_app.imaging.loader import load_radiograph
 from xraygpt_app.zeroshot.classifier import PRESETS, ZeroShotClassifier
 

@@ -10,7 +10,7 @@ from sacrebleu.metrics import BLEU
 
 from xraygpt_app.charts import auc_chart, roc_chart, score_chart
 from xraygpt_app.errors import BadInputError
-from xraygpt_app.evaluation import (
+from xraygpt_app.evaluation.metrics import (
     LabelTable,
     accuracy,
     bootstrap_intervals,

@@ -199,7 +199,7 @@ def _prompt_set_for(classifier, table, args: argparse.Namespace) -> PromptSet:
 def evaluate_zeroshot(config: Config, args: argparse.Namespace, out: Path) -> str:
     """Score every labelled image, write metrics.json, roc.png and auc_per_class.png; return a summary line."""
     from ..charts import auc_chart, roc_chart
-    from ..evaluation import read_label_table, roc_curves, zeroshot_metrics
+    from ..evaluation.metrics import read_label_table, roc_curves, zeroshot_metrics
 
     csv_path = Path(args.data)
     table = read_label_table(csv_path)
@@ -223,7 +223,7 @@ def evaluate_zeroshot(config: Config, args: argparse.Namespace, out: Path) -> st
 def evaluate_reports(config: Config, csv_path: Path, out: Path) -> str:
     """Generate a report per image with XrayGPT, score BLEU-1..4 and ROUGE-L, write metrics.json."""
     from ..api import XrayGPT
-    from ..evaluation import read_report_table, report_metrics
+    from ..evaluation.metrics import read_report_table, report_metrics
 
     paths, references = read_report_table(csv_path)
     images = _load_csv_images(csv_path, paths, config)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..evaluation import report_metrics
+from ..evaluation.metrics import report_metrics
 from ..imaging.loader import load_radiograph
 from .batches import choose_instructions
 from .config import TrainConfig

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score, roc_curve
 
-from .errors import BadInputError
+from ..errors import BadInputError
 
 IMAGE_COLUMNS = ("image", "image_path", "path", "file")
 LABEL_COLUMNS = ("label", "class", "finding")
