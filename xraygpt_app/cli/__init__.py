@@ -14,7 +14,7 @@ from ..errors import XrayGPTError
 
 # Each module defines register(subparsers), adding its commands with set_defaults(func=...).
 COMMAND_MODULES = (
-    "xraygpt_app.cli.core",
+    "xraygpt_app.cli.chat",
     "xraygpt_app.cli.serve",
     "xraygpt_app.cli.weights",
     "xraygpt_app.cli.inspect",
