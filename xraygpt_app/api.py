@@ -21,7 +21,7 @@ from PIL import Image
 from .chat import ChatSession, TurnResult
 from .config import Config, load_config
 from .families.xraygpt.conversation import DEFAULT_REPORT_QUESTION
-from .family import ChatModel, load_model
+from .families import ChatModel, load_model
 
 __all__ = ["XrayGPT", "ChatSession", "TurnResult", "DEFAULT_REPORT_QUESTION"]
 

@@ -33,7 +33,7 @@ from PIL import Image
 
 from ..chat import ChatSession, TurnResult
 from ..errors import BadInputError
-from ..family import ChatModel
+from ..families import ChatModel
 from ..imaging.loader import model_ready
 from ..families.xraygpt.vision import preprocess
 from .geometry import InputGeometry, torchvision_geometry, xraygpt_geometry

@@ -1,0 +1,81 @@
+"""The small interface every model family gives the chat engine, and the family table.
+
+The chat engine (``chat.py``), the Python API and through them the CLI and the web app talk to a
+loaded model only through :class:`ChatModel`: encode an image into LLM input embeddings once,
+render a conversation into token segments around the image, say which token sequences end an
+answer and how an answer's text is cleaned, and how long the context is. A family differs only
+there; ``model.family`` in the config picks one from :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+    from transformers import PreTrainedTokenizerBase
+
+    from ..config import Config
+    from .xraygpt.conversation import Turn
+    from ..placement import Placement
+
+# model.family -> "module:class" of its loaded model (imported only when that family is loaded)
+FAMILIES = {"xraygpt": "xraygpt_app.families.xraygpt.model:XrayGPTModel", "llava": "xraygpt_app.families.llava.model:LlavaModel"}
+
+
+@dataclass
+class PromptSegments:
+    """A rendered prompt: its text (image placeholder included) and the token ids either side of the image."""
+
+    text: str
+    before: list[int]
+    after: list[int]
+
+
+class ImageEmbedding(Protocol):
+    llm_embeds: torch.Tensor  # (1, image tokens, llm hidden) on the LLM device, LLM dtype
+    timings: dict[str, float]
+
+
+class ChatModel(Protocol):
+    """What the chat engine needs from a loaded model of any family."""
+
+    config: Config
+    llm: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    placement: Placement
+    pending_suffixes: tuple[str, ...]  # answer text a later token may still change: held back while streaming
+    suppressed_ids: list[int]  # ids the tokenizer cannot decode (a padded vocabulary's rows): never generated
+
+    def encode_image(self, image: Image.Image) -> ImageEmbedding: ...
+
+    def embed_ids(self, ids: list[int]) -> torch.Tensor: ...
+
+    def render_prompt(self, history: list[Turn], question: str) -> PromptSegments: ...
+
+    def stop_sequences(self) -> list[list[int]]: ...
+
+    def answer_text(self, generated: list[int]) -> str: ...
+
+    def display_answer(self, stored: str) -> str: ...
+
+    @property
+    def context_length(self) -> int: ...
+
+    def describe(self) -> str: ...
+
+    def input_view(self, image: Image.Image) -> tuple[Image.Image, str]: ...
+
+
+def model_class(family: str) -> type:
+    """The loaded-model class of ``family`` (a key of :data:`FAMILIES`; the config has checked it)."""
+    module, name = FAMILIES[family].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_model(config: Config, download: bool = False) -> ChatModel:
+    """Load the model the config's ``model.family`` names."""
+    return model_class(config.model.family).load(config, download=download)

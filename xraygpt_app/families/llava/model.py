@@ -28,7 +28,7 @@ from ...checkpoints import CheckpointKeyError, load_exact, read_state_dict
 from ...config import LLAVA_WEIGHTS, Config
 from ..xraygpt.conversation import Turn
 from ...errors import ConfigError
-from ...family import PromptSegments
+from .. import PromptSegments
 from ...llm import (
     apply_lora_adapter,
     check_vocabulary,

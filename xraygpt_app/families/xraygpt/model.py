@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from ...checkpoints import CheckpointKeyError, load_exact, read_state_dict, remap_blip2, remap_eva_vit, remap_xraygpt
 from ...config import XRAYGPT_WEIGHTS, Config
 from .conversation import SEPARATOR, Turn, clean_answer, display_answer, render_prompt, split_on_image
-from ...family import PromptSegments
+from .. import PromptSegments
 from ...llm import (
     apply_lora_adapter,
     check_llm_config,
