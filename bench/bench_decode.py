@@ -2,7 +2,7 @@
 
     python bench/bench_decode.py [--config CFG] [--tokens 48] [--threads 1] [--compile] [--json]
 
-Default model: the mid-size random XrayGPT of ``bench/midsize.py``. After a warm-up turn it measures,
+Default model: the mid-size random Assistant of ``bench/midsize.py``. After a warm-up turn it measures,
 per generated token (greedy, a fixed number of tokens):
 
 1. the whole engine step (``ChatSession`` timings: pick the token, stop checks, stream text, forward);
@@ -113,10 +113,10 @@ def cache_append(llm_config, context: int, tokens: int) -> float:
 
 
 def measure(config: str, tokens: int, compile_too: bool) -> dict:
-    from xraygpt_app.api import XrayGPT
+    from xraygpt_app.api import Assistant
 
     image = midsize.sample_image()
-    xray = XrayGPT.from_config(config, ["runtime.mode=fp32"])
+    xray = Assistant.from_config(config, ["runtime.mode=fp32"])
     engine = statistics.median(engine_step(xray, image, tokens) for _ in range(3))
     forward = statistics.median(forward_loop(xray, image, tokens, profile=False)[0] for _ in range(3))
     _, shares = forward_loop(xray, image, tokens, profile=True)
@@ -125,7 +125,7 @@ def measure(config: str, tokens: int, compile_too: bool) -> dict:
            "forward_shares": shares, "context": context,
            "cache_append_s": cache_append(xray.model.llm.config, context, tokens)}
     if compile_too:
-        compiled = XrayGPT.from_config(config, ["runtime.mode=fp32", "runtime.compile=true"])
+        compiled = Assistant.from_config(config, ["runtime.mode=fp32", "runtime.compile=true"])
         started = time.perf_counter()
         engine_step(compiled, image, 4)  # triggers the compilation
         row["compile_s"] = time.perf_counter() - started

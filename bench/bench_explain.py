@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import midsize  # noqa: E402
 import tinyzeroshot  # noqa: E402
 
-from xraygpt_app.api import XrayGPT  # noqa: E402
+from xraygpt_app.api import Assistant  # noqa: E402
 from xraygpt_app.config import load_config  # noqa: E402
 from xraygpt_app.imaging.loader import load_radiograph  # noqa: E402
 from xraygpt_app.zeroshot.classifier import ZeroShotClassifier  # noqa: E402
@@ -104,7 +104,7 @@ def print_cascade(name: str, steps: list[tuple[str, float]]) -> None:
     print(f"  {name}: " + ", ".join(f"{layer} {rho:+.2f}" for layer, rho in steps))
 
 
-def section_faithfulness(classifiers: dict, images: list, xraygpt: XrayGPT, midsize_model: XrayGPT | None) -> None:
+def section_faithfulness(classifiers: dict, images: list, xraygpt: Assistant, midsize_model: Assistant | None) -> None:
     from xraygpt_app.explain import zeroshot_heatmaps
     from xraygpt_app.explain.faithfulness import cascade_layers, report_deletion, zeroshot_deletion
 
@@ -123,7 +123,7 @@ def section_faithfulness(classifiers: dict, images: list, xraygpt: XrayGPT, mids
                           lambda c, case: zeroshot_heatmaps(c, case[0], only=[case[1]])[0].grid, cases)
     print_cascade("zero-shot MedCLIP-ViT tiny (Grad-CAM)", steps)
 
-    steps = cascade_means(lambda: XrayGPT.from_config(TINY), lambda m: cascade_layers(m.model),
+    steps = cascade_means(lambda: Assistant.from_config(TINY), lambda m: cascade_layers(m.model),
                           lambda m, image: _fixed_turn_map(m, image), images[:2])
     print_cascade("report map XrayGPT tiny (gradient x input)", steps)
 
@@ -131,7 +131,7 @@ def section_faithfulness(classifiers: dict, images: list, xraygpt: XrayGPT, mids
 _TURNS: dict[int, tuple] = {}
 
 
-def _fixed_turn_map(model: XrayGPT, image) -> np.ndarray:
+def _fixed_turn_map(model: Assistant, image) -> np.ndarray:
     """The map of one recorded greedy turn per model copy: the tokens stay those of the original model."""
     from xraygpt_app.explain import report_heatmap
 
@@ -143,7 +143,7 @@ def _fixed_turn_map(model: XrayGPT, image) -> np.ndarray:
     return report_heatmap(session, image, turn=turn).raw_grid
 
 
-def section_cost(classifiers: dict, images: list, xraygpt: XrayGPT, midsize_model: XrayGPT | None,
+def section_cost(classifiers: dict, images: list, xraygpt: Assistant, midsize_model: Assistant | None,
                  repeats: int) -> None:
     from xraygpt_app.explain import report_heatmap, zeroshot_heatmaps
 
@@ -169,7 +169,7 @@ def section_cost(classifiers: dict, images: list, xraygpt: XrayGPT, midsize_mode
               f" of one word {word:6.3f} s")
 
 
-def section_maps_off(classifier: ZeroShotClassifier, model: XrayGPT, images: list, repeats: int) -> None:
+def section_maps_off(classifier: ZeroShotClassifier, model: Assistant, images: list, repeats: int) -> None:
     """Latency with maps off before any map (explain not imported) and after maps were computed."""
     def measure() -> tuple[float, float, list, list]:
         score = timed(lambda: classifier.classify(images), repeats)
@@ -207,13 +207,13 @@ def main() -> None:
     images = [load_radiograph(SAMPLES / name).image for name in IMAGES]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        xraygpt = XrayGPT.from_config(TINY)
+        xraygpt = Assistant.from_config(TINY)
         classifier = ZeroShotClassifier.from_config(load_config(TINY))
         section_maps_off(classifier, xraygpt, images, args.repeats)  # first: explain is not imported yet
         classifiers = zeroshot_classifiers(root)
         midsize_model = None
         if not args.skip_midsize:
-            midsize_model = XrayGPT.from_config(midsize.build_midsize(root / "midsize"))
+            midsize_model = Assistant.from_config(midsize.build_midsize(root / "midsize"))
             classifiers["medclip-vit real size (random)"] = real_size_medclip()
         print(f"torch {torch.__version__}; images: {', '.join(IMAGES)}")
         section_faithfulness({k: v for k, v in classifiers.items() if "real size" not in k}, images, xraygpt,

@@ -3,7 +3,7 @@
     python bench/bench_latency.py [--config CFG] [--set k=v ...] [--turns 8] [--repeats 3] [--json]
 
 Without ``--config`` a mid-size random model (``bench/midsize.py``) is written to a temporary folder
-in the native formats and loaded through ``XrayGPT.from_config``. Every repetition runs the same
+in the native formats and loaded through ``Assistant.from_config``. Every repetition runs the same
 conversation (greedy, fixed ``--max-new-tokens``) twice, interleaved: once reusing the KV cache
 (``chat(image, reuse_kv=True)``), once re-running the whole prompt each turn as the reference does.
 Figures are medians over the repetitions. It also counts calls to the model's ``encode_image``
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import midsize  # noqa: E402
 
-from xraygpt_app.api import XrayGPT  # noqa: E402
+from xraygpt_app.api import Assistant  # noqa: E402
 
 QUESTIONS = (
     "Describe the given chest x-ray image in detail.",
@@ -94,7 +94,7 @@ def time_forward(llm) -> list[float]:
     return cpu_times
 
 
-def run_conversation(xray: XrayGPT, image, reuse_kv: bool, turns: int, max_new_tokens: int,
+def run_conversation(xray: Assistant, image, reuse_kv: bool, turns: int, max_new_tokens: int,
                      cpu_times: list[float], same_question: bool = False) -> dict:
     """One conversation of ``turns`` questions; returns encoding timings and per-turn figures.
 
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         description = args.config or "mid-size random model (bench/midsize.py)"
         description += "".join(f" --set {item}" for item in args.overrides)
         torch.set_num_threads(args.threads)
-        xray = XrayGPT.from_config(config, args.overrides)
+        xray = Assistant.from_config(config, args.overrides)
         image = midsize.sample_image()
         calls = count_calls(xray.model, "encode_image")
         cpu_times = time_forward(xray.model.llm)

@@ -3,7 +3,7 @@
     python bench/bench_llava.py [--models tiny,mid] [--modes fp32,bf16,8bit] [--threads 2]
                                 [--new-tokens 32] [--repeats 3] [--json]
 
-Two random models in the real formats, loaded through ``XrayGPT.from_config`` (``model.family: llava``):
+Two random models in the real formats, loaded through ``Assistant.from_config`` (``model.family: llava``):
 
 - **tiny**: ``tests/tinyllava.py`` (timm ViT-Ti/16 tower, 196 tokens of width 192; LLaMA hidden 64, 2 layers);
 - **mid**: BiomedCLIP's own tower architecture (timm ``vit_base_patch16_224``, width 768, 86 M parameters,
@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import tinyllava  # noqa: E402  (tests/ holds the real-format writers)
 import tinymodels  # noqa: E402
 
-from xraygpt_app.api import XrayGPT  # noqa: E402
+from xraygpt_app.api import Assistant  # noqa: E402
 from xraygpt_app.imaging.loader import load_radiograph  # noqa: E402
 
 QUESTIONS = ("Describe the given chest x-ray image in detail.", "Is there evidence of pleural effusion?")
@@ -70,7 +70,7 @@ def measure(config: Path, mode: str, threads: int, new_tokens: int, repeats: int
     """Median timings of ``repeats`` two-turn greedy conversations in ``mode`` with ``threads`` threads."""
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    model = XrayGPT.from_config(config, overrides=[f"runtime.mode={mode}"])
+    model = Assistant.from_config(config, overrides=[f"runtime.mode={mode}"])
     load_s = time.perf_counter() - started
     image = load_radiograph(IMAGE).image
     settings = {"do_sample": False, "max_new_tokens": new_tokens, "min_length": new_tokens}

@@ -104,7 +104,7 @@ def measure_child(config_path: str, mode: str, context: int) -> dict:
     """In this (fresh) process: load one mode, fill the context once, report RSS figures and the estimate."""
     import logging
 
-    from xraygpt_app.api import XrayGPT
+    from xraygpt_app.api import Assistant
     from xraygpt_app.config import load_config
     from xraygpt_app.errors import BadInputError
     from xraygpt_app.memory import estimate
@@ -115,7 +115,7 @@ def measure_child(config_path: str, mode: str, context: int) -> dict:
     sampler = AnonPeak()
     config = load_config(config_path, [f"runtime.mode={mode}", f"llm.max_length={context}"])
     result = estimate(config, assume_cuda=False)
-    xray = XrayGPT.from_config(config)
+    xray = Assistant.from_config(config)
     loaded = held_after_gc()
     session = xray.chat(image)
     budget = context - MAX_NEW_TOKENS - 110  # system text, image queries and roles take about 110 tokens

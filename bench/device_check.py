@@ -105,7 +105,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
     import torch
     from bench_memory import AnonPeak, held_after_gc
 
-    from xraygpt_app.api import XrayGPT
+    from xraygpt_app.api import Assistant
     from xraygpt_app.config import load_config
     from xraygpt_app.memory import CUDA_CONTEXT_BYTES, HOST_BASELINE_BYTES, estimate
 
@@ -122,7 +122,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
     image = realsize.midsize.sample_image()
     anon_baseline, sampler = held_after_gc(), AnonPeak()
     started = time.perf_counter()
-    xray = XrayGPT.from_config(config)
+    xray = Assistant.from_config(config)
     synchronize(device)
     load_s = time.perf_counter() - started
     new_tokens = 4 if args.dry_run else 16
@@ -161,7 +161,7 @@ def _has_bitsandbytes() -> bool:
 
 def run_agreement(args: argparse.Namespace) -> dict:
     """Greedy tokens of the tiny fixture in fp16 (bf16 in the dry run) against fp32: identical, or where they part."""
-    from xraygpt_app.api import XrayGPT
+    from xraygpt_app.api import Assistant
 
     if not TINY_CONFIG.is_file() or not (REPO.parent / "shared" / "fixtures" / "xraygpt_tiny").is_dir():
         return {"skipped": "the tiny fixture (../shared/fixtures/xraygpt_tiny) is not beside the repository"}
@@ -170,7 +170,7 @@ def run_agreement(args: argparse.Namespace) -> dict:
     image = realsize.midsize.sample_image()
     ids = {}
     for mode in (half, "fp32"):
-        xray = XrayGPT.from_config(TINY_CONFIG, [f"runtime.mode={mode}", f"runtime.device={device}"])
+        xray = Assistant.from_config(TINY_CONFIG, [f"runtime.mode={mode}", f"runtime.device={device}"])
         session = xray.chat(image)
         ids[mode] = [t for q in TURNS[:2] for t in session.ask(q, do_sample=False, max_new_tokens=32).token_ids]
     first = next((i for i, (a, b) in enumerate(zip(ids[half], ids["fp32"], strict=False)) if a != b), None)
@@ -205,8 +205,8 @@ def write_medclip(folder: Path) -> tuple[Path, Path, Path]:
 
 def run_medclip(args: argparse.Namespace) -> dict:
     """20 radiographs through the real-size MedCLIP-ViT, loaded by the production loader."""
-    from xraygpt_app.zeroshot.medclip import load_encoder
     from xraygpt_app.zeroshot.classifier import ZeroShotClassifier
+    from xraygpt_app.zeroshot.medclip import load_encoder
 
     if not (REPO.parent / "shared" / "fixtures" / "medclip_tiny").is_dir():
         return {"skipped": "the MedCLIP fixture's tokenizer (../shared/fixtures/medclip_tiny) is not present"}

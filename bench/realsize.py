@@ -1,4 +1,4 @@
-"""Random XrayGPT checkpoints of the real sizes in the real formats, loaded through the production path.
+"""Random Assistant checkpoints of the real sizes in the real formats, loaded through the production path.
 
     python bench/realsize.py [--scale 1.0] [--cache DIR] [--modes bf16,8bit] [--max-new-tokens 6] [--json]
 
@@ -9,7 +9,7 @@ full BERT-base Q-Former with text branch and heads, float32), XrayGPT's checkpoi
 (4096 / 32 layers / 32 heads / 11008, vocabulary 32000, float16 safetensors shards with an index
 file, a SentencePiece tokenizer of 32000 pieces). At ``--scale 1`` that is about 17 GB of disk.
 
-Then, one fresh process per mode, it loads them with ``XrayGPT.from_config`` and the real default
+Then, one fresh process per mode, it loads them with ``Assistant.from_config`` and the real default
 config (``eval_configs/xraygpt_eval.yaml``; at scale 1 only the weight paths and the mode are
 overridden) and reports load time, peak RSS and peak anonymous memory (``RssAnon`` sampled every
 2 ms) against ``xraygpt check``'s estimate, and a greedy two-turn chat (time per stage, per token).
@@ -235,7 +235,7 @@ def measure_mode(root: Path, scale: float, mode: str, max_new_tokens: int) -> di
 
     from bench_memory import AnonPeak, anon_rss_bytes, held_after_gc, rss_bytes
 
-    from xraygpt_app.api import XrayGPT
+    from xraygpt_app.api import Assistant
     from xraygpt_app.config import load_config
     from xraygpt_app.memory import estimate
 
@@ -246,7 +246,7 @@ def measure_mode(root: Path, scale: float, mode: str, max_new_tokens: int) -> di
     config = load_config(REAL_CONFIG, overrides(root, scale, mode))
     result = estimate(config, assume_cuda=False)
     started = time.perf_counter()
-    xray = XrayGPT.from_config(config)
+    xray = Assistant.from_config(config)
     load_s = time.perf_counter() - started
     anon_load_peak, anon_loaded = sampler.peak, held_after_gc()
     session = xray.chat(image)
@@ -279,11 +279,11 @@ def measure_vision(root: Path, scale: float, mode: str) -> dict:
     from bench_memory import AnonPeak, held_after_gc
 
     from xraygpt_app.config import load_config
-    from xraygpt_app.memory import estimate
     from xraygpt_app.families.xraygpt.model import load_vision_and_bridge, resolve_model_weights
-    from xraygpt_app.placement import plan_placement
     from xraygpt_app.families.xraygpt.qformer import cast_bridge
     from xraygpt_app.families.xraygpt.vision import place_vision, preprocess
+    from xraygpt_app.memory import estimate
+    from xraygpt_app.placement import plan_placement
 
     config = load_config(REAL_CONFIG, overrides(root, scale, mode))
     parts = estimate(config, assume_cuda=False).breakdown["cpu"]

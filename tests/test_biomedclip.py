@@ -21,9 +21,9 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from tinyllava import PUBMEDBERT, open_clip_config
 
-from xraygpt_app.zeroshot.biomedclip import HUB_ID
 from xraygpt_app.config import load_config
 from xraygpt_app.errors import BadInputError, MissingWeightsError
+from xraygpt_app.zeroshot.biomedclip import HUB_ID
 from xraygpt_app.zeroshot.classifier import ZeroShotClassifier
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from xraygpt_app.api import XrayGPT
-from xraygpt_app.families.xraygpt.conversation import DEFAULT_REPORT_QUESTION, IMAGE_MESSAGE, SYSTEM_TEXT
+from xraygpt_app.api import Assistant
 from xraygpt_app.errors import BadInputError, ModelMemoryError
+from xraygpt_app.families.xraygpt.conversation import DEFAULT_REPORT_QUESTION, IMAGE_MESSAGE, SYSTEM_TEXT
 from xraygpt_app.imaging.loader import load_radiograph
 
 CONFIG = Path(__file__).resolve().parents[1] / "eval_configs" / "tiny_fixture.yaml"
@@ -25,8 +25,8 @@ GREEDY = {"do_sample": False, "max_new_tokens": 12}
 
 
 @pytest.fixture(scope="module")
-def model() -> XrayGPT:
-    return XrayGPT.from_config(CONFIG)
+def model() -> Assistant:
+    return Assistant.from_config(CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def _ids(session, questions, **generation) -> list[list[int]]:
 
 @pytest.mark.parametrize("generation", [GREEDY, {"do_sample": True, "seed": 7, "max_new_tokens": 16},
                                         {"do_sample": True, "seed": 11, "top_p": 0.5, "temperature": 1.5}])
-def test_streamed_text_equals_non_streamed(model: XrayGPT, images: list, generation: dict) -> None:
+def test_streamed_text_equals_non_streamed(model: Assistant, images: list, generation: dict) -> None:
     streamed, plain = model.chat(images[0]), model.chat(images[0])
     for question in QUESTIONS[:2]:
         pieces = list(streamed.ask_stream(question, **generation))
@@ -54,7 +54,7 @@ def test_streamed_text_equals_non_streamed(model: XrayGPT, images: list, generat
         assert streamed.turns[-1].token_ids == result.token_ids
 
 
-def test_sampling_is_seeded(model: XrayGPT, images: list) -> None:
+def test_sampling_is_seeded(model: Assistant, images: list) -> None:
     runs = [model.chat(images[0]).ask(QUESTIONS[0], do_sample=True, seed=s, max_new_tokens=16).token_ids
             for s in (3, 3, 4)]
     assert runs[0] == runs[1]
@@ -63,7 +63,7 @@ def test_sampling_is_seeded(model: XrayGPT, images: list) -> None:
 
 # --- KV reuse ----------------------------------------------------------------------------------
 
-def test_kv_reuse_equals_full_recompute_over_five_turns(model: XrayGPT, images: list) -> None:
+def test_kv_reuse_equals_full_recompute_over_five_turns(model: Assistant, images: list) -> None:
     reuse, full = model.chat(images[1], reuse_kv=True), model.chat(images[1], reuse_kv=False)
     assert _ids(reuse, QUESTIONS, **GREEDY) == _ids(full, QUESTIONS, **GREEDY)
     assert [t.prompt for t in reuse.turns] == [t.prompt for t in full.turns]
@@ -71,7 +71,7 @@ def test_kv_reuse_equals_full_recompute_over_five_turns(model: XrayGPT, images: 
     assert all(t.timings["reused_tokens"] == 0 for t in full.turns)
 
 
-def test_kv_reuse_after_regenerate_and_beams(model: XrayGPT, images: list) -> None:
+def test_kv_reuse_after_regenerate_and_beams(model: Assistant, images: list) -> None:
     """Regenerate and a beam turn change the cached prefix; greedy ids must still match a recompute."""
     outputs = []
     for reuse_kv in (True, False):
@@ -87,7 +87,7 @@ def test_kv_reuse_after_regenerate_and_beams(model: XrayGPT, images: list) -> No
 
 # --- cancellation ------------------------------------------------------------------------------
 
-def test_cancel_stops_early_and_marks_turn(model: XrayGPT, images: list) -> None:
+def test_cancel_stops_early_and_marks_turn(model: Assistant, images: list) -> None:
     session, cancel = model.chat(images[0]), threading.Event()
     stream = session.ask_stream(QUESTIONS[0], cancel=cancel, do_sample=False, max_new_tokens=20)
     first = next(stream)
@@ -101,7 +101,7 @@ def test_cancel_stops_early_and_marks_turn(model: XrayGPT, images: list) -> None
     assert not follow_up.cancelled and follow_up.token_ids
 
 
-def test_cancel_from_another_thread(model: XrayGPT, images: list) -> None:
+def test_cancel_from_another_thread(model: Assistant, images: list) -> None:
     session, cancel = model.chat(images[0]), threading.Event()
     pieces = []
 
@@ -119,7 +119,7 @@ def test_cancel_from_another_thread(model: XrayGPT, images: list) -> None:
     assert len(session.turns[-1].token_ids) < 1500
 
 
-def test_cancel_before_start_generates_nothing(model: XrayGPT, images: list) -> None:
+def test_cancel_before_start_generates_nothing(model: Assistant, images: list) -> None:
     session, cancel = model.chat(images[0]), threading.Event()
     cancel.set()
     assert list(session.ask_stream(QUESTIONS[0], cancel=cancel, **GREEDY)) == []
@@ -128,7 +128,7 @@ def test_cancel_before_start_generates_nothing(model: XrayGPT, images: list) -> 
 
 # --- regenerate ----------------------------------------------------------------------------------
 
-def test_regenerate_replaces_last_turn(model: XrayGPT, images: list) -> None:
+def test_regenerate_replaces_last_turn(model: Assistant, images: list) -> None:
     session = model.chat(images[0])
     first = session.ask(QUESTIONS[0], **GREEDY)
     second = session.ask(QUESTIONS[1], **GREEDY)
@@ -141,7 +141,7 @@ def test_regenerate_replaces_last_turn(model: XrayGPT, images: list) -> None:
     assert again.token_ids == second.token_ids and "".join(pieces) == again.answer
 
 
-def test_regenerated_answer_is_what_later_prompts_carry(model: XrayGPT, images: list) -> None:
+def test_regenerated_answer_is_what_later_prompts_carry(model: Assistant, images: list) -> None:
     session = model.chat(images[0])
     old = session.ask(QUESTIONS[0], do_sample=True, seed=1).answer
     list(session.regenerate(do_sample=True, seed=2))
@@ -152,12 +152,12 @@ def test_regenerated_answer_is_what_later_prompts_carry(model: XrayGPT, images: 
         assert f"Doctor: {old}###" not in later.prompt
 
 
-def test_regenerate_without_turns_is_bad_input(model: XrayGPT, images: list) -> None:
+def test_regenerate_without_turns_is_bad_input(model: Assistant, images: list) -> None:
     with pytest.raises(BadInputError):
         list(model.chat(images[0]).regenerate())
 
 
-def test_failed_regenerate_keeps_the_old_answer(model: XrayGPT, images: list) -> None:
+def test_failed_regenerate_keeps_the_old_answer(model: Assistant, images: list) -> None:
     session = model.chat(images[0])
     first = session.ask(QUESTIONS[0], **GREEDY)
     with pytest.raises(BadInputError):  # these settings are refused before anything is generated
@@ -168,13 +168,13 @@ def test_failed_regenerate_keeps_the_old_answer(model: XrayGPT, images: list) ->
 
 # --- context budget ----------------------------------------------------------------------------
 
-def test_context_budget_drops_oldest_turns(model: XrayGPT, images: list) -> None:
+def test_context_budget_drops_oldest_turns(model: Assistant, images: list) -> None:
     new_tokens = 12
     big = model.chat(images[0])
     _ids(big, QUESTIONS[:3], do_sample=False, max_new_tokens=new_tokens)
     third = big.turns[2].timings
     limit = third["reused_tokens"] + third["prefilled_tokens"] + new_tokens - 1  # turn 3 no longer fits
-    small = XrayGPT.from_config(CONFIG, [f"llm.max_length={limit}"])
+    small = Assistant.from_config(CONFIG, [f"llm.max_length={limit}"])
     outputs = []
     for reuse_kv in (True, False):
         session = small.chat(images[0], reuse_kv=reuse_kv)
@@ -196,7 +196,7 @@ def test_context_budget_drops_oldest_turns(model: XrayGPT, images: list) -> None
 # --- input checks ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("question", ["", "   \n", "x" * 2001])
-def test_empty_and_overlong_questions(model: XrayGPT, images: list, question: str) -> None:
+def test_empty_and_overlong_questions(model: Assistant, images: list, question: str) -> None:
     session = model.chat(images[0])
     with pytest.raises(BadInputError):
         session.ask(question, **GREEDY)
@@ -205,14 +205,14 @@ def test_empty_and_overlong_questions(model: XrayGPT, images: list, question: st
 
 @pytest.mark.parametrize("generation", [{"top_k": 5}, {"num_beams": 0}, {"max_new_tokens": 0},
                                         {"temperature": 0.0}, {"top_p": 1.5}])
-def test_bad_generation_settings(model: XrayGPT, images: list, generation: dict) -> None:
+def test_bad_generation_settings(model: Assistant, images: list, generation: dict) -> None:
     with pytest.raises(BadInputError):
         model.chat(images[0]).ask(QUESTIONS[0], **generation)
 
 
 # --- beams and sessions ------------------------------------------------------------------------------
 
-def test_beam_search_answers(model: XrayGPT, images: list) -> None:
+def test_beam_search_answers(model: Assistant, images: list) -> None:
     session = model.chat(images[0])
     pieces = list(session.ask_stream(QUESTIONS[0], num_beams=2, do_sample=False, max_new_tokens=10))
     turn = session.turns[-1]
@@ -222,7 +222,7 @@ def test_beam_search_answers(model: XrayGPT, images: list) -> None:
     assert again.token_ids == turn.token_ids
 
 
-def test_stop_ends_beam_search(model: XrayGPT, images: list) -> None:
+def test_stop_ends_beam_search(model: Assistant, images: list) -> None:
     stop = threading.Event()
     stop.set()  # already pressed: generate must stop after its first step
     session = model.chat(images[0])
@@ -231,7 +231,7 @@ def test_stop_ends_beam_search(model: XrayGPT, images: list) -> None:
     assert turn.cancelled and len(turn.token_ids) == 1
 
 
-def test_out_of_memory_leaves_the_conversation_as_it_was(model: XrayGPT, images: list, monkeypatch) -> None:
+def test_out_of_memory_leaves_the_conversation_as_it_was(model: Assistant, images: list, monkeypatch) -> None:
     session = model.chat(images[0])
     first = session.ask(QUESTIONS[0], **GREEDY)
 
@@ -249,7 +249,7 @@ def test_out_of_memory_leaves_the_conversation_as_it_was(model: XrayGPT, images:
     assert again.token_ids == fresh.ask(QUESTIONS[1], **GREEDY).token_ids
 
 
-def test_sessions_do_not_affect_each_other(model: XrayGPT, images: list) -> None:
+def test_sessions_do_not_affect_each_other(model: Assistant, images: list) -> None:
     alone = _ids(model.chat(images[0]), QUESTIONS[:3], **GREEDY)
     a, b = model.chat(images[0]), model.chat(images[1])
     interleaved = []
@@ -260,7 +260,7 @@ def test_sessions_do_not_affect_each_other(model: XrayGPT, images: list) -> None
     assert len(b.turns) == 3 and all(QUESTIONS[0] not in t.prompt for t in b.turns)
 
 
-def test_report_uses_xraygpt_default_question(model: XrayGPT, images: list) -> None:
+def test_report_uses_xraygpt_default_question(model: Assistant, images: list) -> None:
     result = model.report(images[0], do_sample=False, max_new_tokens=4)
     assert result.question == DEFAULT_REPORT_QUESTION
     assert result.prompt.endswith(f"{IMAGE_MESSAGE} {DEFAULT_REPORT_QUESTION}###Doctor:")

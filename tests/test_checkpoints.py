@@ -13,18 +13,18 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
-from xraygpt_app.api import XrayGPT
+from xraygpt_app.api import Assistant
 from xraygpt_app.checkpoints import CheckpointKeyError, read_state_dict, remap_blip2, remap_eva_vit, remap_xraygpt
 from xraygpt_app.errors import ConfigError
 from xraygpt_app.families.xraygpt.vision import preprocess
 
 
-def _load(tiny: tm.TinyModels, *overrides: str) -> XrayGPT:
-    return XrayGPT.from_config(tiny.config, list(overrides))
+def _load(tiny: tm.TinyModels, *overrides: str) -> Assistant:
+    return Assistant.from_config(tiny.config, list(overrides))
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_xraygpt: tm.TinyModels) -> XrayGPT:
+def loaded(tiny_xraygpt: tm.TinyModels) -> Assistant:
     return _load(tiny_xraygpt)
 
 
@@ -105,7 +105,7 @@ def test_factory_layouts_equal_fixture_files(xraygpt_fixture_dir: Path) -> None:
 
 # --- production loading equals the references --------------------------------------------------
 
-def test_vision_tower_equals_handwritten_eva(loaded: XrayGPT, raw: dict, tiny_xraygpt: tm.TinyModels) -> None:
+def test_vision_tower_equals_handwritten_eva(loaded: Assistant, raw: dict, tiny_xraygpt: tm.TinyModels) -> None:
     dims = tiny_xraygpt.dims
     pixels = torch.randn(2, 3, dims.image_size, dims.image_size, generator=torch.Generator().manual_seed(0))
     expected = reference_eva(raw["eva"], pixels, dims.vision_heads, dims.patch_size)
@@ -117,7 +117,7 @@ def test_vision_tower_equals_handwritten_eva(loaded: XrayGPT, raw: dict, tiny_xr
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_qformer_equals_independently_mapped_reference(loaded: XrayGPT, raw: dict,
+def test_qformer_equals_independently_mapped_reference(loaded: Assistant, raw: dict,
                                                        tiny_xraygpt: tm.TinyModels) -> None:
     dims = tiny_xraygpt.dims
     image = torch.randn(1, dims.num_patches + 1, dims.embed_dim, generator=torch.Generator().manual_seed(1))
@@ -130,7 +130,7 @@ def test_qformer_equals_independently_mapped_reference(loaded: XrayGPT, raw: dic
                                                    raw["ckpt"]["llama_proj.bias"]), atol=1e-5, rtol=1e-5)
 
 
-def test_parameters_are_the_file_tensors(loaded: XrayGPT, raw: dict) -> None:
+def test_parameters_are_the_file_tensors(loaded: Assistant, raw: dict) -> None:
     """Spot checks by name: EVA q/v bias, a cross-attention key (width = vision), ln_vision, queries."""
     eva, bridge = loaded.model.vision.eva, loaded.model.bridge
     torch.testing.assert_close(eva.blocks[1].attn.v_bias, raw["eva"]["blocks.1.attn.v_bias"].float())
@@ -141,7 +141,7 @@ def test_parameters_are_the_file_tensors(loaded: XrayGPT, raw: dict) -> None:
     torch.testing.assert_close(bridge.query_tokens, raw["blip2"]["query_tokens"])
 
 
-def test_encode_image_equals_reference_pipeline(loaded: XrayGPT, raw: dict, tiny_xraygpt: tm.TinyModels) -> None:
+def test_encode_image_equals_reference_pipeline(loaded: Assistant, raw: dict, tiny_xraygpt: tm.TinyModels) -> None:
     dims = tiny_xraygpt.dims
     image = Image.linear_gradient("L").resize((90, 70))
     encoding = loaded.model.encode_image(image)

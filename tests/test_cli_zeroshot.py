@@ -138,15 +138,15 @@ def test_evaluate_rejects_labels_the_prompts_lack(tmp_path, capsys):
 
 
 def test_evaluate_report_end_to_end(tmp_path, capsys):
-    """Report generation with the tiny XrayGPT (greedy); BLEU/ROUGE-L must equal those of the API's answers.
+    """Report generation with the tiny Assistant (greedy); BLEU/ROUGE-L must equal those of the API's answers.
 
     The first reference is the model's own answer, so its scores are 1 and the check is not 0 == 0.
     """
-    from xraygpt_app.api import XrayGPT
+    from xraygpt_app.api import Assistant
 
     names = ["nih_cxr14_00000001_000_pa_512.png", "hannover_1479fa94_pa_640x755.png"]
     overrides = ["generation.do_sample=false", "generation.max_new_tokens=8"]
-    model = XrayGPT.from_config(load_config(TINY, overrides))
+    model = Assistant.from_config(load_config(TINY, overrides))
     answers = [model.report(load_radiograph(SAMPLES / n).image).answer for n in names]
     assert answers[0].strip()
     references = [answers[0], "Lungs are clear."]

@@ -8,7 +8,7 @@ from pathlib import Path
 from torch._dynamo.utils import counters
 
 from xraygpt_app import kvcache
-from xraygpt_app.api import XrayGPT
+from xraygpt_app.api import Assistant
 from xraygpt_app.imaging.loader import load_radiograph
 
 CONFIG = Path(__file__).resolve().parents[1] / "eval_configs" / "tiny_fixture.yaml"
@@ -17,7 +17,7 @@ QUESTIONS = ("Describe the image.", "Any effusion?", "Is the heart size normal?"
 GREEDY = {"do_sample": False, "max_new_tokens": 12}
 
 
-def _conversation(xray: XrayGPT, image) -> tuple[list[list[int]], list[int]]:
+def _conversation(xray: Assistant, image) -> tuple[list[list[int]], list[int]]:
     session = xray.chat(image)
     ids = [session.ask(q, **GREEDY).token_ids for q in QUESTIONS]
     list(session.regenerate(do_sample=True, seed=5, max_new_tokens=8))
@@ -33,8 +33,8 @@ def test_compiled_static_cache_gives_the_default_tokens(monkeypatch, shared_dir)
     monkeypatch.setattr(kvcache, "CPU_BACKEND", "aot_eager")
     counters.clear()
     image = load_radiograph(IMAGE).image
-    default_ids, default_reused = _conversation(XrayGPT.from_config(CONFIG), image)
-    compiled = XrayGPT.from_config(CONFIG, ["runtime.compile=true"])
+    default_ids, default_reused = _conversation(Assistant.from_config(CONFIG), image)
+    compiled = Assistant.from_config(CONFIG, ["runtime.compile=true"])
     ids, reused = _conversation(compiled, image)
     assert ids == default_ids
     assert reused == default_reused and reused[1] > 0 and reused[2] > 0

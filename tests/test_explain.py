@@ -13,7 +13,7 @@ import tinyzeroshot
 import torch
 from PIL import Image, ImageDraw
 
-from xraygpt_app.api import XrayGPT
+from xraygpt_app.api import Assistant
 from xraygpt_app.config import VisionConfig, load_config
 from xraygpt_app.errors import BadInputError
 from xraygpt_app.explain import figure_png, overlay, report_heatmap, zeroshot_heatmaps
@@ -31,10 +31,10 @@ from xraygpt_app.explain.geometry import (
     xraygpt_geometry,
 )
 from xraygpt_app.explain.report_maps import span_token_indices, teacher_forced_logprobs
-from xraygpt_app.imaging.loader import load_radiograph
-from xraygpt_app.zeroshot.medclip import medclip_preprocess
 from xraygpt_app.families.xraygpt.vision import preprocess
+from xraygpt_app.imaging.loader import load_radiograph
 from xraygpt_app.zeroshot.classifier import ZeroShotClassifier
+from xraygpt_app.zeroshot.medclip import medclip_preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "eval_configs" / "tiny_fixture.yaml"
@@ -58,8 +58,8 @@ def classifiers(tmp_path_factory) -> dict[str, ZeroShotClassifier]:
 
 
 @pytest.fixture(scope="module")
-def xraygpt() -> XrayGPT:
-    return XrayGPT.from_config(TINY_CONFIG)
+def xraygpt() -> Assistant:
+    return Assistant.from_config(TINY_CONFIG)
 
 
 # --- geometry: a bright square must land where it was drawn -------------------------------------------------
@@ -228,7 +228,7 @@ def test_zeroshot_map_changes_as_layers_are_randomised(images):
 
 
 def test_report_map_changes_as_layers_are_randomised(images):
-    model = XrayGPT.from_config(TINY_CONFIG)
+    model = Assistant.from_config(TINY_CONFIG)
     session = model.chat(images[0])
     turn = session.ask("Describe the findings.", do_sample=False, max_new_tokens=8)
     steps = cascade_correlations(cascade_layers(model.model), lambda: report_heatmap(session, images[0],
@@ -248,7 +248,7 @@ def test_deleting_salient_patches_lowers_the_words_logprob_more_than_random(xray
 
 def test_llava_family_report_map_on_its_patch_tokens(tmp_path):
     tiny = tinyllava.build_llava(tmp_path / "llava")
-    model = XrayGPT.from_config(tiny.config)
+    model = Assistant.from_config(tiny.config)
     image, _ = _square(600, 300, (200, 100, 259, 159))
     session = model.chat(image)
     turn = session.ask("Describe the findings.", do_sample=False, max_new_tokens=8)
@@ -270,10 +270,10 @@ def test_report_maps_in_8bit_and_a_clear_refusal_in_4bit(tmp_path):
 
     quant = tinymodels.build_all(tmp_path / "quant", dims=tinymodels.QUANT_DIMS)  # 4-bit needs multiples of 64
     image = Image.linear_gradient("L").resize((96, 80))
-    session = XrayGPT.from_config(quant.config, ["runtime.mode=8bit"]).chat(image)
+    session = Assistant.from_config(quant.config, ["runtime.mode=8bit"]).chat(image)
     session.ask("Describe the findings.", do_sample=False, max_new_tokens=6)
     assert np.abs(report_heatmap(session, image).raw_grid).sum() > 0
-    session = XrayGPT.from_config(quant.config, ["runtime.mode=4bit"]).chat(image)
+    session = Assistant.from_config(quant.config, ["runtime.mode=4bit"]).chat(image)
     session.ask("Describe the findings.", do_sample=False, max_new_tokens=6)
     with pytest.raises(BadInputError, match="no gradient reaches the image"):
         report_heatmap(session, image)

@@ -71,7 +71,7 @@ def test_first_start_fetches_public_weights_and_zero_shot_works(server, tmp_path
     assert f"Save them as: {tmp_path / 'checkpoints' / 'xraygpt_pretrained.pth'}\n" in out
 
     services = build_services(config)
-    assert "Save them as" in services.xraygpt_missing and services.xraygpt is None
+    assert "Save them as" in services.assistant_missing and services.assistant is None
     image = load_radiograph(samples_dir / "nih_cxr14_00000001_000_pa_512.png").image
     result = services.classifier("medclip-vit").classify([image], preset="covid")[0]
     assert result.labels == ["Normal", "COVID"]  # zero-shot works out of the box

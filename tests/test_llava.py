@@ -15,13 +15,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from xraygpt_app.api import XrayGPT
+from xraygpt_app.api import Assistant
 from xraygpt_app.checkpoints import CheckpointKeyError
 from xraygpt_app.config import load_config
-from xraygpt_app.families.xraygpt.conversation import Turn
 from xraygpt_app.errors import ConfigError, MissingWeightsError
-from xraygpt_app.imaging.loader import load_radiograph
+from xraygpt_app.families import Turn
 from xraygpt_app.families.llava.model import ChatTemplate
+from xraygpt_app.imaging.loader import load_radiograph
 
 QUESTIONS = ("Describe the given chest x-ray image in detail.", "Is there pleural effusion?",
              "Is the heart size normal?", "Any pneumothorax?")
@@ -38,8 +38,8 @@ def tiny(shared_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model(tiny) -> XrayGPT:
-    return XrayGPT.from_config(tiny.config)
+def model(tiny) -> Assistant:
+    return Assistant.from_config(tiny.config)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_patch_tokens_are_the_trunks_penultimate_block_without_cls(model, tiny, 
 
 @pytest.mark.parametrize(("layer", "select", "count"), [(-1, "patch", 196), (3, "cls_patch", 197)])
 def test_layer_and_cls_selection(tiny, tmp_path, image, layer, select, count) -> None:
-    model = XrayGPT.from_config(_config(tiny, tmp_path, tower__layer=layer, tower__select=select,
+    model = Assistant.from_config(_config(tiny, tmp_path, tower__layer=layer, tower__select=select,
                                         tower__text_config=str(tiny.text_dir)))
     encoding = model.model.encode_image(image)
     blocks = _trunk_block_outputs(tiny.reference_clip, encoding.pixel_values)[:-1]
@@ -109,7 +109,7 @@ def test_bad_family_choices_name_the_key(tiny, tmp_path, key, value) -> None:
 def test_tower_is_frozen_and_layer_checked(model, tiny, tmp_path) -> None:
     assert not any(p.requires_grad for p in model.model.tower.parameters())
     with pytest.raises(ConfigError, match="tower.layer is 12 but the tower has 12 blocks"):
-        XrayGPT.from_config(_config(tiny, tmp_path, tower__layer=12))
+        Assistant.from_config(_config(tiny, tmp_path, tower__layer=12))
 
 
 # --- the projector --------------------------------------------------------------------------------
@@ -127,13 +127,13 @@ def test_linear_projector_and_mismatched_file(tiny, tmp_path, image) -> None:
     import tinyllava
 
     linear = tinyllava.write_projector(tiny.root / "linear.safetensors", 192, 64, kind="linear")
-    model = XrayGPT.from_config(_config(tiny, tmp_path, projector__type="linear", weights__projector=linear.name))
+    model = Assistant.from_config(_config(tiny, tmp_path, projector__type="linear", weights__projector=linear.name))
     encoding = model.model.encode_image(image)
     weights = load_file(str(linear))
     torch.testing.assert_close(encoding.llm_embeds, encoding.patch_tokens @ weights["mm_projector.weight"].T
                                + weights["mm_projector.bias"], atol=1e-5, rtol=1e-5)
     with pytest.raises(CheckpointKeyError, match="linear, 192 -> 64"):  # an mlp file for a linear projector
-        XrayGPT.from_config(_config(tiny, tmp_path, projector__type="linear"))
+        Assistant.from_config(_config(tiny, tmp_path, projector__type="linear"))
 
 
 def test_missing_projector_says_how_to_train_one(tiny, tmp_path) -> None:
@@ -142,7 +142,7 @@ def test_missing_projector_says_how_to_train_one(tiny, tmp_path) -> None:
     path = _config(tiny, tmp_path, weights__projector={"sources": ["nowhere.safetensors"],
                                                       "how_to_get": config.weights.projector.how_to_get})
     with pytest.raises(MissingWeightsError, match="xraygpt finetune"):
-        XrayGPT.from_config(path)
+        Assistant.from_config(path)
 
 
 # --- prompts and stops -------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def test_streaming_and_cancel(model, image) -> None:
 
 
 def test_old_turns_leave_the_context_first(tiny, tmp_path, image) -> None:
-    model = XrayGPT.from_config(_config(tiny, tmp_path, llm__max_length=290))
+    model = Assistant.from_config(_config(tiny, tmp_path, llm__max_length=290))
     session = model.chat(image)
     turns = [session.ask(q, **GREEDY) for q in QUESTIONS]
     assert turns[0].dropped_turns == 0 and turns[-1].dropped_turns > 0
@@ -262,7 +262,7 @@ def test_repository_tiny_config_runs_on_the_builders_layout(tmp_path, samples_di
     (tmp_path / "eval_configs").mkdir()
     shutil.copy(Path(__file__).resolve().parents[1] / "eval_configs" / "llava_tiny.yaml", tmp_path / "eval_configs")
     tinyllava.build_llava(tmp_path / "checkpoints" / "llava_tiny")
-    model = XrayGPT.from_config(tmp_path / "eval_configs" / "llava_tiny.yaml")
+    model = Assistant.from_config(tmp_path / "eval_configs" / "llava_tiny.yaml")
     image = load_radiograph(samples_dir / "nih_cxr14_00000001_000_pa_512.png").image
     assert model.report(image, do_sample=False).token_ids
 
@@ -298,7 +298,7 @@ def test_bench_runs_on_the_tiny_model(capsys) -> None:
 @pytest.mark.parametrize(("mode", "llm_dtype"), [("bf16", torch.bfloat16), ("8bit", torch.float32)])
 def test_cpu_precision_modes(tiny, image, mode, llm_dtype) -> None:
     """The same runtime modes as XrayGPT: bf16 everywhere, or an 8-bit LLM (bitsandbytes) with a float32 tower."""
-    model = XrayGPT.from_config(tiny.config, overrides=[f"runtime.mode={mode}"])
+    model = Assistant.from_config(tiny.config, overrides=[f"runtime.mode={mode}"])
     encoding = model.model.encode_image(image)
     assert encoding.llm_embeds.dtype == llm_dtype and model.model.placement.llm_quantization == (
         "8bit" if mode == "8bit" else None)

@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from xraygpt_app.api import XrayGPT
+from xraygpt_app.api import Assistant
 from xraygpt_app.checkpoints import CheckpointKeyError
 from xraygpt_app.config import load_config
 from xraygpt_app.imaging.loader import load_radiograph
@@ -96,7 +96,7 @@ def test_stage1_steps_lower_the_loss_and_the_checkpoint_serves(tiny, pixels, tmp
     raw["weights"]["projector"] = str(checkpoint)
     served_config = tiny.root / "served.yaml"
     served_config.write_text(yaml.safe_dump(raw))
-    served = XrayGPT.from_config(served_config)
+    served = Assistant.from_config(served_config)
     for name, param in family.projector.named_parameters():
         torch.testing.assert_close(dict(served.model.projector.named_parameters())[name], param)
     session = served.chat(load_radiograph(samples_dir / IMAGES[0]).image)
@@ -133,7 +133,7 @@ def test_stage2_adapter_served_merged_equals_unmerged(tiny, pixels, tmp_path, sa
     family.save_adapter(tmp_path / "lora_adapter_0")
     family.eval()
     image = load_radiograph(samples_dir / IMAGES[0]).image
-    served = XrayGPT.from_config(tiny.config, overrides=[f"weights.lora={tmp_path / 'lora_adapter_0'}"])
+    served = Assistant.from_config(tiny.config, overrides=[f"weights.lora={tmp_path / 'lora_adapter_0'}"])
     assert "LoRA lora_adapter_0" in served.describe()
     assert not any("lora" in n for n, _ in served.model.llm.named_parameters())  # merged into the weights
     segments = served.model.render_prompt([], QUESTIONS[0])
@@ -144,7 +144,7 @@ def test_stage2_adapter_served_merged_equals_unmerged(tiny, pixels, tmp_path, sa
         merged_logits = served.model.llm(inputs_embeds=embeds).logits
         peft_logits = family.llm(inputs_embeds=embeds).logits
     torch.testing.assert_close(merged_logits, peft_logits, atol=1e-4, rtol=1e-4)
-    plain = XrayGPT.from_config(tiny.config).model.llm(inputs_embeds=embeds).logits
+    plain = Assistant.from_config(tiny.config).model.llm(inputs_embeds=embeds).logits
     assert not torch.allclose(plain, merged_logits, atol=1e-3)  # the adapter changes the answers
 
 
@@ -184,7 +184,7 @@ def test_trainer_stage1_overfits_and_its_checkpoint_serves(stage1, tiny, samples
     saved = torch.load(out / "checkpoint_9.pth", weights_only=True)
     assert set(saved["model"]) == {"mm_projector.0.weight", "mm_projector.0.bias", "mm_projector.2.weight",
                                    "mm_projector.2.bias"} and saved["config"]["family"] == "llava"
-    served = XrayGPT.from_config(tiny.config, overrides=[f"weights.projector={out / 'checkpoint_9.pth'}"])
+    served = Assistant.from_config(tiny.config, overrides=[f"weights.projector={out / 'checkpoint_9.pth'}"])
     torch.testing.assert_close(served.model.projector[0].weight, saved["model"]["mm_projector.0.weight"])
     assert f"projector {out.name}/checkpoint_9.pth" in served.describe()
     session = served.chat(load_radiograph(samples_dir / IMAGES[0]).image)
@@ -210,7 +210,7 @@ def test_cli_stage2_trains_lora_from_the_stage1_projector(stage1, tiny, tmp_path
     start = torch.load(out1 / "checkpoint_9.pth", weights_only=True)["model"]["mm_projector.2.weight"]
     end = torch.load(out2 / "checkpoint_1.pth", weights_only=True)["model"]["mm_projector.2.weight"]
     assert not torch.allclose(start, end)  # the projector kept training
-    served = XrayGPT.from_config(tiny.config, overrides=[f"weights.projector={out2 / 'checkpoint_1.pth'}",
+    served = Assistant.from_config(tiny.config, overrides=[f"weights.projector={out2 / 'checkpoint_1.pth'}",
                                                          f"weights.lora={out2 / 'lora_adapter_1'}"])
     assert "LoRA lora_adapter_1" in served.describe()
     assert served.chat(load_radiograph(samples_dir / IMAGES[1]).image).ask(QUESTIONS[1], max_new_tokens=6).token_ids

@@ -15,8 +15,8 @@ from _app_server import files_holding, running_app
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from xraygpt_app.zeroshot.prompts import PRESETS
 from xraygpt_app.web.tools import REFUSED_URL
+from xraygpt_app.zeroshot.prompts import PRESETS
 
 pytestmark = pytest.mark.timeout(600)
 NIH = "nih_cxr14_00000001_000_pa_512.png"

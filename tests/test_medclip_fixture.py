@@ -16,9 +16,9 @@ from PIL import Image
 
 from xraygpt_app.config import load_config
 from xraygpt_app.imaging.loader import load_radiograph
+from xraygpt_app.zeroshot.classifier import ZeroShotClassifier
 from xraygpt_app.zeroshot.medclip import medclip_preprocess
 from xraygpt_app.zeroshot.prompts import CHEXPERT_CLASS_PARTS, chexpert_prompts, generate_prompts
-from xraygpt_app.zeroshot.classifier import ZeroShotClassifier
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

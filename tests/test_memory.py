@@ -11,9 +11,9 @@ import torch
 
 from xraygpt_app.cli import main
 from xraygpt_app.config import load_config
+from xraygpt_app.families.xraygpt.model import XrayGPTModel
 from xraygpt_app.llm import load_llm
 from xraygpt_app.memory import estimate, estimate_breakdown, estimate_peak_memory
-from xraygpt_app.families.xraygpt.model import XrayGPTModel
 from xraygpt_app.placement import plan_placement
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import tinymodels as tm
 import torch
 from PIL import Image
 
-from xraygpt_app.api import XrayGPT
+from xraygpt_app.api import Assistant
 from xraygpt_app.config import RUNTIME_MODES, RuntimeConfig, VisionConfig
 from xraygpt_app.errors import ConfigError
 from xraygpt_app.placement import plan_placement
@@ -29,19 +29,19 @@ def _decoder_linears(llm: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for name, m in llm.named_modules() if name.startswith("model.layers.") and isinstance(m, torch.nn.Linear)]
 
 
-def _relative_error(model: XrayGPT, reference: torch.nn.Module) -> float:
+def _relative_error(model: Assistant, reference: torch.nn.Module) -> float:
     with torch.inference_mode():
         ours, expected = model.model.llm(IDS).logits.float(), reference(IDS).logits
     return float((ours - expected).norm() / expected.norm())
 
 
-def _report(model: XrayGPT):
+def _report(model: Assistant):
     return model.report(Image.linear_gradient("L").resize((96, 80)), do_sample=False, max_new_tokens=6)
 
 
 @pytest.mark.parametrize("mode", ["8bit", "low_resource"])
 def test_8bit_llm_on_cpu(quant_models: tm.TinyModels, mode: str) -> None:
-    model = XrayGPT.from_config(quant_models.config, [f"runtime.mode={mode}"])
+    model = Assistant.from_config(quant_models.config, [f"runtime.mode={mode}"])
     linears = _decoder_linears(model.model.llm)
     per_layer = 7  # q, k, v, o, gate, up, down
     assert len(linears) == per_layer * quant_models.dims.llm_layers
@@ -54,7 +54,7 @@ def test_8bit_llm_on_cpu(quant_models: tm.TinyModels, mode: str) -> None:
 
 
 def test_low_resource_vision_is_float32_on_cpu(quant_models: tm.TinyModels) -> None:
-    vision = XrayGPT.from_config(quant_models.config, ["runtime.mode=low_resource"]).model.vision
+    vision = Assistant.from_config(quant_models.config, ["runtime.mode=low_resource"]).model.vision
     params = list(vision.parameters())
     assert all(p.device == CPU and p.dtype == torch.float32 for p in params)
     # XrayGPT's vit_precision fp16: the ViT's Conv/Linear weights are rounded to float16 first.
@@ -63,7 +63,7 @@ def test_low_resource_vision_is_float32_on_cpu(quant_models: tm.TinyModels) -> N
 
 
 def test_4bit_nf4_llm_on_cpu(quant_models: tm.TinyModels) -> None:
-    model = XrayGPT.from_config(quant_models.config, ["runtime.mode=4bit"])
+    model = Assistant.from_config(quant_models.config, ["runtime.mode=4bit"])
     linears = _decoder_linears(model.model.llm)
     assert linears and all(isinstance(m, bnb.nn.Linear4bit) for m in linears)
     assert all(m.weight.quant_type == "nf4" for m in linears)
@@ -139,4 +139,4 @@ def test_vision_fp32_precision_keeps_full_weights() -> None:
 
 def test_fp16_mode_on_cpu_fails_through_the_loader(quant_models: tm.TinyModels) -> None:
     with pytest.raises(ConfigError, match="fp16"):
-        XrayGPT.from_config(quant_models.config, ["runtime.mode=fp16", "runtime.device=cpu"])
+        Assistant.from_config(quant_models.config, ["runtime.mode=fp16", "runtime.device=cpu"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from xraygpt_app.api import XrayGPT
+from xraygpt_app.api import Assistant
 from xraygpt_app.config import Config
 from xraygpt_app.imaging.loader import load_radiograph
 
@@ -44,7 +44,7 @@ def test_reduced_scale_loads_and_chats(built: Path) -> None:
     folder = built / "Vicuna_Radiology_fp16"
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {p.name for p in folder.glob("*.safetensors")}
-    xray = XrayGPT.from_config(realsize.REAL_CONFIG, realsize.overrides(built, 0.05, "bf16"))
+    xray = Assistant.from_config(realsize.REAL_CONFIG, realsize.overrides(built, 0.05, "bf16"))
     assert len(xray.model.tokenizer) == xray.model.llm.config.vocab_size == 32000
     assert xray.model.suppressed_ids == []
     image = load_radiograph(REPO / "examples" / "nih_cxr14_00000001_000_pa_512.png").image

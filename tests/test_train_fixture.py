@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from xraygpt_app.config import load_config
+from xraygpt_app.families.xraygpt.vision import preprocess
 from xraygpt_app.imaging.loader import load_radiograph
 from xraygpt_app.train.config import TrainConfig
 from xraygpt_app.train.xraygpt_objective import XrayGPTTrainable, read_instructions
-from xraygpt_app.families.xraygpt.vision import preprocess
 
 CONFIG = Path(__file__).resolve().parents[1] / "eval_configs" / "tiny_fixture.yaml"
 

@@ -10,9 +10,9 @@ from peft import LoraConfig, get_peft_model
 
 from xraygpt_app.cli import main
 from xraygpt_app.config import load_config
+from xraygpt_app.families.xraygpt.model import resolve_model_weights
 from xraygpt_app.llm import load_llm
 from xraygpt_app.memory import TRAIN_MODES, TrainShape, estimate_training, llm_architecture, lora_parameters
-from xraygpt_app.families.xraygpt.model import resolve_model_weights
 from xraygpt_app.placement import plan_placement
 
 CONFIG = Path(__file__).resolve().parents[1] / "eval_configs" / "tiny_fixture.yaml"

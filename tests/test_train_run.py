@@ -17,13 +17,13 @@ import pytest
 import torch
 import traindata
 
-from xraygpt_app.api import XrayGPT
+from xraygpt_app.api import Assistant
 from xraygpt_app.cli import main
 from xraygpt_app.config import load_config
 from xraygpt_app.errors import ConfigError
+from xraygpt_app.families.xraygpt.model import resolve_model_weights
 from xraygpt_app.imaging.loader import load_radiograph
 from xraygpt_app.llm import load_llm
-from xraygpt_app.families.xraygpt.model import resolve_model_weights
 from xraygpt_app.placement import plan_placement
 from xraygpt_app.train import outputs
 from xraygpt_app.train.config import TrainConfig, load_train_config
@@ -74,7 +74,7 @@ def test_checkpoint_has_xraygpts_layout_and_serves(lora_run: Path, samples_dir: 
     assert {"model", "optimizer", "config", "scaler", "epoch"} <= set(checkpoint)
     assert "query_tokens" in checkpoint["model"] and "llama_proj.weight" in checkpoint["model"]
     assert "Qformer.bert.encoder.layer.0.crossattention.self.query.weight" in checkpoint["model"]
-    model = XrayGPT.from_config(CONFIG, overrides=[f"weights.ckpt={lora_run / 'checkpoint_9.pth'}",
+    model = Assistant.from_config(CONFIG, overrides=[f"weights.ckpt={lora_run / 'checkpoint_9.pth'}",
                                                    f"weights.lora={lora_run / 'lora_adapter_9'}"])
     bridge = model.model.bridge
     torch.testing.assert_close(bridge.llama_proj.weight, checkpoint["model"]["llama_proj.weight"], rtol=0, atol=0)

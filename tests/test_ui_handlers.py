@@ -230,7 +230,7 @@ def test_missing_weights_do_not_stop_the_app(shared_dir, tmp_path):
     config = load_config(TINY, [f"weights.ckpt={tmp_path / 'absent.pth'}",
                                 f"zeroshot.models.medclip-vit.weights={tmp_path / 'absent.bin'}"])
     services = build_services(config, download=True)  # nothing to download from: still starts
-    assert services.xraygpt is None and "absent.pth" in services.xraygpt_missing
+    assert services.assistant is None and "absent.pth" in services.assistant_missing
     assert services.classifiers == {} and "absent.bin" in services.zeroshot_missing["medclip-vit"]
     note = _run(h.generate_report(h.UserState(), services, GREEDY))[-1][2]
     assert "absent.pth" in note

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from xraygpt_app.config import RuntimeConfig, VisionConfig
-from xraygpt_app.placement import plan_placement
 from xraygpt_app.families.xraygpt.vision import VisionTower, cast_vision
+from xraygpt_app.placement import plan_placement
 
 TINY = VisionConfig(image_size=28, patch_size=14, embed_dim=32, depth=2, num_heads=2)
 

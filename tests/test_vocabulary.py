@@ -12,7 +12,7 @@ import pytest
 import tinymodels
 import torch
 
-from xraygpt_app.api import XrayGPT
+from xraygpt_app.api import Assistant
 from xraygpt_app.checkpoints import CheckpointKeyError
 from xraygpt_app.cli import main
 from xraygpt_app.imaging.loader import load_radiograph
@@ -30,15 +30,15 @@ def image():
 
 
 @pytest.fixture(scope="module")
-def base(tiny_xraygpt, image) -> tuple[XrayGPT, list[list[int]]]:
-    model = XrayGPT.from_config(tiny_xraygpt.config)
+def base(tiny_xraygpt, image) -> tuple[Assistant, list[list[int]]]:
+    model = Assistant.from_config(tiny_xraygpt.config)
     chat = model.chat(image)
     return model, [chat.ask(q, **GREEDY).token_ids for q in QUESTIONS]
 
 
-def _load_with_llm(tiny, llm, name: str) -> XrayGPT:
+def _load_with_llm(tiny, llm, name: str) -> Assistant:
     folder = tinymodels.save_llama_safetensors(llm, tiny.root / name)
-    return XrayGPT.from_config(tiny.config, overrides=[f"weights.llama_model={folder}"])
+    return Assistant.from_config(tiny.config, overrides=[f"weights.llama_model={folder}"])
 
 
 def test_padded_vocabulary_never_generates_padding_ids(tiny_xraygpt, base, image) -> None:

@@ -1,7 +1,7 @@
-"""The tiny XrayGPT fixture, loaded through the production path, reproduces XrayGPT's own outputs.
+"""The tiny Assistant fixture, loaded through the production path, reproduces XrayGPT's own outputs.
 
 ``../shared/fixtures/xraygpt_tiny/expected.json`` and ``expected_tensors.pt`` were produced by
-XrayGPT's code (greedy, 20 new tokens, two turns per image); the tolerances are its README's.
+Assistant's code (greedy, 20 new tokens, two turns per image); the tolerances are its README's.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from xraygpt_app.api import XrayGPT
+from xraygpt_app.api import Assistant
 from xraygpt_app.imaging.loader import load_radiograph
 
 CONFIG = Path(__file__).resolve().parents[1] / "eval_configs" / "tiny_fixture.yaml"
@@ -35,12 +35,12 @@ def expected_tensors(xraygpt_fixture_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def model() -> XrayGPT:
-    return XrayGPT.from_config(CONFIG)
+def model() -> Assistant:
+    return Assistant.from_config(CONFIG)
 
 
 @pytest.fixture(scope="module")
-def conversations(model: XrayGPT, expected: dict, samples_dir: Path) -> list:
+def conversations(model: Assistant, expected: dict, samples_dir: Path) -> list:
     """One two-turn greedy conversation per fixture case, run once for the whole module."""
     out = []
     for case in expected["cases"]:
@@ -61,7 +61,7 @@ def test_fixture_has_three_cases_of_two_turns(expected: dict) -> None:
     assert all(len(case["turns"]) == 2 for case in expected["cases"])
 
 
-def test_config_dims_match_fixture(model: XrayGPT, expected: dict) -> None:
+def test_config_dims_match_fixture(model: Assistant, expected: dict) -> None:
     dims = expected["dims"]
     assert model.config.vision.embed_dim == dims["vision"]["embed_dim"]
     assert model.config.vision.depth == dims["vision"]["depth"]
@@ -99,7 +99,7 @@ def test_prompts_exact(index: int, conversations: list, expected: dict) -> None:
 
 
 @pytest.mark.parametrize("index", _cases())
-def test_prompt_segment_ids_exact(index: int, model: XrayGPT, conversations: list, expected: dict) -> None:
+def test_prompt_segment_ids_exact(index: int, model: Assistant, conversations: list, expected: dict) -> None:
     """The ids the engine fed (BOS only on the first segment); the prefill length agrees with them."""
     queries = model.config.qformer.num_query_tokens
     for result, turn in zip(conversations[index][1], expected["cases"][index]["turns"], strict=True):
@@ -126,7 +126,7 @@ def test_second_turn_reuses_kv_cache(index: int, conversations: list) -> None:
     assert second.timings["prefilled_tokens"] < second.timings["reused_tokens"]
 
 
-def test_image_encoded_once_per_session(model: XrayGPT, expected: dict, samples_dir: Path) -> None:
+def test_image_encoded_once_per_session(model: Assistant, expected: dict, samples_dir: Path) -> None:
     """A follow-up never re-runs the vision tower: one ViT forward per upload."""
     calls = []
     handle = model.model.vision.register_forward_hook(lambda *_: calls.append(1))

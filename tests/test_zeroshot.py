@@ -17,6 +17,13 @@ from xraygpt_app.checkpoints import CheckpointKeyError
 from xraygpt_app.config import load_config
 from xraygpt_app.errors import BadInputError, ConfigError, MissingWeightsError
 from xraygpt_app.imaging.loader import load_radiograph
+from xraygpt_app.zeroshot.classifier import (
+    PRESETS,
+    ZeroShotClassifier,
+    available_models,
+    ensemble_logits,
+    results_from_logits,
+)
 from xraygpt_app.zeroshot.medclip import (
     IMAGE_MEAN,
     IMAGE_STD,
@@ -32,13 +39,6 @@ from xraygpt_app.zeroshot.prompts import (
     parse_labels,
     rsna_prompts,
     template_prompts,
-)
-from xraygpt_app.zeroshot.classifier import (
-    PRESETS,
-    ZeroShotClassifier,
-    available_models,
-    ensemble_logits,
-    results_from_logits,
 )
 
 REPO = Path(__file__).resolve().parents[1]

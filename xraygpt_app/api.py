@@ -1,8 +1,8 @@
 """The documented Python API.
 
->>> from xraygpt_app.api import XrayGPT
+>>> from xraygpt_app.api import Assistant
 >>> from xraygpt_app.imaging.loader import load_radiograph
->>> model = XrayGPT.from_config("eval_configs/tiny_fixture.yaml")
+>>> model = Assistant.from_config("eval_configs/tiny_fixture.yaml")
 >>> image = load_radiograph("chest.dcm").image
 >>> print(model.report(image).answer)
 >>> chat = model.chat(image)
@@ -20,13 +20,12 @@ from PIL import Image
 
 from .chat import ChatSession, TurnResult
 from .config import Config, load_config
-from .families.xraygpt.conversation import DEFAULT_REPORT_QUESTION
-from .families import ChatModel, load_model
+from .families import DEFAULT_REPORT_QUESTION, ChatModel, load_model
 
-__all__ = ["XrayGPT", "ChatSession", "TurnResult", "DEFAULT_REPORT_QUESTION"]
+__all__ = ["Assistant", "XrayGPT", "ChatSession", "TurnResult", "DEFAULT_REPORT_QUESTION"]
 
 
-class XrayGPT:
+class Assistant:
     """A model loaded from a config (``model.family``: xraygpt or llava): one model, any number of conversations."""
 
     def __init__(self, model: ChatModel):
@@ -35,7 +34,7 @@ class XrayGPT:
 
     @classmethod
     def from_config(cls, config: Config | str | Path | None = None, overrides: tuple[str, ...] | list[str] = (),
-                    download: bool = False) -> XrayGPT:
+                    download: bool = False) -> Assistant:
         """Load from a Config or a YAML path (default: the real model's eval config)."""
         if not isinstance(config, Config):
             config = load_config(config, overrides)
@@ -56,3 +55,7 @@ class XrayGPT:
     def report(self, image: Image.Image, question: str = DEFAULT_REPORT_QUESTION, **generation) -> TurnResult:
         """The first-turn report for ``image``."""
         return self.chat(image).ask(question, **generation)
+
+
+# The class was called XrayGPT until 0.2 although it serves any family: the old name stays for one release.
+XrayGPT = Assistant

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .families.xraygpt.conversation import Turn
 from .errors import BadInputError, ModelMemoryError
-from .families import ChatModel, ImageEmbedding
+from .families import ChatModel, ImageEmbedding, Turn
 from .generation import StopOnEvent, StopOnSequences, ends_with_any, logits_processors, next_token, settings_with
 from .kvcache import new_kv_cache
 

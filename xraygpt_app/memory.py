@@ -50,9 +50,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, L
 from .config import Config, RuntimeConfig
 from .errors import MissingWeightsError
 from .families.xraygpt.model import build_parts
-from .placement import Placement, plan_placement
 from .families.xraygpt.qformer import cast_bridge
 from .families.xraygpt.vision import cast_vision
+from .placement import Placement, plan_placement
 from .weights import resolve_weights
 
 log = logging.getLogger(__name__)

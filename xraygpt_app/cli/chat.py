@@ -13,8 +13,8 @@ import sys
 from typing import TYPE_CHECKING
 
 from ..config import load_config
-from ..families.xraygpt.conversation import DEFAULT_REPORT_QUESTION
 from ..errors import BadInputError, ImageLoadError
+from ..families import DEFAULT_REPORT_QUESTION
 from ..imaging.loader import load_radiograph
 from .heatmaps import MEANING_LINE, add_heatmap_option, output_folder, write_report_maps
 from .options import add_config_options
@@ -60,7 +60,7 @@ def run_ask(args: argparse.Namespace) -> int:
 
 def _converse(args: argparse.Namespace, questions: list[str]) -> int:
     # torch and transformers load only for the commands that need them
-    from ..api import XrayGPT
+    from ..api import Assistant
     from ..chat import check_question
     from ..generation import settings_with
 
@@ -80,7 +80,7 @@ def _converse(args: argparse.Namespace, questions: list[str]) -> int:
         radiograph = load_radiograph(args.image, config.image)
     except ImageLoadError as exc:
         raise ImageLoadError(f"{args.image}: {exc}") from None
-    model = XrayGPT.from_config(config)
+    model = Assistant.from_config(config)
     session = model.chat(radiograph.image, reuse_kv=not args.no_kv_reuse)
     if not args.json:
         print(DISCLAIMER, file=sys.stderr)

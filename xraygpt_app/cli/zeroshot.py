@@ -222,12 +222,12 @@ def evaluate_zeroshot(config: Config, args: argparse.Namespace, out: Path) -> st
 
 def evaluate_reports(config: Config, csv_path: Path, out: Path) -> str:
     """Generate a report per image with XrayGPT, score BLEU-1..4 and ROUGE-L, write metrics.json."""
-    from ..api import XrayGPT
+    from ..api import Assistant
     from ..evaluation.metrics import read_report_table, report_metrics
 
     paths, references = read_report_table(csv_path)
     images = _load_csv_images(csv_path, paths, config)
-    model = XrayGPT.from_config(config)
+    model = Assistant.from_config(config)
     start = time.perf_counter()
     hypotheses = [model.report(image).answer for image in images]
     log.info("generated %d reports in %.1f s", len(images), time.perf_counter() - start)

@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot AUC/accuracy with bootstrap intervals, and report metrics."""

@@ -34,8 +34,8 @@ from PIL import Image
 from ..chat import ChatSession, TurnResult
 from ..errors import BadInputError
 from ..families import ChatModel
-from ..imaging.loader import model_ready
 from ..families.xraygpt.vision import preprocess
+from ..imaging.loader import model_ready
 from .geometry import InputGeometry, torchvision_geometry, xraygpt_geometry
 from .maps import Heatmap, frozen, make_heatmap
 

@@ -25,8 +25,8 @@ from torch import nn
 
 from ..errors import BadInputError
 from ..imaging.loader import model_ready
-from ..zeroshot.prompts import PromptSet
 from ..zeroshot.classifier import ZeroShotClassifier, ensemble_logits
+from ..zeroshot.prompts import PromptSet
 from .geometry import InputGeometry, medclip_geometry, torchvision_geometry
 from .maps import Heatmap, delete_cells, frozen, make_heatmap
 

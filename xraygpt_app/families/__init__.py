@@ -19,11 +19,35 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from ..config import Config
-    from .xraygpt.conversation import Turn
     from ..placement import Placement
 
 # model.family -> "module:class" of its loaded model (imported only when that family is loaded)
-FAMILIES = {"xraygpt": "xraygpt_app.families.xraygpt.model:XrayGPTModel", "llava": "xraygpt_app.families.llava.model:LlavaModel"}
+FAMILIES = {
+    "xraygpt": "xraygpt_app.families.xraygpt.model:XrayGPTModel",
+    "llava": "xraygpt_app.families.llava.model:LlavaModel",
+}
+
+
+# XrayGPT's own example prompts (its demo's "Prompt Examples"); the first is the default question.
+DEFAULT_REPORT_QUESTION = "Describe the given chest x-ray image in detail."
+EXAMPLE_QUESTIONS = (
+    DEFAULT_REPORT_QUESTION,
+    "Take a look at this chest x-ray and describe the findings and impression.",
+    "Could you provide a detailed description of the given x-ray image?",
+    "Describe the given chest x-ray image as detailed as possible.",
+    "What are the key findings in this chest x-ray image?",
+    "Could you highlight any abnormalities or concerns in this chest x-ray image?",
+    "What specific features of the lungs and heart are visible in this chest x-ray image?",
+    "What is the most prominent feature visible in this chest x-ray image, and how is it indicative of the"
+    " patient's health?",
+    "Based on the findings in this chest x-ray image, what is the overall impression?",
+)
+
+
+@dataclass(frozen=True)
+class Turn:
+    question: str
+    answer: str  # the stored (cleaned) answer, as later prompts carry it
 
 
 @dataclass

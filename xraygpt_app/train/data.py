@@ -30,8 +30,8 @@ from torchvision import transforms
 
 from ..config import ImageConfig, VisionConfig
 from ..errors import BadInputError, XrayGPTError
-from ..imaging.loader import load_radiograph, model_ready
 from ..families.xraygpt.vision import build_preprocess
+from ..imaging.loader import load_radiograph, model_ready
 
 log = logging.getLogger(__name__)
 

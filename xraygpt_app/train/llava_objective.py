@@ -27,8 +27,8 @@ from torch import nn
 
 from ..checkpoints import CheckpointKeyError
 from ..config import Config
-from ..families.xraygpt.conversation import IMAGE_MESSAGE
 from ..families.llava.model import LlavaModel
+from ..families.xraygpt.conversation import IMAGE_MESSAGE
 from .config import TrainConfig
 from .family import TrainingBatch
 from .lora import add_lora, enable_llm_training, set_lora_state

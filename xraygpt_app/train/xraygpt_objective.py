@@ -30,8 +30,9 @@ from torch import nn
 from ..chat import ChatSession
 from ..checkpoints import CheckpointKeyError, export_bridge_key
 from ..config import Config
-from ..families.xraygpt.conversation import DEFAULT_REPORT_QUESTION, IMAGE_MESSAGE, IMAGE_PLACEHOLDER, split_on_image
 from ..errors import ConfigError
+from ..families import DEFAULT_REPORT_QUESTION
+from ..families.xraygpt.conversation import IMAGE_MESSAGE, IMAGE_PLACEHOLDER, split_on_image
 from ..families.xraygpt.model import XrayGPTModel
 from .config import TrainConfig
 from .data import image_transform

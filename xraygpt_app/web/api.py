@@ -12,8 +12,8 @@ from typing import Any
 
 from PIL import Image
 
-from ..families.xraygpt.conversation import DEFAULT_REPORT_QUESTION
 from ..errors import XrayGPTError
+from ..families import DEFAULT_REPORT_QUESTION
 from .handlers import parse_labels
 from .services import Services
 
@@ -27,10 +27,10 @@ def _api_image(data: bytes, services: Services) -> Image.Image:
 
 def api_answer(services: Services, data: bytes, question: str, settings: dict[str, Any]) -> str:
     """Answer one question about an image (report or VQA); raises XrayGPTError for bad input."""
-    if services.xraygpt is None:
-        raise XrayGPTError(services.xraygpt_missing or "XrayGPT is not loaded.")
+    if services.assistant is None:
+        raise XrayGPTError(services.assistant_missing or "XrayGPT is not loaded.")
     began = time.perf_counter()
-    turn = services.xraygpt.chat(_api_image(data, services)).ask(question or DEFAULT_REPORT_QUESTION, **settings)
+    turn = services.assistant.chat(_api_image(data, services)).ask(question or DEFAULT_REPORT_QUESTION, **settings)
     logger.info("api answer: %d bytes in, %d tokens in %.2f s", len(data), len(turn.token_ids),
                 time.perf_counter() - began)
     return turn.answer

@@ -20,8 +20,8 @@ from typing import Any
 
 from PIL import Image
 
-from ..families.xraygpt.conversation import DEFAULT_REPORT_QUESTION  # pure Python: no torch
 from ..errors import XrayGPTError
+from ..families import DEFAULT_REPORT_QUESTION  # pure Python: no torch
 from ..zeroshot.prompts import PRESETS, split_labels
 from .display import InputView, describe_image, md_text, preview_html
 from .services import ZEROSHOT_TITLES, Services
@@ -90,9 +90,9 @@ def generation_kwargs(max_new_tokens: float, temperature: float, top_p: float, n
 
 def model_line(services: Services) -> str:
     """The small "model" line: which family and weights answer in the chat tabs (empty if none is loaded)."""
-    if services.xraygpt is None:
+    if services.assistant is None:
         return ""
-    return f"<small>**Model:** {md_text(services.xraygpt.describe())}</small>"
+    return f"<small>**Model:** {md_text(services.assistant.describe())}</small>"
 
 
 def notice(text: str) -> str:
@@ -160,8 +160,8 @@ ChatOutput = tuple[list[dict[str, str]], UserState, str, str]  # messages, state
 
 
 def _chat_ready(state: UserState | None, services: Services) -> str:
-    if services.xraygpt is None:
-        return notice(services.xraygpt_missing or "XrayGPT is not loaded.")
+    if services.assistant is None:
+        return notice(services.assistant_missing or "XrayGPT is not loaded.")
     if state is None or state.image is None:
         return notice(NO_IMAGE)
     return ""
@@ -222,7 +222,7 @@ def ask(state: UserState | None, services: Services, question: str, settings: di
         yield _refused(state, problem)
         return
     if state.session is None:  # encodes the image once per conversation
-        state.session = services.xraygpt.chat(state.image)
+        state.session = services.assistant.chat(state.image)
     session = state.session
     yield from _stream(state, lambda: session.ask_stream(question, cancel=state.cancel, **settings),
                        question, replace_last=False)
@@ -295,7 +295,7 @@ def vqa_answer(state: UserState | None, services: Services, question: str, setti
     if problem:
         yield "", problem
         return
-    session, text, began, epoch = services.xraygpt.chat(state.image), "", time.perf_counter(), state.epoch
+    session, text, began, epoch = services.assistant.chat(state.image), "", time.perf_counter(), state.epoch
     try:
         for piece in session.ask_stream(question, cancel=state.vqa_cancel, **settings):
             if state.epoch != epoch:  # a new image: this answer is about the old one

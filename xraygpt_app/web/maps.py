@@ -115,10 +115,10 @@ def vqa_map(state: UserState | None, services: Services, span: str, opacity: flo
 
     if state is None or state.image is None:
         return "", None, notice(NO_IMAGE)
-    if state.vqa_turn is None or services.xraygpt is None:
+    if state.vqa_turn is None or services.assistant is None:
         return "", None, notice("Answer a question first.")
     try:
-        heatmap = turn_heatmap(services.xraygpt.model, state.image, state.vqa_turn, span=span or None)
+        heatmap = turn_heatmap(services.assistant.model, state.image, state.vqa_turn, span=span or None)
     except XrayGPTError as exc:
         return "", None, notice(str(exc))
     return map_html(state.image, heatmap, opacity), heatmap.slim(), ""

@@ -23,15 +23,16 @@ ZEROSHOT_TITLES = {"medclip-vit": "MedCLIP ViT", "medclip-resnet": "MedCLIP ResN
 
 @dataclass
 class Services:
-    """What the UI handlers call: the XrayGPT model and the loaded zero-shot classifiers.
+    """What the UI handlers call: the chat model and the loaded zero-shot classifiers.
 
-    ``xraygpt`` is None when it could not be loaded; ``xraygpt_missing`` then says why.
+    ``assistant`` (the chat model of the config's family) is None when it could not be loaded;
+    ``assistant_missing`` then says why.
     ``zeroshot_missing`` maps each zero-shot model that is not loaded to the reason.
     """
 
     config: Config
-    xraygpt: Any = None
-    xraygpt_missing: str | None = None
+    assistant: Any = None
+    assistant_missing: str | None = None
     classifiers: dict[str, Any] = field(default_factory=dict)
     zeroshot_missing: dict[str, str] = field(default_factory=dict)
 
@@ -43,7 +44,7 @@ class Services:
 
 
 def build_services(config: Config, *, progress: Callable[[str], None] | None = None, download: bool = False,
-                   with_xraygpt: bool = True, with_zeroshot: bool = True) -> Services:
+                   with_assistant: bool = True, with_zeroshot: bool = True) -> Services:
     """Load every model the config names, reporting progress through ``progress``.
 
     ``download`` lets the weights layer fetch XrayGPT's missing files from their Hub/URL sources
@@ -51,20 +52,20 @@ def build_services(config: Config, *, progress: Callable[[str], None] | None = N
     """
     say = progress or logger.info
     services = Services(config=config)
-    if with_xraygpt:
-        services.xraygpt, services.xraygpt_missing = _load_xraygpt(config, say, download)
+    if with_assistant:
+        services.assistant, services.assistant_missing = _load_assistant(config, say, download)
     if with_zeroshot:
         services.classifiers, services.zeroshot_missing = _load_zeroshot(config, say, download)
     return services
 
 
-def _load_xraygpt(config: Config, say: Callable[[str], None], download: bool) -> tuple[Any, str | None]:
+def _load_assistant(config: Config, say: Callable[[str], None], download: bool) -> tuple[Any, str | None]:
     say("Loading XrayGPT (vision encoder, Q-Former, language model)...")
     start = time.perf_counter()
     try:
-        from ..api import XrayGPT
+        from ..api import Assistant
 
-        model = XrayGPT.from_config(config, download=download)
+        model = Assistant.from_config(config, download=download)
     except MissingWeightsError as exc:
         say(f"XrayGPT is unavailable: {exc}")
         return None, str(exc)

@@ -19,8 +19,8 @@ import gradio as gr
 from gradio.data_classes import FileData
 from gradio.utils import get_upload_folder
 
-from ..families.xraygpt.conversation import DEFAULT_REPORT_QUESTION
 from ..errors import XrayGPTError
+from ..families import DEFAULT_REPORT_QUESTION
 from ..zeroshot.prompts import PRESETS
 from . import api as ui_api
 from . import handlers as h

@@ -61,7 +61,7 @@ def _missing_box(services: Services, reasons: dict[str, str], what: str) -> None
 
 
 def _xraygpt_missing_box(services: Services) -> None:
-    _missing_box(services, {"XrayGPT": services.xraygpt_missing} if services.xraygpt_missing else {}, "XrayGPT")
+    _missing_box(services, {"XrayGPT": services.assistant_missing} if services.assistant_missing else {}, "XrayGPT")
 
 
 def _zeroshot_reasons(services: Services) -> dict[str, str]:
@@ -171,7 +171,8 @@ Resets = list[tuple[gr.components.Component, Any]]  # outputs about the image, w
 def _wire_image(services: Services, state: gr.State, image: dict[str, Any], resets: Resets) -> None:
     """Upload and example buttons: decode, preview, and empty every output about the old image."""
     limits, size = services.config.image, services.config.vision.image_size
-    view = services.xraygpt.input_view if services.xraygpt is not None else None  # the loaded family's preprocessing
+    # the loaded family's preprocessing
+    view = services.assistant.input_view if services.assistant is not None else None
     outputs = [state, image["preview"], image["description"], image["notice"], image["upload"], image["loaded"],
                image["replace"], *[component for component, _ in resets]]
 

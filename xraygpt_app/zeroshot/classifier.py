@@ -23,8 +23,8 @@ from PIL import Image
 from ..config import ENSEMBLES, Config, ZeroShotModelConfig
 from ..errors import BadInputError, ConfigError, MissingWeightsError
 from ..imaging.loader import model_ready
-from .prompts import PRESETS, PromptSet, template_prompts
 from ..weights import HUB_PREFIX, resolve_weights
+from .prompts import PRESETS, PromptSet, template_prompts
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from transformers import AutoConfig, AutoTokenizer, BertModel, SwinModel
 
 from ..checkpoints import CheckpointKeyError, load_exact
 from ..errors import BadInputError, MissingWeightsError
-from .prompts import DEFAULT_TEMPLATE
 from ..weights import HUB_PREFIX
+from .prompts import DEFAULT_TEMPLATE
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,7 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from ...checkpoints import CheckpointKeyError, load_exact, read_state_dict
 from ...config import LLAVA_WEIGHTS, Config
-from ..xraygpt.conversation import Turn
 from ...errors import ConfigError
-from .. import PromptSegments
 from ...llm import (
     apply_lora_adapter,
     check_vocabulary,
@@ -39,8 +37,9 @@ from ...llm import (
     undecodable_ids,
 )
 from ...placement import Placement, plan_placement
-from .tower import PatchTokenTower, load_tower
 from ...weights import resolve_weights
+from .. import PromptSegments, Turn
+from .tower import PatchTokenTower, load_tower
 
 log = logging.getLogger(__name__)
 

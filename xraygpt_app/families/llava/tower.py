@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ...zeroshot.biomedclip import load_open_clip, text_tower_repos
 from ...config import FAMILY_WEIGHTS, Config, TowerConfig
 from ...errors import ConfigError, MissingWeightsError
 from ...imaging.loader import model_ready
 from ...weights import resolve_weights
+from ...zeroshot.biomedclip import load_open_clip, text_tower_repos
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ slot (``CONV_VISION`` in XrayGPT, single-separator style). The image message
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from .. import DEFAULT_REPORT_QUESTION, EXAMPLE_QUESTIONS, Turn  # noqa: F401  (re-exported: XrayGPT's own prompts)
 
 SYSTEM_TEXT = (
     "You are an experienced Doctor, give the following medical scan: <Img>ImageContent</Img>. "
@@ -18,28 +18,6 @@ ASSISTANT_ROLE = "Doctor"
 SEPARATOR = "###"
 IMAGE_PLACEHOLDER = "<ImageHere>"
 IMAGE_MESSAGE = "<Img><ImageHere></Img>"
-
-# XrayGPT's own example prompts (its demo's "Prompt Examples"); the first is the default question.
-DEFAULT_REPORT_QUESTION = "Describe the given chest x-ray image in detail."
-EXAMPLE_QUESTIONS = (
-    DEFAULT_REPORT_QUESTION,
-    "Take a look at this chest x-ray and describe the findings and impression.",
-    "Could you provide a detailed description of the given x-ray image?",
-    "Describe the given chest x-ray image as detailed as possible.",
-    "What are the key findings in this chest x-ray image?",
-    "Could you highlight any abnormalities or concerns in this chest x-ray image?",
-    "What specific features of the lungs and heart are visible in this chest x-ray image?",
-    "What is the most prominent feature visible in this chest x-ray image, and how is it indicative of the"
-    " patient's health?",
-    "Based on the findings in this chest x-ray image, what is the overall impression?",
-)
-
-
-@dataclass(frozen=True)
-class Turn:
-    question: str
-    answer: str  # the stored (cleaned) answer, as later prompts carry it
-
 
 def render_prompt(turns: list[Turn], question: str) -> str:
     """The full prompt for ``question`` after the finished ``turns`` (the image rides on the first)."""

@@ -15,8 +15,6 @@ from transformers import PreTrainedTokenizerBase
 
 from ...checkpoints import CheckpointKeyError, load_exact, read_state_dict, remap_blip2, remap_eva_vit, remap_xraygpt
 from ...config import XRAYGPT_WEIGHTS, Config
-from .conversation import SEPARATOR, Turn, clean_answer, display_answer, render_prompt, split_on_image
-from .. import PromptSegments
 from ...llm import (
     apply_lora_adapter,
     check_llm_config,
@@ -29,9 +27,11 @@ from ...llm import (
     undecodable_ids,
 )
 from ...placement import Placement, plan_placement
+from ...weights import resolve_weights
+from .. import PromptSegments
+from .conversation import SEPARATOR, Turn, clean_answer, display_answer, render_prompt, split_on_image
 from .qformer import VisionLanguageBridge, cast_bridge
 from .vision import VisionTower, place_vision, preprocess
-from ...weights import resolve_weights
 
 log = logging.getLogger(__name__)
 
