@@ -126,3 +126,27 @@ def loss_chart(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, floa
     ax.legend(loc="upper right")
     ax.set_title("Fine-tuning loss")
     return _render(fig, path)
+
+
+def f1_chart(per_observation: Mapping[str, Mapping], micro: float, macro: float, title: str = "CheXbert F1",
+             path: str | Path | None = None) -> bytes:
+    """Horizontal bar per observation of its F1 with its support (reference positives); micro/macro as lines."""
+    names = list(per_observation)
+    values = [per_observation[name]["f1"] for name in names]
+    fig = Figure(figsize=(7, 0.38 * len(names) + 1.6))
+    ax = fig.subplots()
+    y = np.arange(len(names))
+    ax.barh(y, values, color="#3b75af")
+    for i, name in enumerate(names):
+        ax.text(values[i] + 0.01, i, f"{values[i]:.2f} (n={per_observation[name]['support']})", va="center",
+                fontsize=8)
+    ax.axvline(micro, color="#ef8636", linewidth=1.2, label=f"micro F1 {micro:.3f}")
+    ax.axvline(macro, color="#2ca02c", linewidth=1.2, linestyle="--", label=f"macro F1 {macro:.3f}")
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()  # CheXbert's order from the top
+    ax.set_xlim(0, 1.2)
+    ax.set_xlabel("F1 (positive or uncertain = 1); n = positives in the references")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8)  # below: no bar is hidden
+    ax.grid(axis="x", alpha=0.3)
+    return _render(fig, path)

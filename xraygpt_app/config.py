@@ -33,6 +33,7 @@ class WeightSpec:
     sha256: str | None = None
     how_to_get: str = ""
     licence: str = ""  # shown before a download, e.g. "MIT (MedCLIP's repository)"
+    files: list[str] = field(default_factory=list)  # a Hub folder: only these files (patterns); empty: all
 
 
 MODEL_FAMILIES = ("xraygpt", "llava")  # model.family: the architecture a config builds
@@ -210,6 +211,26 @@ class ZeroShotConfig:
 
 
 @dataclass
+class CheXbertConfig:
+    """CheXbert, the report labeler behind CheXbert F1 (``evaluate --metrics chexbert``, ``label-reports``).
+
+    ``weights``: the released ``chexbert.pth``; ``bert``: a folder with bert-base-uncased's
+    ``config.json`` and ``vocab.txt`` (its weights come from ``chexbert.pth``).
+    """
+
+    weights: WeightSpec = field(default_factory=WeightSpec)
+    bert: WeightSpec = field(default_factory=WeightSpec)
+    batch_size: int = 16
+
+
+@dataclass
+class EvaluationConfig:
+    """Scorers of generated reports that need model files."""
+
+    chexbert: CheXbertConfig = field(default_factory=CheXbertConfig)
+
+
+@dataclass
 class AppConfig:
     """The web app's serving options."""
 
@@ -239,6 +260,7 @@ class Config:
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     app: AppConfig = field(default_factory=AppConfig)
     source: str = ""  # the file this config was read from (set by load_config)
 
@@ -269,7 +291,8 @@ def config_from_raw(raw: dict, path: Path) -> Config:
 def _resolve_relative_sources(config: Config, base: Path) -> None:
     """Make relative local weight paths relative to the config file, not the working dir."""
     specs = [getattr(config.weights, f.name) for f in dataclasses.fields(WeightsConfig) if f.type == "WeightSpec"]
-    for spec in specs + [model.weights for model in config.zeroshot.models.values()]:
+    specs += [model.weights for model in config.zeroshot.models.values()] + list(evaluation_specs(config).values())
+    for spec in specs:
         spec.sources = [absolute_path(s, base) for s in spec.sources]
     config.weights.lora = absolute_path(config.weights.lora, base) if config.weights.lora else None
     if config.tower.text_config:
@@ -284,12 +307,24 @@ LLAVA_WEIGHTS = ("vision_tower", "projector", "llama_model")
 FAMILY_WEIGHTS = {"xraygpt": XRAYGPT_WEIGHTS, "llava": LLAVA_WEIGHTS}  # what each model.family reads
 
 
-def iter_weight_specs(config: Config) -> dict[str, WeightSpec]:
-    """Every weights entry the config's model family reads, by a readable name (for fetch/check)."""
+def iter_weight_specs(config: Config, evaluation: bool = False) -> dict[str, WeightSpec]:
+    """Every weights entry the config's model family reads, by a readable name (for fetch/check).
+
+    ``evaluation``: also the report scorers' entries that the config sets (``xraygpt fetch`` and
+    ``check`` list them; ``serve`` does not fetch them on start).
+    """
     specs = {f"weights.{name}": getattr(config.weights, name) for name in FAMILY_WEIGHTS[config.model.family]}
     for name, model in config.zeroshot.models.items():
         specs[f"zeroshot.models.{name}.weights"] = model.weights
+    if evaluation:
+        specs.update({name: spec for name, spec in evaluation_specs(config).items() if spec.sources})
     return specs
+
+
+def evaluation_specs(config: Config) -> dict[str, WeightSpec]:
+    """The report scorers' weights entries by their key path (set or not)."""
+    chexbert = config.evaluation.chexbert
+    return {"evaluation.chexbert.weights": chexbert.weights, "evaluation.chexbert.bert": chexbert.bert}
 
 
 RUNTIME_MODES = ("auto", "fp16", "8bit", "4bit", "low_resource", "fp32", "bf16")
@@ -319,6 +354,8 @@ def _validate(config: Config, source: str) -> None:
     if not gen.stop_string:
         raise ConfigError(f"{source}: generation.stop_string must not be empty")
     _validate_zeroshot(config.zeroshot, source)
+    if config.evaluation.chexbert.batch_size < 1:
+        raise ConfigError(f"{source}: evaluation.chexbert.batch_size must be at least 1")
 
 
 def _check_choice(source: str, key: str, value: str, choices: tuple[str, ...]) -> None:

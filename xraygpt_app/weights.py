@@ -118,7 +118,7 @@ def resolve_weights(spec: WeightSpec, name: str, *, download: bool = False,
     looked: dict[str, str] = {}  # source -> why it was not usable
     for source in spec.sources:
         try:
-            found = _find_offline(source, spec.sha256, cache_dir)
+            found = _find_offline(source, spec, cache_dir)
         except _SourceUnusable as exc:
             looked[source] = str(exc)
             continue
@@ -128,7 +128,7 @@ def resolve_weights(spec: WeightSpec, name: str, *, download: bool = False,
     if download:
         for source in filter(is_remote, spec.sources):
             try:
-                return _download(source, spec.sha256, cache_dir)
+                return _download(source, spec, cache_dir)
             except Exception as exc:  # noqa: BLE001 - any failure is reported, then the next source is tried
                 log.info("download failed: %s", type(exc).__name__)
                 looked[source] += f"; download failed: {_brief(exc)}"
@@ -138,7 +138,7 @@ def resolve_weights(spec: WeightSpec, name: str, *, download: bool = False,
 def weights_status(config: Config) -> list[WeightStatus]:
     """Which weights of ``config`` are present now (no download), for ``xraygpt check``."""
     statuses = []
-    for name, spec in iter_weight_specs(config).items():
+    for name, spec in iter_weight_specs(config, evaluation=True).items():
         try:
             path = resolve_weights(spec, name, cache_dir=config.weights.cache_dir)
             statuses.append(WeightStatus(name, path, f"present: {path}"))
@@ -147,10 +147,10 @@ def weights_status(config: Config) -> list[WeightStatus]:
     return statuses
 
 
-def _find_offline(source: str, sha256: str | None, cache_dir: str | None) -> Path | None:
+def _find_offline(source: str, spec: WeightSpec, cache_dir: str | None) -> Path | None:
     """The source's file/folder if available without network, else None."""
     if source.startswith(HUB_PREFIX):
-        found = _hub_cached(parse_hub_source(source))
+        found = _hub_cached(parse_hub_source(source), spec.files)
     elif "://" in source:
         path = url_cache_path(source, cache_dir)
         found = path if path.is_file() else None
@@ -158,7 +158,7 @@ def _find_offline(source: str, sha256: str | None, cache_dir: str | None) -> Pat
         path = Path(source).expanduser()
         found = path if path.exists() else None
     if found is not None:
-        _verify(found, sha256)
+        _verify(found, spec.sha256)
     return found
 
 
@@ -213,7 +213,7 @@ def _sha256_file(path: str, size: int, mtime_ns: int) -> str:
 
 # --- Hugging Face Hub --------------------------------------------------------------------------
 
-def _hub_cached(hub: HubSource) -> Path | None:
+def _hub_cached(hub: HubSource, files: list[str]) -> Path | None:
     """A Hub file or snapshot already in huggingface_hub's cache, without touching the network."""
     import huggingface_hub  # deferred: not needed for local paths
 
@@ -222,23 +222,28 @@ def _hub_cached(hub: HubSource) -> Path | None:
         return Path(found) if isinstance(found, str) else None
     try:
         folder = huggingface_hub.snapshot_download(hub.repo_id, revision=hub.revision, local_files_only=True,
-                                                   allow_patterns=_allow(hub))
+                                                   allow_patterns=_allow(hub, files))
     except Exception:  # noqa: BLE001 - huggingface_hub raises several types for "not cached"
         return None
     path = Path(folder) / hub.subfolder if hub.subfolder else Path(folder)
     return path if path.exists() else None
 
 
-def _allow(hub: HubSource) -> list[str] | None:
-    return [f"{hub.subfolder}/*"] if hub.subfolder else None
+def _allow(hub: HubSource, files: list[str]) -> list[str] | None:
+    """snapshot_download's patterns: the spec's ``files`` (inside the subfolder, if any), or all of it."""
+    prefix = f"{hub.subfolder}/" if hub.subfolder else ""
+    if files:
+        return [prefix + pattern for pattern in files]
+    return [f"{prefix}*"] if prefix else None
 
 
-def _download_hub(hub: HubSource) -> Path:
+def _download_hub(hub: HubSource, files: list[str]) -> Path:
     import huggingface_hub
 
     if hub.filename:
         return Path(huggingface_hub.hf_hub_download(hub.repo_id, hub.filename, revision=hub.revision))
-    folder = Path(huggingface_hub.snapshot_download(hub.repo_id, revision=hub.revision, allow_patterns=_allow(hub)))
+    folder = Path(huggingface_hub.snapshot_download(hub.repo_id, revision=hub.revision,
+                                                    allow_patterns=_allow(hub, files)))
     return folder / hub.subfolder if hub.subfolder else folder
 
 
@@ -256,12 +261,13 @@ def download_hub_configs(repo_id: str) -> Path:
 
 # --- downloads ---------------------------------------------------------------------------------
 
-def download_size(source: str) -> int | None:
-    """Bytes that downloading ``source`` would fetch (HTTP Content-Length, or the Hub's file sizes);
-    None when the server does not say or cannot be reached (the download then reports why)."""
+def download_size(source: str, files: list[str] | tuple[str, ...] = ()) -> int | None:
+    """Bytes that downloading ``source`` would fetch (HTTP Content-Length, or the Hub's file sizes,
+    only ``files`` of a folder when given); None when the server does not say or cannot be reached
+    (the download then reports why)."""
     try:
         if source.startswith(HUB_PREFIX):
-            return _hub_size(parse_hub_source(source))
+            return _hub_size(parse_hub_source(source), list(files))
         _check_url(source)
         request = urllib.request.Request(source, method="HEAD")
         with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT_S) as response:
@@ -271,14 +277,17 @@ def download_size(source: str) -> int | None:
         return None
 
 
-def _hub_size(hub: HubSource) -> int | None:
+def _hub_size(hub: HubSource, files: list[str]) -> int | None:
+    import fnmatch
+
     import huggingface_hub
 
     info = huggingface_hub.HfApi().model_info(hub.repo_id, revision=hub.revision, files_metadata=True,
                                               timeout=PROBE_TIMEOUT_S)
-    prefix = f"{hub.subfolder}/" if hub.subfolder else ""
+    patterns = _allow(hub, files) or ["*"]
     sizes = [f.size for f in info.siblings or [] if f.size is not None
-             and (f.rfilename == hub.filename if hub.filename else f.rfilename.startswith(prefix))]
+             and (f.rfilename == hub.filename if hub.filename
+                  else any(fnmatch.fnmatch(f.rfilename, pattern) for pattern in patterns))]
     return sum(sizes) if sizes else None
 
 
@@ -294,14 +303,14 @@ def human_size(size: int | None) -> str:
     return f"{value:.1f} GiB"
 
 
-def _download(source: str, sha256: str | None, cache_dir: str | None) -> Path:
+def _download(source: str, spec: WeightSpec, cache_dir: str | None) -> Path:
     """Download one remote source and return its local path (checksum verified)."""
     start = time.perf_counter()
     if source.startswith(HUB_PREFIX):
-        path = _download_hub(parse_hub_source(source))
-        _verify_or_raise(path, sha256)
+        path = _download_hub(parse_hub_source(source), spec.files)
+        _verify_or_raise(path, spec.sha256)
     else:
-        path = download_url(source, url_cache_path(source, cache_dir), sha256)
+        path = download_url(source, url_cache_path(source, cache_dir), spec.sha256)
     log.info("downloaded weights in %.1f s", time.perf_counter() - start)
     return path
 

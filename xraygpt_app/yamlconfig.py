@@ -65,8 +65,8 @@ def apply_override(raw: dict, item: str, path: Path) -> None:
 
 # Keys whose values are file locations. Typed on the command line, a relative path means the working
 # directory, as in any shell command; written in a config file, it means that file's folder.
-PATH_KEYS = frozenset({"weights", "sources", "lora", "vision_config", "text_config"})
-NOT_PATHS = frozenset({"sha256", "how_to_get", "licence"})  # the other fields of a weights entry
+PATH_KEYS = frozenset({"weights", "sources", "lora", "vision_config", "text_config", "bert"})
+NOT_PATHS = frozenset({"sha256", "how_to_get", "licence", "files"})  # the other fields of a weights entry
 
 
 def _from_working_dir(value: Any) -> Any:

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "xraygpt_app.cli.inspect",
     "xraygpt_app.cli.zeroshot",
     "xraygpt_app.cli.finetune",
+    "xraygpt_app.cli.reports",
 )
 
 

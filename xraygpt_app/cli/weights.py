@@ -51,15 +51,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_fetch(args: argparse.Namespace) -> int:
     """Resolve every spec, downloading remote sources; print where each one is or how to get it."""
     config = load_config(args.config, args.overrides)
-    return _summary(fetch_weights(config, lambda message: print(message, flush=True)))
+    return _summary(fetch_weights(config, lambda message: print(message, flush=True), evaluation=True))
 
 
-def fetch_weights(config: Config, say: Callable[[str], None]) -> int:
+def fetch_weights(config: Config, say: Callable[[str], None], evaluation: bool = False) -> int:
     """Every weights entry of ``config``: present, downloaded (size and licence said first) or how to get
     it; then the towers' config files. Returns how many entries are still missing. ``serve`` runs
-    this on start (unless --offline); a failed download is reported, never raised."""
+    this on start (unless --offline); a failed download is reported, never raised. ``evaluation``:
+    also the report scorers' files (``xraygpt fetch``; serving does not need them)."""
     # zero-shot first: its files are the smallest, and with them the app is useful before XrayGPT's arrive
-    specs = sorted(iter_weight_specs(config).items(), key=lambda item: not item[0].startswith("zeroshot."))
+    specs = sorted(iter_weight_specs(config, evaluation).items(), key=lambda item: not item[0].startswith("zeroshot."))
     missing = sum(not _fetch_one(config, name, spec, say) for name, spec in specs)
     return missing + _fetch_tower_configs(config, say)
 
@@ -75,7 +76,8 @@ def _fetch_one(config: Config, name: str, spec: WeightSpec, say: Callable[[str],
         say(f"manual      {name}: cannot be downloaded automatically\n{_indent(str(offline_error))}")
         return False
     licence = spec.licence or "see the source"
-    say(f"downloading {name}: {human_size(download_size(remote[0]))} from {remote[0]} (licence: {licence}) ...")
+    size = human_size(download_size(remote[0], spec.files))
+    say(f"downloading {name}: {size} from {remote[0]} (licence: {licence}) ...")
     try:
         path = resolve_weights(spec, name, download=True, cache_dir=config.weights.cache_dir)
     except MissingWeightsError as exc:

@@ -6,7 +6,6 @@ Exit codes: 0 ok; 2 bad input (image, CSV, labels, config); 3 missing weights.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -16,11 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ENSEMBLES, Config, load_config
-from ..errors import BadInputError, ImageLoadError
-from ..imaging.loader import load_radiograph
+from ..errors import BadInputError
 from ..zeroshot.prompts import PRESETS, PromptSet, load_prompt_file, parse_labels
+from .files import load_csv_images, load_images, make_folder
 from .heatmaps import MEANING_LINE, add_heatmap_option, output_folder, write_zeroshot_maps
 from .options import add_config_options
+from .reports import add_report_options, evaluate_reports
 
 log = logging.getLogger(__name__)
 NOTICE = "Research and education only: these scores are not a diagnosis."
@@ -55,12 +55,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate = subparsers.add_parser("evaluate", help="metrics on labelled images (zeroshot) or reports (report)")
     evaluate.add_argument("--task", choices=("zeroshot", "report"), required=True)
     evaluate.add_argument("--data", required=True, metavar="CSV",
-                          help="zeroshot: image,label (or one 0/1 column per label); report: image,report."
+                          help="zeroshot: image,label (or one 0/1 column per label); report: image,report (generate,"
+                               " then score) or report,generated (score as they are)."
                                " Relative image paths are relative to the CSV")
     evaluate.add_argument("--out", default="eval_results", help="output folder (default: eval_results)")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% intervals")
     evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     _add_label_options(evaluate)
+    add_report_options(evaluate)
     add_config_options(evaluate)
     evaluate.set_defaults(func=run_evaluate)
 
@@ -85,20 +87,10 @@ def _request(args: argparse.Namespace) -> dict:
     return {"preset": args.preset}
 
 
-def _load_images(paths: list[str], config: Config) -> list:
-    images = []
-    for path in paths:
-        try:
-            images.append(load_radiograph(path, config.image).image)
-        except ImageLoadError as exc:  # name the file: with many images (or CSV rows) the user must know which
-            raise ImageLoadError(f"{path}: {exc}") from None
-    return images
-
-
 def run_classify(args: argparse.Namespace) -> int:
     """Print a table (or JSON) of scores per image; optionally write the chart."""
     config = load_config(args.config, args.overrides)
-    images = _load_images(args.images, config)
+    images = load_images(args.images, config)
     if args.heatmap:
         output_folder(args.heatmap)  # before the model loads
     classifier = _classifier(config, args)
@@ -147,16 +139,6 @@ def _table(path: str, result) -> str:
     return "\n".join(lines)
 
 
-def _resolve(csv_path: Path, image: str) -> Path:
-    path = Path(image).expanduser()
-    return path if path.is_absolute() else csv_path.parent / path
-
-
-def _load_csv_images(csv_path: Path, images: list[str], config: Config) -> list:
-    """The CSV's images, relative paths taken from the CSV's folder."""
-    return _load_images([str(_resolve(csv_path, p)) for p in images], config)
-
-
 def run_evaluate(args: argparse.Namespace) -> int:
     """Dispatch to the zero-shot or report evaluation; both write metrics.json into --out."""
     if args.bootstrap < 1:
@@ -166,17 +148,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.task == "zeroshot":
         summary = evaluate_zeroshot(config, args, out)
     else:
-        summary = evaluate_reports(config, Path(args.data), out)
+        summary = evaluate_reports(config, args, out)
     print(summary)
     print(NOTICE)
     return 0
-
-
-def _make_folder(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInputError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
 
 
 def _prompt_set_for(classifier, table, args: argparse.Namespace) -> PromptSet:
@@ -203,7 +178,7 @@ def evaluate_zeroshot(config: Config, args: argparse.Namespace, out: Path) -> st
 
     csv_path = Path(args.data)
     table = read_label_table(csv_path)
-    images = _load_csv_images(csv_path, table.images, config)
+    images = load_csv_images(csv_path, table.images, config)
     classifier = _classifier(config, args)
     prompt_set = _prompt_set_for(classifier, table, args)
     logits = classifier.logits(images, prompt_set).numpy().astype(np.float64)
@@ -211,31 +186,10 @@ def evaluate_zeroshot(config: Config, args: argparse.Namespace, out: Path) -> st
     metrics["model"] = classifier.name
     metrics["ensemble"] = classifier.ensemble
     metrics["prompts_per_label"] = {label: len(p) for label, p in prompt_set.items()}
-    _make_folder(out)
+    make_folder(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     roc_chart(roc_curves(table, logits), path=out / "roc.png")
     auc_chart(metrics["per_class"], metrics["macro_auc"], path=out / "auc_per_class.png")
     macro = "n/a" if metrics["macro_auc"] is None else f"{metrics['macro_auc']:.3f}"
     return (f"{len(images)} images, {len(table.labels)} labels: accuracy {metrics['accuracy']:.3f}, "
             f"macro AUC {macro}; wrote {out / 'metrics.json'}, {out / 'roc.png'}, {out / 'auc_per_class.png'}")
-
-
-def evaluate_reports(config: Config, csv_path: Path, out: Path) -> str:
-    """Generate a report per image with XrayGPT, score BLEU-1..4 and ROUGE-L, write metrics.json."""
-    from ..api import Assistant
-    from ..evaluation.metrics import read_report_table, report_metrics
-
-    paths, references = read_report_table(csv_path)
-    images = _load_csv_images(csv_path, paths, config)
-    model = Assistant.from_config(config)
-    start = time.perf_counter()
-    hypotheses = [model.report(image).answer for image in images]
-    log.info("generated %d reports in %.1f s", len(images), time.perf_counter() - start)
-    metrics = report_metrics(hypotheses, references)
-    for path, hypothesis, item in zip(paths, hypotheses, metrics["per_item"], strict=True):
-        item["image"], item["generated_report"] = path, hypothesis  # kept so scores can be checked by reading
-    metrics["settings"]["generation"] = dataclasses.asdict(config.generation)
-    _make_folder(out)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    overall = ", ".join(f"{k} {v:.3f}" for k, v in metrics["overall"].items())
-    return f"{len(images)} reports: {overall}; wrote {out / 'metrics.json'}"
