@@ -60,19 +60,21 @@ def build_services(config: Config, *, progress: Callable[[str], None] | None = N
 
 
 def _load_assistant(config: Config, say: Callable[[str], None], download: bool) -> tuple[Any, str | None]:
-    say("Loading XrayGPT (vision encoder, Q-Former, language model)...")
+    family = config.model.family
     start = time.perf_counter()
     try:
         from ..api import Assistant
+        from ..families import model_class
 
+        say(f"Loading the {family} model ({', '.join(model_class(family).parts)})...")
         model = Assistant.from_config(config, download=download)
     except MissingWeightsError as exc:
-        say(f"XrayGPT is unavailable: {exc}")
+        say(f"The {family} model is unavailable: {exc}")
         return None, str(exc)
     except ImportError as exc:  # an optional dependency missing on this install
-        say(f"XrayGPT is unavailable: {exc}")
-        return None, f"XrayGPT could not be imported on this install: {exc}"
-    say(f"XrayGPT loaded in {time.perf_counter() - start:.1f} s.")
+        say(f"The {family} model is unavailable: {exc}")
+        return None, f"The {family} model could not be imported on this install: {exc}"
+    say(f"The {family} model loaded in {time.perf_counter() - start:.1f} s.")
     return model, None
 
 

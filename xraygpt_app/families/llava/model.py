@@ -137,6 +137,8 @@ class ChatTemplate:
 class LlavaModel:
     """The loaded llava-family model (a ``family.ChatModel``)."""
 
+    parts = ("vision tower", "projector", "language model")  # what loading reads, in words (the app says it)
+
     def __init__(self, config: Config, tower: PatchTokenTower, projector: nn.Module, llm: nn.Module,
                  tokenizer: PreTrainedTokenizerBase, placement: Placement, template: ChatTemplate,
                  weight_names: dict[str, str] | None = None):

@@ -114,6 +114,8 @@ def check_rotary_buffers(llm: torch.nn.Module, saved: dict[str, torch.Tensor]) -
 class XrayGPTModel:
     """The loaded model: encode an image once, embed text, and expose the LLM (a ``family.ChatModel``)."""
 
+    parts = ("vision encoder", "Q-Former", "language model")  # what loading reads, in words (the app says it)
+
     # Text the answer may still turn into; held back while streaming so no piece is ever retracted.
     pending_suffixes = (SEPARATOR, "Doctor:", "ChatDoctor", "Chat Doctor", "\ufffd")
 
