@@ -46,6 +46,7 @@ def test_defaults_are_real_xraygpt_dims(tmp_path: Path) -> None:
     ({"vision": {"dpeth": 3}}, "vision.dpeth"),
     ({"weights": {"ckpt": {"sources": ["a.pth"], "sha265": "00"}}}, "weights.ckpt.sha265"),
     ({"generation": {"max_new_token": 5}}, "generation.max_new_token"),
+    ({"overrides": ["llm.max_length=9"]}, "overrides"),  # how the config was loaded, never a key of the file
 ])
 def test_unknown_key_names_file_and_key(tmp_path: Path, data: dict, key: str) -> None:
     path = _write(tmp_path, data)

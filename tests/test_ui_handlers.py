@@ -239,7 +239,7 @@ def test_missing_weights_do_not_stop_the_app(shared_dir, tmp_path):
 
     demo = build_app(services)  # builds, with the reasons shown in place of the controls
     page_text = str(demo.config)
-    assert "XrayGPT is not available" in page_text and "absent.bin" in page_text
+    assert "The xraygpt model is not available" in page_text and "absent.bin" in page_text
 
 
 def test_app_exposes_the_api_names(services):
@@ -248,6 +248,14 @@ def test_app_exposes_the_api_names(services):
     demo = build_app(services)
     names = {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"}
     assert {"report", "ask", "classify"} <= names
+
+
+def test_the_buttons_that_ask_the_model_are_live_when_it_is_loaded(services):
+    from xraygpt_app.web.ui import build_app
+
+    props = [component.get("props", {}) for component in build_app(services).config["components"]]
+    asking = {p["elem_id"]: p.get("interactive") for p in props if p.get("elem_id") in ("generate-report", "vqa-ask")}
+    assert asking == {"generate-report": True, "vqa-ask": True}
 
 
 def test_forgotten_session_lets_go_of_image_and_conversation(services, loaded):

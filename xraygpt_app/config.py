@@ -263,6 +263,7 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     app: AppConfig = field(default_factory=AppConfig)
     source: str = ""  # the file this config was read from (set by load_config)
+    overrides: list[str] = field(default_factory=list)  # its --set items, to print commands that reproduce it
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -276,7 +277,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     path = Path(path) if path is not None else DEFAULT_CONFIG
     raw = read_raw_config(path, overrides)
     raw.pop("train", None)  # a training config's own section, read (and checked) by xraygpt_app.train.config
-    return config_from_raw(raw, path)
+    config = config_from_raw(raw, path)
+    config.overrides = list(overrides)
+    return config
 
 
 def config_from_raw(raw: dict, path: Path) -> Config:

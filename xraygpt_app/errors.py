@@ -26,6 +26,10 @@ class MissingWeightsError(XrayGPTError):
 
     exit_code = 3
 
+    def __init__(self, message: str, name: str = ""):
+        super().__init__(message)
+        self.name = name  # the config entry, e.g. "weights.ckpt" (empty when not one entry)
+
 
 class ModelMemoryError(XrayGPTError):
     """The device ran out of memory during an answer; the conversation is left as it was."""

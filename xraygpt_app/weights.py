@@ -132,7 +132,7 @@ def resolve_weights(spec: WeightSpec, name: str, *, download: bool = False,
             except Exception as exc:  # noqa: BLE001 - any failure is reported, then the next source is tried
                 log.info("download failed: %s", type(exc).__name__)
                 looked[source] += f"; download failed: {_brief(exc)}"
-    raise MissingWeightsError(_missing_message(spec, name, looked))
+    raise MissingWeightsError(_missing_message(spec, name, looked), name)
 
 
 def weights_status(config: Config) -> list[WeightStatus]:

@@ -77,6 +77,9 @@ def _from_working_dir(value: Any) -> Any:
     return value
 
 
+LOADER_FIELDS = frozenset({"source", "overrides"})  # set by the loader (how a config was read), never keys in YAML
+
+
 def build_section(cls: type, data: Any, source: str, where: str) -> Any:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys by name (``where``: its key path)."""
     if data is None:
@@ -87,7 +90,7 @@ def build_section(cls: type, data: Any, source: str, where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {where or 'top level'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    known = {f.name for f in dataclasses.fields(cls) if f.name not in LOADER_FIELDS}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(

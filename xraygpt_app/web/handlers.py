@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import shlex
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -93,6 +94,19 @@ def model_line(services: Services) -> str:
     if services.assistant is None:
         return ""
     return f"<small>**Model:** {md_text(services.assistant.describe())}</small>"
+
+
+def family_title(services: Services) -> str:
+    """How the app names the configured chat model, loaded or not."""
+    return f"The {services.config.model.family} model"
+
+
+def command_line(config: Any, command: str) -> str:
+    """``xraygpt COMMAND`` with the config file and every ``--set`` this app was started with, shell-quoted."""
+    words = ["xraygpt", command, "--config", config.source or "eval_configs/xraygpt_eval.yaml"]
+    for item in config.overrides:
+        words += ["--set", item]
+    return shlex.join(words)
 
 
 def notice(text: str) -> str:

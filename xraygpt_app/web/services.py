@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ZEROSHOT_KINDS, Config
+from ..config import FAMILY_WEIGHTS, ZEROSHOT_KINDS, Config
 from ..errors import MissingWeightsError, XrayGPTError
 
 logger = logging.getLogger(__name__)
@@ -69,13 +69,35 @@ def _load_assistant(config: Config, say: Callable[[str], None], download: bool) 
         say(f"Loading the {family} model ({', '.join(model_class(family).parts)})...")
         model = Assistant.from_config(config, download=download)
     except MissingWeightsError as exc:
-        say(f"The {family} model is unavailable: {exc}")
-        return None, str(exc)
+        reason = _every_missing_file(config, exc)
+        say(f"The {family} model is unavailable: {reason}")
+        return None, reason
     except ImportError as exc:  # an optional dependency missing on this install
         say(f"The {family} model is unavailable: {exc}")
         return None, f"The {family} model could not be imported on this install: {exc}"
     say(f"The {family} model loaded in {time.perf_counter() - start:.1f} s.")
     return model, None
+
+
+def _every_missing_file(config: Config, first: MissingWeightsError) -> str:
+    """What loading stopped at, and every other weights file of the family that is missing too.
+
+    Loading stops at the first missing file; a user who fetches that one would only learn of the
+    next on the following start. ``first`` keeps its own message (it may name failed downloads).
+    """
+    from ..weights import resolve_weights
+
+    reasons = {first.name: str(first)}  # first, whichever entry (if any) it names
+    for name in FAMILY_WEIGHTS[config.model.family]:
+        label = f"weights.{name}"
+        try:
+            if label != first.name:
+                resolve_weights(getattr(config.weights, name), label, cache_dir=config.weights.cache_dir)
+        except MissingWeightsError as exc:
+            reasons[label] = str(exc)
+    if len(reasons) == 1:
+        return str(first)
+    return f"{len(reasons)} weights files are missing.\n\n" + "\n\n".join(reasons.values())
 
 
 def _load_zeroshot(config: Config, say: Callable[[str], None], download: bool

@@ -50,18 +50,19 @@ def disclaimer() -> gr.Markdown:
 
 def _missing_box(services: Services, reasons: dict[str, str], what: str) -> None:
     """What is missing, per model, as the weights layer says it (where we looked, how to get it, where to
-    save it), and the commands that fetch the public files and restart with this config."""
+    save it), and the commands that fetch the public files and restart with this config and its --set items."""
     if reasons:
         blocks = "\n\n".join(f"**{name}**\n\n```text\n{reason}\n```" for name, reason in reasons.items())
-        config = services.config.source or "eval_configs/xraygpt_eval.yaml"
+        fetch, serve = (h.command_line(services.config, command) for command in ("fetch", "serve"))
         gr.Markdown(f"### {what} is not available\n\n{blocks}\n\nSave manual downloads where *Save them as* "
-                    f"says. The public files download with:\n\n```bash\nxraygpt fetch --config {config}\n```\n\n"
-                    f"then restart the app:\n\n```bash\nxraygpt serve --config {config}\n```",
+                    f"says. The public files download with:\n\n```bash\n{fetch}\n```\n\n"
+                    f"then restart the app:\n\n```bash\n{serve}\n```",
                     elem_classes=["xr-missing"])
 
 
-def _xraygpt_missing_box(services: Services) -> None:
-    _missing_box(services, {"XrayGPT": services.assistant_missing} if services.assistant_missing else {}, "XrayGPT")
+def _assistant_missing_box(services: Services) -> None:
+    title = h.family_title(services)
+    _missing_box(services, {title: services.assistant_missing} if services.assistant_missing else {}, title)
 
 
 def _zeroshot_reasons(services: Services) -> dict[str, str]:
@@ -202,18 +203,20 @@ def _wire_image(services: Services, state: gr.State, image: dict[str, Any], rese
 
 
 def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Resets:
+    ready = services.assistant is not None  # without a model the buttons that ask it are greyed out
     disclaimer()
-    _xraygpt_missing_box(services)
+    _assistant_missing_box(services)
     gr.Markdown(h.model_line(services), elem_id="model-line")
     chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot", buttons=["copy"],
                          placeholder="Upload a radiograph, then press **Generate report**.")
     with gr.Row():
-        question = gr.Textbox(placeholder="Ask a follow-up question…", show_label=False, scale=4, elem_id="question")
-        ask_button = gr.Button("Ask", scale=1, elem_id="ask")
+        question = gr.Textbox(placeholder="Ask a follow-up question…", show_label=False, scale=4, elem_id="question",
+                              interactive=ready)
+        ask_button = gr.Button("Ask", scale=1, elem_id="ask", interactive=ready)
     with gr.Row():
-        report_button = gr.Button("Generate report", variant="primary", elem_id="generate-report")
+        report_button = gr.Button("Generate report", variant="primary", elem_id="generate-report", interactive=ready)
         stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
-        regenerate_button = gr.Button("Regenerate", elem_id="regenerate")
+        regenerate_button = gr.Button("Regenerate", elem_id="regenerate", interactive=ready)
         clear_button = gr.Button("Clear", elem_id="clear")
     chat_notice = gr.Markdown(elem_id="chat-notice")
     download = gr.HTML(elem_id="download")
@@ -262,7 +265,7 @@ def _answer_map_block(services: Services, state: gr.State, prefix: str) -> Reset
             answer = gr.Number(value=0, precision=0, minimum=0, label="Answer number (0 = the last)",
                                elem_id=f"{prefix}-map-answer", visible=prefix == "chat")
             span = gr.Textbox(label="Words of that answer (empty: the whole answer)", elem_id=f"{prefix}-map-span")
-        show = gr.Button("Where did it look?", elem_id=f"{prefix}-map-show")
+        show = gr.Button("Where did it look?", elem_id=f"{prefix}-map-show", interactive=services.assistant is not None)
         opacity, view, map_notice, kept, resets = _map_view(state, prefix)
 
     def on_show(st: h.UserState | None, number: float | None, words: str, alpha: float):
@@ -275,14 +278,15 @@ def _answer_map_block(services: Services, state: gr.State, prefix: str) -> Reset
 
 
 def _vqa_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Resets:
+    ready = services.assistant is not None
     disclaimer()
-    _xraygpt_missing_box(services)
+    _assistant_missing_box(services)
     gr.Markdown("One question at a time about the uploaded image; each answer starts a fresh conversation.")
     question = gr.Textbox(label="Question", placeholder="e.g. Is there evidence of pleural effusion?",
-                          elem_id="vqa-question")
+                          elem_id="vqa-question", interactive=ready)
     gr.Examples([[q] for q in h.SUGGESTED_QUESTIONS], inputs=[question], label="Suggested questions")
     with gr.Row():
-        ask_button = gr.Button("Answer", variant="primary", elem_id="vqa-ask")
+        ask_button = gr.Button("Answer", variant="primary", elem_id="vqa-ask", interactive=ready)
         stop_button = gr.Button("Stop", variant="stop", elem_id="vqa-stop")
     answer = gr.Markdown(elem_id="vqa-answer", container=True, min_height=80)
     vqa_notice = gr.Markdown(elem_id="vqa-notice")

@@ -1,0 +1,45 @@
+"""What the app shows a newcomer whose weights are not there yet: every missing file, greyed-out
+buttons, and commands that repeat the user's own config and --set options."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from xraygpt_app.config import load_config
+from xraygpt_app.web.services import build_services
+
+REPO = Path(__file__).resolve().parents[1]
+LLAVA_TINY = REPO / "eval_configs" / "llava_tiny.yaml"
+
+
+def _components(demo) -> list[dict]:
+    return [component.get("props", {}) | {"type": component["type"]} for component in demo.config["components"]]
+
+
+def test_a_llava_config_without_weights_lists_every_file_and_the_users_own_commands(tmp_path):
+    overrides = [f"weights.{name}={tmp_path / ('my ' + name)}" for name in ("vision_tower", "projector", "llama_model")]
+    overrides.append(f"weights.lora={tmp_path / 'lora'}")
+    said: list[str] = []
+    services = build_services(load_config(LLAVA_TINY, overrides), progress=said.append, with_zeroshot=False)
+
+    assert said[0] == "Loading the llava model (vision tower, projector, language model)..."
+    assert not any("XrayGPT" in line for line in said)
+    assert services.assistant is None
+    missing = services.assistant_missing
+    assert missing.startswith("3 weights files are missing.")
+    for name in ("vision_tower", "projector", "llama_model"):
+        assert f"Missing weights for weights.{name}." in missing and str(tmp_path / f"my {name}") in missing
+
+    from xraygpt_app.web.ui import build_app
+
+    props = _components(build_app(services))
+    boxes = [p["value"] for p in props if "xr-missing" in (p.get("elem_classes") or [])]
+    sets = " ".join(f"--set {shlex.quote(item)}" for item in overrides)
+    for command in ("fetch", "serve"):
+        expected = f"xraygpt {command} --config {LLAVA_TINY} {sets}"
+        assert all(expected in box for box in boxes), expected
+    asking = {p["elem_id"]: p.get("interactive") for p in props
+              if p.get("elem_id") in ("generate-report", "ask", "question", "regenerate", "vqa-ask", "vqa-question")}
+    assert asking == dict.fromkeys(asking, False) and len(asking) == 6
+
