@@ -57,7 +57,8 @@ def run_finetune(args: argparse.Namespace) -> int:
                "iterations": result.iterations_done, "interrupted": result.interrupted,
                "train_rows": len(trainer.train_samples), "val_rows": len(trainer.val_samples),
                "skipped_rows": trainer.skipped, "val_loss": result.val_loss,
-               "report_metrics": (result.report_metrics or {}).get("overall")}
+               "report_metrics": (result.report_metrics or {}).get("overall"),
+               "chexbert_f1": _chexbert_summary(result.report_metrics)}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -95,6 +96,9 @@ def _print_summary(summary: dict, args: argparse.Namespace, lora: bool, weight: 
     if summary["report_metrics"]:
         print("report metrics on the validation split: "
               + ", ".join(f"{k} {v:.4f}" for k, v in summary["report_metrics"].items()))
+    if summary["chexbert_f1"]:
+        print("CheXbert F1 on the validation split: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in summary["chexbert_f1"].items()))
     if summary["checkpoint"] and not summary["interrupted"]:
         serve = f"xraygpt serve -c {args.config} --set {weight}={summary['checkpoint']}"
         if lora:
@@ -102,3 +106,11 @@ def _print_summary(summary: dict, args: argparse.Namespace, lora: bool, weight: 
                 "checkpoint", "lora_adapter"))
             serve += f" --set weights.lora={adapter}"
         print(f"serve it: {serve}")
+
+
+def _chexbert_summary(metrics: dict | None) -> dict | None:
+    """The CheXbert F1 values of the run's report metrics (present when the config names CheXbert's files)."""
+    section = (metrics or {}).get("chexbert")
+    if not section:
+        return None
+    return {key: section[key] for key in ("micro_f1_14", "macro_f1_14", "micro_f1_5", "macro_f1_5")}

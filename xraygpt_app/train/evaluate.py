@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..config import Config
+from ..errors import MissingWeightsError
 from ..evaluation.metrics import report_metrics
 from ..imaging.loader import load_radiograph
 from .batches import choose_instructions
@@ -75,8 +76,31 @@ def report_scores(family: nn.Module, samples: Sequence[Sample], config: Config, 
         image = load_radiograph(sample.image, config.image).image
         hypotheses.append(family.generate_report(image, train.report_max_new_tokens))
     metrics = report_metrics(hypotheses, [s.target for s in rows])
+    chexbert = chexbert_scores(config, [s.target for s in rows], hypotheses)
+    if chexbert is not None:
+        metrics["chexbert"] = chexbert
     metrics["reports"] = [{"image": s.image.name, "generated": h, "reference": s.target}
                           for s, h in zip(rows, hypotheses, strict=True)]
     path.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     log.info("report metrics on %d validation rows: %s", len(rows), metrics["overall"])
     return metrics
+
+
+def chexbert_scores(config: Config, references: list[str], hypotheses: list[str]) -> dict | None:
+    """CheXbert F1 of the generated reports when the config names CheXbert's files and they are present.
+
+    Absent files skip it with a warning: a finished training run is not failed over an extra metric.
+    """
+    spec = config.evaluation.chexbert
+    if not (spec.weights.sources and spec.bert.sources):
+        return None
+    from ..evaluation.chexbert import CheXbertLabeler, chexbert_files
+    from ..evaluation.clinical import chexbert_metrics
+
+    try:
+        labeler = CheXbertLabeler.from_files(*chexbert_files(config))
+    except MissingWeightsError as exc:
+        log.warning("CheXbert F1 skipped: %s", str(exc).splitlines()[0])
+        return None
+    classes = [labeler.label_classes(texts, spec.batch_size) for texts in (references, hypotheses)]
+    return chexbert_metrics(*classes)
