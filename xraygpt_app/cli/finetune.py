@@ -21,9 +21,11 @@ EXIT_INTERRUPTED = 130
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``finetune``."""
     parser = subparsers.add_parser(
-        "finetune", help="fine-tune XrayGPT on your report or VQA pairs (XrayGPT's objective)",
-        description="Fine-tune with XrayGPT's objective: llama_proj by default, optionally the Q-Former or LoRA "
-                    "adapters. Writes XrayGPT-format checkpoints that `serve --set weights.ckpt=...` loads. "
+        "finetune", help="fine-tune the config's model family (XrayGPT or llava) on your report or VQA pairs",
+        description="Fine-tune the config's model.family on report / VQA pairs. XrayGPT: its own objective on "
+                    "llama_proj, optionally the Q-Former or LoRA adapters; checkpoints in XrayGPT's format that "
+                    "`serve --set weights.ckpt=...` loads. llava: LLaVA-1.5's objective on the projector (stage 1) "
+                    "or the projector and LoRA adapters (stage 2); `serve --set weights.projector=...` loads them. "
                     "Run it under `accelerate launch` for several GPUs or processes.")
     add_config_options(parser)  # a model config, with an optional train: section (XrayGPT's run settings)
     parser.set_defaults(config=str(DEFAULT_TRAIN_CONFIG))
@@ -81,7 +83,8 @@ def _loss_only(args: argparse.Namespace, config, train) -> int:
         return 0
     for i, batch in enumerate(result["batches"]):
         norms = ", ".join(f"{name} {value:.6g}" for name, value in batch["grad_norms"].items())
-        print(f"batch {i}: loss {batch['loss']:.6f} ({batch['target_tokens']} target tokens); grad L2 {norms}")
+        count = next((f"{v} {k.replace('_', ' ')}" for k, v in batch.items() if k not in ("loss", "grad_norms")), "")
+        print(f"batch {i}: loss {batch['loss']:.6f} ({count}); grad L2 {norms}")
     print(f"{result['rows']} rows, {result['skipped_rows']} skipped")
     return 0
 
