@@ -337,21 +337,13 @@ def evaluation_specs(config: Config) -> dict[str, WeightSpec]:
     return {"evaluation.chexbert.weights": chexbert.weights, "evaluation.chexbert.bert": chexbert.bert}
 
 
-BERT_HUB_WEIGHTS = "pytorch_model.bin"  # the weights file of Bio_ClinicalBERT's Hub repo
-
-
 def medklip_text_weights(text_config: str | None) -> WeightSpec:
-    """MedKLIP's BERT runs at load time, so its weights are needed: a local folder, or the Hub repo's file."""
-    if not text_config:
-        return WeightSpec(how_to_get="set text_config to Bio_ClinicalBERT's folder or hf-hub:emilyalsentzer/"
-                                     "Bio_ClinicalBERT")
-    source = f"{text_config}/{BERT_HUB_WEIGHTS}" if text_config.startswith("hf-hub:") else text_config
-    if text_config.startswith("hf-hub:"):
-        return WeightSpec(sources=[source], licence="MIT (the model card of emilyalsentzer/Bio_ClinicalBERT)",
-                          how_to_get=f"`xraygpt fetch` downloads {source} and the repo's config and vocabulary.")
-    return WeightSpec(sources=[source], how_to_get="text_config must be a BERT folder with its weights (config.json,"
-                      " vocab.txt, pytorch_model.bin or model.safetensors), e.g. `hf download "
-                      "emilyalsentzer/Bio_ClinicalBERT --local-dir DIR`.")
+    """MedKLIP runs its BERT at load time, so it needs its weights: a local folder, or the Hub repo's file."""
+    hub = (text_config or "").startswith("hf-hub:")
+    return WeightSpec(sources=[f"{text_config}/pytorch_model.bin" if hub else text_config] if text_config else [],
+                      licence="MIT (Bio_ClinicalBERT's model card)" if hub else "",
+                      how_to_get="`xraygpt fetch` downloads it from the Hub" if hub else "text_config must be a BERT"
+                      " folder with weights, e.g. from `hf download emilyalsentzer/Bio_ClinicalBERT --local-dir DIR`")
 
 
 RUNTIME_MODES = ("auto", "fp16", "8bit", "4bit", "low_resource", "fp32", "bf16")
