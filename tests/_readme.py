@@ -1,4 +1,4 @@
-"""Run a README section's bash block as written in a scratch layout, and read the served app's model line."""
+"""Run a documentation section's bash block as written in a scratch layout, and read the served app's model line."""
 
 from __future__ import annotations
 
@@ -16,10 +16,14 @@ from _app_server import free_port
 REPO = Path(__file__).resolve().parents[1]
 
 
-def readme_commands(section: str) -> tuple[str, str]:
-    """(every line of the section's first bash block but the serve command, the serve command)."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    body = text.split(section, 1)[1].split("\n## ", 1)[0]
+def readme_commands(page: str, section: str) -> tuple[str, str]:
+    """(every line of the section's first bash block but the serve command, the serve command).
+
+    ``page`` is a Markdown file of the repository (``docs/fine-tuning.md``), ``section`` its ``## `` heading.
+    """
+    text = (REPO / page).read_text(encoding="utf-8")
+    assert f"\n{section}\n" in text, f"{page} has no section {section!r}"
+    body = text.split(f"\n{section}\n", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```bash\n(.*?)```", body, re.S).group(1)
     before, serve = block.split(".venv/bin/xraygpt serve", 1)
     return before, ".venv/bin/xraygpt serve" + serve
@@ -34,9 +38,10 @@ def venv_scripts(repo: Path) -> None:
         script.chmod(0o755)
 
 
-def run_readme_section(section: str, cwd: Path, timeout: int) -> tuple[subprocess.CompletedProcess, str, dict]:
-    """Run a README section's commands (all but its serve line) in ``cwd``; the run, the serve line, the env."""
-    commands, serve = readme_commands(section)
+def run_readme_section(page: str, section: str, cwd: Path,
+                       timeout: int) -> tuple[subprocess.CompletedProcess, str, dict]:
+    """Run a page section's commands (all but its serve line) in ``cwd``; the run, the serve line, the env."""
+    commands, serve = readme_commands(page, section)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(["bash", "-e", "-c", commands], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -44,7 +49,7 @@ def run_readme_section(section: str, cwd: Path, timeout: int) -> tuple[subproces
 
 
 def served_model_line(serve: str, cwd: Path, env: dict[str, str]) -> str:
-    """Start the README's serve command, return the app's "Model:" line, stop it."""
+    """Start the page's serve command, return the app's "Model:" line, stop it."""
     port = free_port()
     server = subprocess.Popen(["bash", "-c", "exec " + serve], cwd=cwd, env={**env, "GRADIO_SERVER_PORT": str(port)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

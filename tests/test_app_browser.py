@@ -1,7 +1,8 @@
 """The web app in headless Chromium (Debian's package; Playwright cannot download browsers here).
 
 The app runs as ``python app.py`` with the tiny real-format models on a free local port.
-Screenshots go to test-artifacts/ (git-ignored) for a human to look at.
+Screenshots go to test-artifacts/ (git-ignored) for a human to look at; test-artifacts/app.png is the
+front-page picture (copy it to docs/app.png to refresh the README's screenshot).
 """
 
 from __future__ import annotations
@@ -137,6 +138,9 @@ def test_report_follow_up_vqa_and_zero_shot(server, browser, samples_dir, upload
     assert "Research and education only" in page.locator("#chat-notice").evaluate(
         "el => el.closest('.column').innerText")
     _shot(page, "1-report-chat")
+    # the front-page picture (docs/app.png): title, notice, image panel and conversation, without the settings below
+    page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True,
+                    clip={"x": 0, "y": 0, "width": 1280, "height": 1150})
 
     page.get_by_role("tab", name="VQA").click()
     page.get_by_text("Is the heart size normal?").first.click()

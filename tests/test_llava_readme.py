@@ -1,4 +1,4 @@
-"""The README's llava-family commands run as written: build the tiny model, stage 1, stage 2, ask, serve.
+"""docs/fine-tuning.md's llava-family commands run as written: build the tiny model, stage 1, stage 2, ask, serve.
 
 They run in a scratch copy of the layout they expect (``eval_configs/``, ``train_configs/`` and
 ``tests/`` of this repository, ``../shared`` beside it, ``.venv/bin/python`` and ``.venv/bin/xraygpt``
@@ -26,7 +26,8 @@ def layout(tmp_path: Path, shared_dir: Path) -> Path:
 
 
 def test_readme_llava_commands_run_as_written(layout: Path) -> None:
-    done, serve, env = run_readme_section("## A second model family", layout, timeout=900)
+    done, serve, env = run_readme_section("docs/fine-tuning.md", "## The llava family: stage 1 and stage 2", layout,
+                                          timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (layout / "output" / "llava_tiny_stage1" / "checkpoint_1.pth").is_file()
     assert (layout / "output" / "llava_tiny_stage2" / "lora_adapter_1" / "adapter_config.json").is_file()

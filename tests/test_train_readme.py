@@ -1,4 +1,4 @@
-"""The README's "Fine-tuning" commands run as written: a data folder, two runs, --loss-only, and serve.
+"""docs/fine-tuning.md's XrayGPT commands run as written: a data folder, two runs, --loss-only, and serve.
 
 They run in a scratch copy of the layout they expect (``eval_configs/`` of this repository,
 ``../shared`` beside it, ``.venv/bin/xraygpt`` calling this interpreter), never in the repository.
@@ -23,7 +23,7 @@ def layout(tmp_path: Path, shared_dir: Path) -> Path:
 
 
 def test_readme_finetune_commands_run_as_written(layout: Path) -> None:
-    done, serve, env = run_readme_section("## Fine-tuning", layout, timeout=600)
+    done, serve, env = run_readme_section("docs/fine-tuning.md", "## XrayGPT on your own pairs", layout, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (layout / "runs" / "tiny" / "checkpoint_1.pth").is_file()
     report = json.loads((layout / "runs" / "tiny" / "report_metrics.json").read_text(encoding="utf-8"))
