@@ -199,3 +199,64 @@ def test_metrics_option_and_comparison_table():
     assert rows[0]["difference"] == pytest.approx(0.2)
     table = format_comparison(rows, "base.yaml", "tuned.yaml")
     assert "B: tuned.yaml" in table and "+0.200" in table and "0.100 [0.050, 0.150]" in table
+
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "eval_configs" / "tiny_fixture.yaml"
+IMAGES = ["nih_cxr14_00000001_000_pa_512.png", "hannover_1479fa94_pa_640x755.png"]
+
+
+def test_compare_two_configs_on_image_rows(fixture_dir, samples_dir, tmp_path, capsys):
+    """Two configs generate for the same image,report rows; A's scores equal a run of A alone, B's are in compare/."""
+    second = tmp_path / "second.yaml"
+    second.write_text(TINY.read_text(encoding="utf-8").replace("max_new_tokens: 20", "max_new_tokens: 6")
+                      .replace("../../shared", str(samples_dir.parent)), encoding="utf-8")
+    data = tmp_path / "reports.csv"
+    with data.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "report"])
+        writer.writerows([[str(samples_dir / IMAGES[0]), "The heart is enlarged. Small left pleural effusion."],
+                          [str(samples_dir / IMAGES[1]), "No acute cardiopulmonary abnormality."]])
+    sets = ["--set", "generation.do_sample=false",
+            "--set", f"evaluation.chexbert.weights={fixture_dir / 'chexbert.pth'}",
+            "--set", f"evaluation.chexbert.bert={fixture_dir / 'bert_base_uncased_tiny'}"]
+    base = ["evaluate", "--task", "report", "--data", str(data), "--metrics", "bleu,rouge,chexbert", "-c", str(TINY),
+            "--bootstrap", "100", *sets]
+    assert main([*base, "--out", str(tmp_path / "alone")]) == 0
+    assert main([*base, "--out", str(tmp_path / "both"), "--compare-config", str(second)]) == 0
+    printed = capsys.readouterr().out
+    alone = json.loads((tmp_path / "alone" / "metrics.json").read_text())
+    first = json.loads((tmp_path / "both" / "metrics.json").read_text())
+    other = json.loads((tmp_path / "both" / "compare" / "metrics.json").read_text())
+    assert first == alone  # greedy: the same reports and scores as A on its own
+    shorter = [item["generated_report"] for item in other["per_item"]]
+    assert all(len(b) <= len(a["generated_report"]) for a, b in zip(first["per_item"], shorter, strict=True))
+    rows = json.loads((tmp_path / "both" / "comparison.json").read_text())["rows"]
+    assert [r["metric"] for r in rows] == ["BLEU-4", "ROUGE-L", "CheXbert micro-F1 (14)", "CheXbert macro-F1 (14)",
+                                           "CheXbert micro-F1 (5)", "CheXbert macro-F1 (5)"]
+    assert rows[1]["first"] == first["overall"]["rougeL"] and rows[1]["second"] == other["overall"]["rougeL"]
+    assert rows[2]["difference"] == pytest.approx(other["chexbert"]["micro_f1_14"] - first["chexbert"]["micro_f1_14"])
+    assert "B - A" in printed and "CheXbert micro-F1 (14)" in printed and str(second) in printed
+    assert (tmp_path / "both" / "compare" / "chexbert_f1.png").read_bytes().startswith(PNG)
+
+
+def test_compare_needs_image_rows(tmp_path, capsys):
+    pairs = write_pairs(tmp_path / "pairs.csv", ["Heart size normal."], ["No effusion."])
+    code = main(["evaluate", "--task", "report", "--data", str(pairs), "-c", str(TINY), "--compare-config", str(TINY),
+                 "--out", str(tmp_path / "out")])
+    assert code == 2 and "image,report rows" in capsys.readouterr().err
+
+
+def test_finetune_validation_includes_chexbert_when_present(fixture_dir, expected, labeler, tmp_path, caplog):
+    from xraygpt_app.config import load_config
+    from xraygpt_app.evaluation.clinical import chexbert_metrics
+    from xraygpt_app.train.evaluate import chexbert_scores
+
+    refs, hyps = expected["refs"][:6], expected["hyps"][:6]
+    config = load_config(write_config(tmp_path, fixture_dir / "chexbert.pth", fixture_dir / "bert_base_uncased_tiny"))
+    wanted = chexbert_metrics(labeler.label_classes(refs), labeler.label_classes(hyps))
+    assert chexbert_scores(config, refs, hyps) == wanted
+    assert chexbert_scores(load_config(TINY), refs, hyps) is None  # not configured: not asked for
+    absent = load_config(write_config(tmp_path, tmp_path / "absent.pth", fixture_dir / "bert_base_uncased_tiny"))
+    assert chexbert_scores(absent, refs, hyps) is None
+    assert "CheXbert F1 skipped: Missing weights for evaluation.chexbert.weights" in caplog.text

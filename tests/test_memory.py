@@ -13,7 +13,7 @@ from xraygpt_app.cli import main
 from xraygpt_app.config import load_config
 from xraygpt_app.families.xraygpt.model import XrayGPTModel
 from xraygpt_app.llm import load_llm
-from xraygpt_app.memory import estimate, estimate_breakdown, estimate_peak_memory
+from xraygpt_app.memory import estimate, estimate_breakdown, estimate_peak_memory, memory_fit
 from xraygpt_app.placement import plan_placement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,3 +102,29 @@ def test_check_prints_the_gpu_estimate(capsys, shared_dir):
     out = capsys.readouterr().out
     assert "memory estimate on a CUDA GPU (mode 8bit; an estimate" in out
     assert "kv_cache" in out and "llm_weights" in out
+
+
+GiB = 2**30
+
+
+def test_an_estimate_too_big_for_the_machine_names_the_modes_that_would_fit(tmp_path):
+    config = load_config(REAL_CONFIG, ["runtime.mode=fp32", f"weights.llama_model={tmp_path / 'absent'}"])
+    peak = estimate_peak_memory(config, assume_cuda=False)  # Vicuna-7B in float32: about 32.6 GiB
+    fit = memory_fit(config, peak, {"cpu": 23 * GiB})
+    assert fit.capacity == {"cpu": 23 * GiB} and not fit.fits
+    assert set(fit.alternatives) == {"bf16", "8bit", "low_resource", "4bit"}  # fp16 needs CUDA: not offered
+    assert next(iter(fit.alternatives)) == "bf16"  # the most precise that fits comes first
+    assert all(alternative["cpu"] <= 23 * GiB for alternative in fit.alternatives.values())
+    assert memory_fit(config, peak, {"cpu": 40 * GiB}).fits
+    assert memory_fit(config, peak, {"cpu": 4 * GiB}).alternatives == {}
+
+
+def test_check_says_when_the_estimate_will_not_fit(monkeypatch, capsys, tmp_path):
+    import xraygpt_app.memory as memory
+
+    monkeypatch.setattr(memory, "device_capacity", lambda device: 23 * GiB if device == "cpu" else None)
+    main(["check", "-c", str(REAL_CONFIG), "--set", "runtime.mode=fp32",
+          "--set", f"weights.llama_model={tmp_path / 'absent'}"])
+    out = capsys.readouterr().out
+    assert "will NOT fit: this machine has cpu 23.00 GiB. Runtime modes that would fit" in out
+    assert "    bf16: cpu " in out and "e.g. add --set runtime.mode=bf16" in out

@@ -79,7 +79,7 @@ def test_checkpoint_has_xraygpts_layout_and_serves(lora_run: Path, samples_dir: 
     bridge = model.model.bridge
     torch.testing.assert_close(bridge.llama_proj.weight, checkpoint["model"]["llama_proj.weight"], rtol=0, atol=0)
     torch.testing.assert_close(bridge.query_tokens, checkpoint["model"]["query_tokens"], rtol=0, atol=0)
-    line = model_line(Services(model.config, xraygpt=model)).replace("\\_", "_")  # the app's "model" line
+    line = model_line(Services(model.config, assistant=model)).replace("\\_", "_")  # the app's "model" line
     assert f"checkpoint {lora_run.name}/checkpoint_9.pth" in line and "LoRA lora_adapter_9" in line
     image = load_radiograph(samples_dir / "nih_cxr14_00000001_000_pa_512.png").image
     turn = model.report(image, do_sample=False, max_new_tokens=8)

@@ -183,16 +183,19 @@ class ZeroShotModelConfig:
     ``vision_config``/``text_config``: MedCLIP's Swin and BERT config folders (or ``hf-hub:`` ids);
     for BiomedCLIP, ``text_config`` optionally replaces the text tower's Hub config with a local folder.
     ``templates``: prompt templates for typed labels (empty: the model's own default).
+    MedKLIP (``medklip``): ``weights`` is its ``checkpoint_final.pth``, ``text_config`` the BERT folder
+    (Bio_ClinicalBERT, weights included) and ``entity_descriptions`` its ``observation explanation.json``.
     """
 
-    kind: str = ""  # medclip-vit | medclip-resnet | biomedclip
+    kind: str = ""  # medclip-vit | medclip-resnet | biomedclip | medklip
     weights: WeightSpec = field(default_factory=WeightSpec)
     vision_config: str | None = None
     text_config: str | None = None
     templates: list[str] = field(default_factory=list)
+    entity_descriptions: WeightSpec = field(default_factory=WeightSpec)  # medklip only
 
 
-ZEROSHOT_KINDS = ("medclip-vit", "medclip-resnet", "biomedclip")
+ZEROSHOT_KINDS = ("medclip-vit", "medclip-resnet", "biomedclip", "medklip")
 ENSEMBLES = ("mean", "max")  # how a label's prompt logits combine
 
 
@@ -294,7 +297,8 @@ def config_from_raw(raw: dict, path: Path) -> Config:
 def _resolve_relative_sources(config: Config, base: Path) -> None:
     """Make relative local weight paths relative to the config file, not the working dir."""
     specs = [getattr(config.weights, f.name) for f in dataclasses.fields(WeightsConfig) if f.type == "WeightSpec"]
-    specs += [model.weights for model in config.zeroshot.models.values()] + list(evaluation_specs(config).values())
+    specs += [spec for model in config.zeroshot.models.values() for spec in (model.weights, model.entity_descriptions)]
+    specs += list(evaluation_specs(config).values())
     for spec in specs:
         spec.sources = [absolute_path(s, base) for s in spec.sources]
     config.weights.lora = absolute_path(config.weights.lora, base) if config.weights.lora else None
@@ -319,6 +323,9 @@ def iter_weight_specs(config: Config, evaluation: bool = False) -> dict[str, Wei
     specs = {f"weights.{name}": getattr(config.weights, name) for name in FAMILY_WEIGHTS[config.model.family]}
     for name, model in config.zeroshot.models.items():
         specs[f"zeroshot.models.{name}.weights"] = model.weights
+        if model.kind == "medklip":
+            specs[f"zeroshot.models.{name}.entity_descriptions"] = model.entity_descriptions
+            specs[f"zeroshot.models.{name}.text_config"] = medklip_text_weights(model.text_config)
     if evaluation:
         specs.update({name: spec for name, spec in evaluation_specs(config).items() if spec.sources})
     return specs
@@ -328,6 +335,15 @@ def evaluation_specs(config: Config) -> dict[str, WeightSpec]:
     """The report scorers' weights entries by their key path (set or not)."""
     chexbert = config.evaluation.chexbert
     return {"evaluation.chexbert.weights": chexbert.weights, "evaluation.chexbert.bert": chexbert.bert}
+
+
+def medklip_text_weights(text_config: str | None) -> WeightSpec:
+    """MedKLIP runs its BERT at load time, so it needs its weights: a local folder, or the Hub repo's file."""
+    hub = (text_config or "").startswith("hf-hub:")
+    return WeightSpec(sources=[f"{text_config}/pytorch_model.bin" if hub else text_config] if text_config else [],
+                      licence="MIT (Bio_ClinicalBERT's model card)" if hub else "",
+                      how_to_get="`xraygpt fetch` downloads it from the Hub" if hub else "text_config must be a BERT"
+                      " folder with weights, e.g. from `hf download emilyalsentzer/Bio_ClinicalBERT --local-dir DIR`")
 
 
 RUNTIME_MODES = ("auto", "fp16", "8bit", "4bit", "low_resource", "fp32", "bf16")
@@ -375,3 +391,8 @@ def _validate_zeroshot(zs: ZeroShotConfig, source: str) -> None:
         if model.kind not in ZEROSHOT_KINDS:
             raise ConfigError(f"{source}: zeroshot.models.{name}.kind must be one of {', '.join(ZEROSHOT_KINDS)},"
                               f" got {model.kind!r}")
+        if model.kind == "medklip" and not (model.text_config and model.entity_descriptions.sources):
+            raise ConfigError(f"{source}: zeroshot.models.{name} (medklip) needs text_config (the BERT folder) and"
+                              " entity_descriptions (observation explanation.json)")
+        if model.kind != "medklip" and model.entity_descriptions.sources:
+            raise ConfigError(f"{source}: zeroshot.models.{name}.entity_descriptions is for kind medklip only")

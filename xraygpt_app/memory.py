@@ -40,15 +40,19 @@ attention kernel can move the real peak by a few hundred MB.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, PretrainedConfig
 
-from .config import Config, RuntimeConfig
-from .errors import MissingWeightsError
+from .config import RUNTIME_MODES, Config, RuntimeConfig
+from .errors import MissingWeightsError, XrayGPTError
 from .families.xraygpt.model import build_parts
 from .families.xraygpt.qformer import cast_bridge
 from .families.xraygpt.vision import cast_vision
@@ -284,6 +288,64 @@ def format_breakdown(result: MemoryEstimate) -> list[str]:
 def format_bytes(size: int) -> str:
     """GiB with two decimals, or MiB below 0.1 GiB."""
     return f"{size / 2**30:.2f} GiB" if size >= 2**30 / 10 else f"{size / MiB:.1f} MiB"
+
+
+# --- does it fit (``xraygpt check``) -----------------------------------------------------------
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
+
+
+@dataclass
+class MemoryFit:
+    """An estimate against this machine: each device's size, whether the peak fits, and the other
+    runtime modes whose estimate would (mode -> peak per device, largest first: most precision)."""
+
+    capacity: dict[str, int]
+    fits: bool
+    alternatives: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def device_capacity(device: str) -> int | None:
+    """Bytes of memory of ``device`` on this machine (RAM for "cpu", a container's limit if lower), or None."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory if torch.cuda.is_available() \
+            else None
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        return None
+    limits = [physical]
+    for path in CGROUP_LIMITS:
+        with contextlib.suppress(OSError, ValueError):  # absent, or "max" (no limit)
+            limits.append(int(Path(path).read_text().strip()))
+    return min(limits)
+
+
+def memory_fit(config: Config, peak: dict[str, int], capacity: dict[str, int] | None = None) -> MemoryFit:
+    """Whether ``peak`` (the config's estimate here) fits each device, and if not, which modes would.
+
+    ``capacity``: bytes per device; by default this machine's (``device_capacity``). A device of
+    unknown size counts as fitting.
+    """
+    size_of = capacity.get if capacity is not None else device_capacity
+
+    def fits(result: dict[str, int]) -> bool:
+        return all(size_of(device) is None or size <= size_of(device) for device, size in result.items())
+
+    sizes = {device: size_of(device) for device in peak if size_of(device) is not None}
+    if fits(peak):
+        return MemoryFit(sizes, True)
+    current, others = plan_placement(config.runtime, config.vision).mode, {}
+    for mode in RUNTIME_MODES:
+        if mode in ("auto", current):
+            continue
+        trial = dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, mode=mode))
+        try:
+            result = estimate(trial).peak
+        except XrayGPTError:  # a mode this machine cannot run (fp16 without CUDA)
+            continue
+        if fits(result):
+            others[mode] = result
+    return MemoryFit(sizes, False, dict(sorted(others.items(), key=lambda item: -sum(item[1].values()))))
 
 
 # --- training (``xraygpt check --train``) ------------------------------------------------------

@@ -193,10 +193,15 @@ def _verify(path: Path, sha256: str | None) -> None:
         if sha256 and path.is_dir():
             log.warning("sha256 given for a folder; it applies to single files only and is not checked")
         return
-    stat = path.stat()
-    actual = _sha256_file(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    actual = file_sha256(path)
     if actual != sha256.lower():
         raise _SourceUnusable(f"sha256 mismatch: expected {sha256.lower()}, got {actual}")
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 hex digest of a file (memoised per path, size and mtime)."""
+    stat = Path(path).stat()
+    return _sha256_file(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=64)

@@ -21,9 +21,11 @@ EXIT_INTERRUPTED = 130
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``finetune``."""
     parser = subparsers.add_parser(
-        "finetune", help="fine-tune XrayGPT on your report or VQA pairs (XrayGPT's objective)",
-        description="Fine-tune with XrayGPT's objective: llama_proj by default, optionally the Q-Former or LoRA "
-                    "adapters. Writes XrayGPT-format checkpoints that `serve --set weights.ckpt=...` loads. "
+        "finetune", help="fine-tune the config's model family (XrayGPT or llava) on your report or VQA pairs",
+        description="Fine-tune the config's model.family on report / VQA pairs. XrayGPT: its own objective on "
+                    "llama_proj, optionally the Q-Former or LoRA adapters; checkpoints in XrayGPT's format that "
+                    "`serve --set weights.ckpt=...` loads. llava: LLaVA-1.5's objective on the projector (stage 1) "
+                    "or the projector and LoRA adapters (stage 2); `serve --set weights.projector=...` loads them. "
                     "Run it under `accelerate launch` for several GPUs or processes.")
     add_config_options(parser)  # a model config, with an optional train: section (XrayGPT's run settings)
     parser.set_defaults(config=str(DEFAULT_TRAIN_CONFIG))
@@ -57,7 +59,8 @@ def run_finetune(args: argparse.Namespace) -> int:
                "iterations": result.iterations_done, "interrupted": result.interrupted,
                "train_rows": len(trainer.train_samples), "val_rows": len(trainer.val_samples),
                "skipped_rows": trainer.skipped, "val_loss": result.val_loss,
-               "report_metrics": (result.report_metrics or {}).get("overall")}
+               "report_metrics": (result.report_metrics or {}).get("overall"),
+               "chexbert_f1": _chexbert_summary(result.report_metrics)}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -80,7 +83,8 @@ def _loss_only(args: argparse.Namespace, config, train) -> int:
         return 0
     for i, batch in enumerate(result["batches"]):
         norms = ", ".join(f"{name} {value:.6g}" for name, value in batch["grad_norms"].items())
-        print(f"batch {i}: loss {batch['loss']:.6f} ({batch['target_tokens']} target tokens); grad L2 {norms}")
+        count = next((f"{v} {k.replace('_', ' ')}" for k, v in batch.items() if k not in ("loss", "grad_norms")), "")
+        print(f"batch {i}: loss {batch['loss']:.6f} ({count}); grad L2 {norms}")
     print(f"{result['rows']} rows, {result['skipped_rows']} skipped")
     return 0
 
@@ -95,6 +99,9 @@ def _print_summary(summary: dict, args: argparse.Namespace, lora: bool, weight: 
     if summary["report_metrics"]:
         print("report metrics on the validation split: "
               + ", ".join(f"{k} {v:.4f}" for k, v in summary["report_metrics"].items()))
+    if summary["chexbert_f1"]:
+        print("CheXbert F1 on the validation split: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in summary["chexbert_f1"].items()))
     if summary["checkpoint"] and not summary["interrupted"]:
         serve = f"xraygpt serve -c {args.config} --set {weight}={summary['checkpoint']}"
         if lora:
@@ -102,3 +109,11 @@ def _print_summary(summary: dict, args: argparse.Namespace, lora: bool, weight: 
                 "checkpoint", "lora_adapter"))
             serve += f" --set weights.lora={adapter}"
         print(f"serve it: {serve}")
+
+
+def _chexbert_summary(metrics: dict | None) -> dict | None:
+    """The CheXbert F1 values of the run's report metrics (present when the config names CheXbert's files)."""
+    section = (metrics or {}).get("chexbert")
+    if not section:
+        return None
+    return {key: section[key] for key in ("micro_f1_14", "macro_f1_14", "micro_f1_5", "macro_f1_5")}

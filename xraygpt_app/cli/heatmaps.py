@@ -26,8 +26,10 @@ def add_heatmap_option(parser, report: bool = False) -> None:
         parser.add_argument("--span", metavar="TEXT", help="with --heatmap: explain these words of the answer"
                             " (default: the whole answer)")
     else:
-        parser.add_argument("--heatmap-method", choices=("grad-cam", "occlusion"), default="grad-cam",
-                            help="with --heatmap: Grad-CAM (default) or the gradient-free occlusion map")
+        parser.add_argument("--heatmap-method", choices=("attention", "grad-cam", "occlusion"), default=None,
+                            help="with --heatmap: the model's own map (default: Grad-CAM; MedKLIP: its"
+                                 " cross-attention grounding, 'attention'), Grad-CAM or the gradient-free occlusion"
+                                 " map")
 
 
 def slug(text: str, limit: int = 40) -> str:

@@ -110,15 +110,21 @@ def run_check(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     statuses = weights_status(config)
     memory, memory_note = memory_estimate(config)
+    fit = memory_fit(config, memory) if memory is not None else None
     training = training_estimates(args) if args.train else None
     if args.json:
         report = _check_json(config, statuses, memory, memory_note)
+        report["memory_fit"] = None if fit is None else {
+            "capacity_bytes": fit.capacity, "fits": fit.fits, "modes_that_fit": fit.alternatives}
         if training is not None:
             report["training_memory_gpu_estimate"] = {mode: {"peak_bytes": r.peak, "breakdown_bytes": r.breakdown,
                                                              "notes": r.notes} for mode, r in training.items()}
         print(json.dumps(report, indent=2))
     else:
         _print_check(config, statuses, memory, memory_note)
+        if fit is not None:
+            _print_fit(fit)
+        _print_gpu_estimate(config)
         if training is not None:
             _print_training(training)
     return _summary(sum(status.path is None for status in statuses))
@@ -153,6 +159,30 @@ def memory_estimate(config: Config) -> tuple[dict[str, int] | None, str]:
         return dict(estimate_peak_memory(config)), ""
     except XrayGPTError as exc:  # e.g. runtime.mode fp16 on a machine without CUDA
         return None, f"not available ({str(exc).splitlines()[0]})"
+
+
+def memory_fit(config: Config, peak: dict[str, int]) -> Any:
+    """The estimate against this machine's memory (see ``memory.memory_fit``)."""
+    from ..memory import memory_fit as fit
+
+    return fit(config, peak)
+
+
+def _print_fit(fit: Any) -> None:
+    """Whether the estimate fits this machine, and if not, the runtime modes that would."""
+    sizes = ", ".join(f"{device} {size / 2**30:.2f} GiB" for device, size in fit.capacity.items())
+    if not sizes:
+        print("  (this machine's memory size is unknown)")
+    elif fit.fits:
+        print(f"  fits: this machine has {sizes}")
+    elif not fit.alternatives:
+        print(f"  will NOT fit: this machine has {sizes}, and no runtime mode fits. Use a smaller LLM "
+              "(weights.llama_model) or a machine with more memory.")
+    else:
+        print(f"  will NOT fit: this machine has {sizes}. Runtime modes that would fit (most precise first):")
+        for mode, peak in fit.alternatives.items():
+            print(f"    {mode}: " + ", ".join(f"{device} {size / 2**30:.2f} GiB" for device, size in peak.items()))
+        print(f"  e.g. add --set runtime.mode={next(iter(fit.alternatives))}")
 
 
 def gpu_memory_estimate(config: Config) -> Any:
@@ -193,7 +223,6 @@ def _print_check(config: Config, statuses: list[WeightStatus], memory: dict[str,
         print(f"memory estimate on this machine (runtime.mode {config.runtime.mode}), peak per device:")
         for device, size in memory.items():
             print(f"  {device}: {size / 2**30:.2f} GiB")
-    _print_gpu_estimate(config)
 
 
 def _check_json(config: Config, statuses: list[WeightStatus], memory: dict[str, int] | None,

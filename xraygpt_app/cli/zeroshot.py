@@ -16,6 +16,7 @@ import numpy as np
 
 from ..config import ENSEMBLES, Config, load_config
 from ..errors import BadInputError
+from ..zeroshot.entities import PRESETS as MEDKLIP_PRESETS
 from ..zeroshot.prompts import PRESETS, PromptSet, load_prompt_file, parse_labels
 from .files import load_csv_images, load_images, make_folder
 from .heatmaps import MEANING_LINE, add_heatmap_option, output_folder, write_zeroshot_maps
@@ -30,9 +31,12 @@ def _add_label_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=None,
                         help="zero-shot model name from the config (e.g. medclip-vit, medclip-resnet, biomedclip)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--labels", help="comma-separated labels, each scored with the model's prompt templates")
-    group.add_argument("--preset", choices=tuple(PRESETS), help="a built-in prompt set")
-    group.add_argument("--prompts", metavar="FILE.yaml", help="YAML mapping label -> list of prompts")
+    group.add_argument("--labels", help="comma-separated labels, each scored with the model's prompt templates"
+                       " (MedKLIP: entity names, or 'all' for its 75 entities)")
+    group.add_argument("--preset", choices=tuple(dict.fromkeys([*PRESETS, *MEDKLIP_PRESETS])),
+                       help="a built-in prompt set (cxr14: MedKLIP only)")
+    group.add_argument("--prompts", metavar="FILE.yaml", help="YAML mapping label -> list of prompts (MedKLIP:"
+                       " label -> one description, for findings that are not among its 75 entities)")
     parser.add_argument("--template", action="append", default=[], metavar="TEXT",
                         help="prompt template for --labels with one {} (repeatable; default: the model's,"
                              " e.g. 'chest x-ray showing {}')")
@@ -47,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     classify.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or DICOM files")
     _add_label_options(classify)
     classify.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    classify.add_argument("--grounding", metavar="LABELS",
+                          help="MedKLIP: comma-separated scored labels whose raw 14x14 grounding maps (cross-attention,"
+                               " before resizing) go into the output")
     classify.add_argument("--chart", metavar="OUT.png", help="write a bar chart of the scores")
     add_heatmap_option(classify)
     add_config_options(classify)
@@ -68,9 +75,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _classifier(config: Config, args: argparse.Namespace):
-    from ..zeroshot.classifier import ZeroShotClassifier  # deferred: torch import only for commands that need it
+    from ..zeroshot.classifier import load_classifier  # deferred: torch import only for commands that need it
 
-    classifier = ZeroShotClassifier.from_config(config, args.model)
+    classifier = load_classifier(config, args.model)
+    if getattr(classifier, "kind", None) == "medklip" and (args.ensemble or args.template):
+        raise BadInputError("MedKLIP scores one description per label: --ensemble and --template do not apply"
+                            " (give custom findings' descriptions with --prompts FILE.yaml)")
     if args.ensemble:
         classifier.ensemble = args.ensemble
     if args.template:
@@ -95,7 +105,7 @@ def run_classify(args: argparse.Namespace) -> int:
         output_folder(args.heatmap)  # before the model loads
     classifier = _classifier(config, args)
     start = time.perf_counter()
-    results = classifier.classify(images, **_request(args))
+    results = classifier.classify(images, **_request(args), **_grounding(args, classifier))
     log.info("classified %d images in %.2f s", len(images), time.perf_counter() - start)
     heatmaps = []
     if args.heatmap:  # after the scores, which the maps do not change
@@ -111,7 +121,8 @@ def run_classify(args: argparse.Namespace) -> int:
     if args.json:
         payload = [{"image": path, "model": classifier.name, **r.to_dict()} for path, r in zip(args.images, results,
                                                                                                 strict=True)]
-        extra = {"heatmaps": [str(p) for p in heatmaps], "heatmap_meaning": MEANING_LINE} if args.heatmap else {}
+        extra = {"heatmaps": [str(p) for p in heatmaps], "heatmap_meaning": _meaning(classifier, args)} \
+            if args.heatmap else {}
         json.dump({"results": payload, **extra, "notice": NOTICE}, sys.stdout, indent=2)
         print()
         return 0
@@ -123,9 +134,28 @@ def run_classify(args: argparse.Namespace) -> int:
         shown = f" (the first {MAX_PANELS} of {len(results)} images)" if len(results) > MAX_PANELS else ""
         print(f"chart written to {args.chart}{shown}")
     if args.heatmap:
-        print(f"{len(heatmaps)} heatmaps written to {args.heatmap}. {MEANING_LINE}")
+        print(f"{len(heatmaps)} heatmaps written to {args.heatmap}. {_meaning(classifier, args)}")
     print(NOTICE)
     return 0
+
+
+def _meaning(classifier, args: argparse.Namespace) -> str:
+    """What the written maps show: MedKLIP's own maps are attention, the others score sensitivity."""
+    if getattr(classifier, "kind", None) == "medklip" and args.heatmap_method in (None, "attention"):
+        from ..explain.medklip_maps import ATTENTION_MEANING
+
+        return f"Heatmaps: {ATTENTION_MEANING}."
+    return MEANING_LINE
+
+
+def _grounding(args: argparse.Namespace, classifier) -> dict:
+    """The ``grounding`` keyword for MedKLIP when --grounding is given."""
+    if not args.grounding:
+        return {}
+    if getattr(classifier, "kind", None) != "medklip":
+        raise BadInputError(f"--grounding needs a MedKLIP model; {classifier.name} has no grounding maps"
+                            " (use --heatmap DIR for its Grad-CAM maps)")
+    return {"grounding": parse_labels(args.grounding)}
 
 
 def _table(path: str, result) -> str:

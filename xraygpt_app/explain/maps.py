@@ -14,6 +14,7 @@ from torch import nn
 from .geometry import InputGeometry, to_image
 
 MEANING = "where the model's score is most sensitive; not a segmentation, not a diagnosis"
+SCALE = "relative sensitivity (0 = none, 1 = most)"
 
 
 @dataclass
@@ -33,6 +34,8 @@ class Heatmap:
     model: str
     target: float  # the explained score: the label's ensemble logit, or the words' summed log-probability
     geometry: InputGeometry
+    meaning: str = MEANING  # what the map shows, in plain words (attention maps say so)
+    scale: str = SCALE  # what 0 and 1 of ``grid`` mean
 
     def slim(self) -> Heatmap:
         """A copy without the full-size ``image_map`` (recomputed from the grid when needed): small to keep."""
@@ -46,7 +49,7 @@ class Heatmap:
         """A JSON-ready dict: the grid as nested lists (the full-size map only when asked: it is large)."""
         data = {"label": self.label, "method": self.method, "model": self.model, "target": self.target,
                 "grid": self.grid.round(4).tolist(), "raw_grid": self.raw_grid.tolist(),
-                "image_size": [self.geometry.width, self.geometry.height], "meaning": MEANING}
+                "image_size": [self.geometry.width, self.geometry.height], "meaning": self.meaning}
         if image_map:
             full = self.full_map()
             data["image_map"] = np.where(np.isnan(full), None, full.round(4)).tolist()

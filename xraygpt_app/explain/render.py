@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ..errors import BadInputError
-from .maps import MEANING, Heatmap
+from .maps import Heatmap
 
 COLORMAP = "inferno"
 SCALE_TEXT = ("Colour: dark purple = 0 (the score does not rise there) to yellow = 1 (most sensitive region); "
@@ -71,10 +71,10 @@ def figure_png(image: Image.Image, heatmap: Heatmap, title: str = "", path: str 
         ax.set_xticks([])
         ax.set_yticks([])
     bar = fig.colorbar(shown, ax=[left, right], fraction=0.025, pad=0.02)
-    bar.set_label("relative sensitivity (0 = none, 1 = most)", fontsize=8)
+    bar.set_label(heatmap.scale, fontsize=8)
     fig.suptitle(f"{title or heatmap.label}\n{heatmap.model}: {heatmap.method}; explained score"
                  f" {heatmap.target:.3f}", fontsize=10)
-    fig.text(0.5, 0.02, f"{MEANING[0].upper()}{MEANING[1:]}. Hatched grey: not seen by the model."
+    fig.text(0.5, 0.02, f"{heatmap.meaning[0].upper()}{heatmap.meaning[1:]}. Hatched grey: not seen by the model."
              f" {DISCLAIMER}.", ha="center", fontsize=8)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)

@@ -98,9 +98,34 @@ def _label_indices(prompt_set: PromptSet, only: Sequence[str] | None) -> list[in
     return [names.index(label) for label in only]
 
 
-def grad_cam_grids(scorer: LabelLogits, pixels: torch.Tensor, indices: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(len(indices), h, w) Grad-CAM grids (ReLU'd, pytorch-grad-cam's scaling) and the explained logits."""
-    layer, reshape, _ = target_layer(scorer.encoder)
+def method_grids(scorer: nn.Module, pixels: torch.Tensor, indices: list[int], method: str, occlusion_grid: int,
+                 layer: nn.Module, reshape: Callable | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """Grad-CAM (on ``layer``) or occlusion grids of the scorer's logits, the explained logits, the method's name."""
+    if method == "grad-cam":
+        grids, targets = grad_cam_grids(scorer, pixels, indices, layer, reshape)
+        return grids, targets, "Grad-CAM"
+    grids = occlusion_grids(scorer, pixels, indices, occlusion_grid)
+    with torch.no_grad():
+        base = scorer(pixels)[0]
+    targets = np.array([float(base[i]) for i in indices])
+    return grids, targets, f"occlusion ({occlusion_grid}x{occlusion_grid} cells set to the mean intensity)"
+
+
+def prepared(classifier, image: Image.Image, labels: Sequence[str] | None, preset: str | None,
+             prompts: PromptSet | None, only: Sequence[str] | None) -> tuple[PromptSet, list[int], Image.Image]:
+    """The classifier's prompt set for the request, the indices of the labels to map, the model-ready image."""
+    prompt_set = classifier.prompt_set(labels, preset, prompts)
+    return prompt_set, _label_indices(prompt_set, only), model_ready(image)
+
+
+def grad_cam_grids(scorer: nn.Module, pixels: torch.Tensor, indices: list[int], layer: nn.Module | None = None,
+                   reshape: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(len(indices), h, w) Grad-CAM grids (ReLU'd, pytorch-grad-cam's scaling) and the explained logits.
+
+    ``layer``/``reshape``: the layer to explain (default: the CLIP encoder's, see ``target_layer``).
+    """
+    if layer is None:
+        layer, reshape, _ = target_layer(scorer.encoder)
     batch = pixels.expand(len(indices), *pixels.shape[1:]).clone()
     with frozen(scorer), _GridGradCAM(model=scorer, target_layers=[layer], reshape_transform=reshape) as cam:
         cam.compute_input_gradient = True  # parameters are frozen: the graph starts at the input
@@ -129,29 +154,28 @@ def occlusion_grids(scorer: LabelLogits, pixels: torch.Tensor, indices: list[int
 
 def zeroshot_heatmaps(classifier: ZeroShotClassifier, image: Image.Image, *, labels: Sequence[str] | None = None,
                       preset: str | None = None, prompts: PromptSet | None = None, only: Sequence[str] | None = None,
-                      method: str = "grad-cam", occlusion_grid: int = 7) -> list[Heatmap]:
+                      method: str | None = None, occlusion_grid: int = 7) -> list[Heatmap]:
     """One map per label (or per label in ``only``) of ``image``, for the label source ``classify`` takes.
 
-    Computed only when called; the classifier's scores and caches are left as they were.
+    Computed only when called; the classifier's scores and caches are left as they were. ``method``:
+    None for the model's own (Grad-CAM; MedKLIP: its cross-attention maps).
     """
+    if getattr(classifier, "kind", None) == "medklip":  # its own maps: cross-attention, or Grad-CAM to compare
+        from .medklip_maps import medklip_heatmaps
+
+        return medklip_heatmaps(classifier, image, labels=labels, preset=preset, prompts=prompts, only=only,
+                                method=method, occlusion_grid=occlusion_grid)
+    method = method or "grad-cam"
     if method not in METHODS:
-        raise BadInputError(f"unknown map method {method!r} (known: {', '.join(METHODS)})")
+        raise BadInputError(f"unknown map method {method!r} for {classifier.name} (known: {', '.join(METHODS)})")
     started = time.perf_counter()
-    prompt_set = classifier.prompt_set(labels, preset, prompts)
-    indices = _label_indices(prompt_set, only)
-    image = model_ready(image)
+    prompt_set, indices, image = prepared(classifier, image, labels, preset, prompts, only)
     scorer = LabelLogits(classifier, prompt_set)
     pixels = classifier.encoder.pixel_values([image])
-    _, _, layer_name = target_layer(classifier.encoder)
+    layer, reshape, layer_name = target_layer(classifier.encoder)
+    grids, targets, description = method_grids(scorer, pixels, indices, method, occlusion_grid, layer, reshape)
     if method == "grad-cam":
-        grids, targets = grad_cam_grids(scorer, pixels, indices)
-        description = f"Grad-CAM ({layer_name})"
-    else:
-        grids = occlusion_grids(scorer, pixels, indices, occlusion_grid)
-        with torch.no_grad():
-            base = scorer(pixels)[0]
-        targets = np.array([float(base[i]) for i in indices])
-        description = f"occlusion ({occlusion_grid}x{occlusion_grid} cells set to the mean intensity)"
+        description = f"{description} ({layer_name})"
     geometry = geometry_of(classifier.encoder, image)
     names = list(prompt_set)
     maps = [make_heatmap(names[i], grids[k], geometry, description, classifier.name, targets[k])

@@ -6,22 +6,16 @@ section), ``family`` (what a model family gives the trainer), ``xraygpt_objectiv
 projector + LoRA), ``lora`` (peft adapters), ``schedule`` (XrayGPT's learning-rate schedule),
 ``trainer`` (the ``accelerate`` loop), ``outputs`` (checkpoints, metrics, charts).
 
-The loop is family-agnostic. A model family (``model.family``: xraygpt or llava) is an ``nn.Module``
-that implements :class:`~xraygpt_app.train.family.TrainableFamily`:
+The loop is family-agnostic: it knows a model only as a
+:class:`~xraygpt_app.train.family.TrainableFamily` (``family.py``), the base that says how rows
+become batches (``read_data``, ``dataset``, ``collate``, ``step_inputs``), what ``forward`` returns
+(``(loss, count)``), what trains under which released names (``named_trainable``), the checkpoint
+entry and resume (``checkpoint_state`` / ``load_checkpoint_state``, ``adapter_state``), what is
+written beside each epoch's checkpoint (``save_epoch``) and the end-of-run evaluation
+(``end_of_run``). :class:`~xraygpt_app.train.family.ChatTrainable` holds what the chat families
+share: one instruction per batch, the ``before + image tokens + after + target`` layout with
+``IGNORE_INDEX`` labels, the causal-LM loss, LoRA adapters in peft's format and the greedy report
+helper. A family gives only its prompt (``row_ids``), its ``image_tokens`` and what trains.
 
-- ``forward(pixel_values, instructions, targets) -> (loss, target_tokens)``, built on
-  ``training_batch(...) -> TrainingBatch(inputs_embeds, attention_mask, labels)``: the family
-  wraps each instruction (or a VQA row's question) in its own prompt template;
-- ``image_transform(augment)``: the family's training transform, or its deterministic eval one;
-- ``instructions``: the list drawn from (one per batch, seeded) for rows without a question;
-- ``named_trainable()``: trainable parameters under the family's checkpoint names (the
-  optimizer's weight-decay rule reads those names);
-- ``checkpoint_state()`` / ``load_checkpoint_state(state, lora)``: the ``'model'`` entry of the
-  family's native checkpoint, and back; ``adapter_state()`` / ``save_adapter(folder)`` for LoRA
-  in peft's format;
-- ``generate_report(image, max_new_tokens)``: a greedy report for the end-of-run metrics;
-- ``train(mode)`` keeps frozen parts in eval mode.
-
-The trainer registers families by name in ``trainer.FAMILIES`` (a loader ``(Config, TrainConfig) ->
-family``).
+The trainer picks the class by ``model.family`` (``trainer.FAMILIES``, "module:class" strings).
 """

@@ -25,33 +25,29 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..checkpoints import CheckpointKeyError
 from ..config import Config
 from ..families.llava.model import LlavaModel
-from ..families.xraygpt.conversation import IMAGE_MESSAGE
 from .config import TrainConfig
-from .family import TrainingBatch
-from .lora import add_lora, enable_llm_training, set_lora_state
-from .xraygpt_objective import IGNORE_INDEX, XrayGPTTrainable, read_instructions
+from .family import ChatTrainable, plain_instructions
+from .lora import add_lora, enable_llm_training
 
 log = logging.getLogger(__name__)
 
 PROJECTOR_PREFIX = "mm_projector."  # LLaVA's checkpoint names for the projector
 
 
-class LlavaTrainable(nn.Module):
-    """The loaded llava-family model as a trainable family (see :mod:`xraygpt_app.train`)."""
+class LlavaTrainable(ChatTrainable):
+    """The loaded llava-family model as a trainable family (see :mod:`xraygpt_app.train.family`)."""
 
     family = "llava"
     checkpoint_weight = "weights.projector"  # the config key that serves a checkpoint of this family
 
     def __init__(self, model: LlavaModel, settings: TrainConfig):
-        super().__init__()
-        self.model, self.settings = model, settings
+        super().__init__(settings)
+        self.model = model
         self.tower, self.projector, self.llm = model.tower, model.projector, model.llm
         self.tokenizer = model.tokenizer
-        self.instructions = [line.replace(IMAGE_MESSAGE, "").strip()
-                             for line in read_instructions(settings.instructions)]
+        self.instructions = plain_instructions(settings.instructions)  # the chat template places the image
 
     @classmethod
     def from_config(cls, config: Config, settings: TrainConfig) -> LlavaTrainable:
@@ -74,11 +70,9 @@ class LlavaTrainable(nn.Module):
         self.tower.eval()
         return self
 
-    def named_trainable(self) -> dict[str, nn.Parameter]:
-        """The projector under LLaVA's names (``mm_projector.0.weight`` ...), LoRA under peft's."""
-        out = {PROJECTOR_PREFIX + n: p for n, p in self.projector.named_parameters() if p.requires_grad}
-        out.update({n: p for n, p in self.llm.named_parameters() if p.requires_grad})
-        return out
+    def resume_parameters(self) -> dict[str, nn.Parameter]:
+        """The projector under LLaVA's names (``mm_projector.0.weight`` ...): what ``weights.projector`` reads."""
+        return {PROJECTOR_PREFIX + n: p for n, p in self.projector.named_parameters()}
 
     def image_transform(self, augment: bool) -> Callable[[Image.Image], torch.Tensor]:
         """open_clip's own transforms for this tower: its training augmentation, or the app's eval preprocessing."""
@@ -94,53 +88,14 @@ class LlavaTrainable(nn.Module):
             tokens = self.tower(pixel_values.to(placement.vision_device))
         return self.projector(tokens.float().to(placement.llm_device))
 
-    def training_batch(self, pixel_values: torch.Tensor, instructions: list[str], targets: list[str]
-                       ) -> TrainingBatch:
-        """Inputs, attention mask and labels for one batch (see the module docstring)."""
-        images = self.image_tokens(pixel_values)
-        embed = self.llm.get_input_embeddings()
-        rows = [(*self._prompt_ids(q), self._target_ids(t)) for q, t in zip(instructions, targets, strict=True)]
-        length = max(len(b) + images.shape[1] + len(a) + len(t) for b, a, t in rows)
-        pad, device = self.tokenizer.pad_token_id, images.device
-        embeds, masks, labels = [], [], []
-        for image, (before, after, target) in zip(images, rows, strict=True):
-            used = len(before) + image.shape[0] + len(after) + len(target)
-            text = embed(torch.tensor(before + after + target + [pad] * (length - used), device=device))
-            embeds.append(torch.cat([text[:len(before)], image.to(text.dtype), text[len(before):]]))
-            masks.append(torch.tensor([1] * used + [0] * (length - used), device=device))
-            labels.append(torch.tensor([IGNORE_INDEX] * (used - len(target)) + target
-                                       + [IGNORE_INDEX] * (length - used), device=device))
-        return TrainingBatch(torch.stack(embeds), torch.stack(masks), torch.stack(labels))
+    def row_ids(self, instruction: str, target: str) -> tuple[list[int], list[int], list[int]]:
+        before, after = self._prompt_ids(instruction)
+        end = self.model.template.end_of_turn or self.tokenizer.eos_token
+        ids = self.tokenizer(target + end, add_special_tokens=False, truncation=True,
+                             max_length=self.settings.max_txt_len)["input_ids"]
+        return before, after, ids
 
     @functools.lru_cache(maxsize=64)  # noqa: B019  (a handful of prompts per run; the model lives as long)
     def _prompt_ids(self, question: str) -> tuple[list[int], list[int]]:
         segments = self.model.render_prompt([], question)
         return segments.before, segments.after
-
-    def _target_ids(self, target: str) -> list[int]:
-        end = self.model.template.end_of_turn or self.tokenizer.eos_token
-        return self.tokenizer(target + end, add_special_tokens=False, truncation=True,
-                              max_length=self.settings.max_txt_len)["input_ids"]
-
-    # --- checkpoints ------------------------------------------------------------------------------
-    def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        """A checkpoint's ``'model'`` entry: the projector under LLaVA's names (what ``weights.projector`` reads)."""
-        return {PROJECTOR_PREFIX + n: p.detach().float().cpu().clone() for n, p in self.projector.named_parameters()}
-
-    def load_checkpoint_state(self, state: dict[str, torch.Tensor], lora: dict[str, torch.Tensor] | None) -> None:
-        """Put a checkpoint's projector (and LoRA weights) back, for ``--resume``; every key must be ours."""
-        params = {PROJECTOR_PREFIX + n: p for n, p in self.projector.named_parameters()}
-        if set(state) != set(params):
-            raise CheckpointKeyError(f"resume: the checkpoint's trained keys {sorted(state)[:6]} do not match"
-                                     f" this run's {sorted(params)[:6]}")
-        with torch.no_grad():
-            for key, value in state.items():
-                params[key].copy_(value)
-        if self.settings.lora.enabled:
-            set_lora_state(self.llm, lora)
-
-    # The same as XrayGPT's family: they read only ``training_batch``, ``settings``, ``llm`` and ``model``.
-    forward = XrayGPTTrainable.forward  # (mean token loss, number of target tokens) for one batch
-    adapter_state = XrayGPTTrainable.adapter_state
-    save_adapter = XrayGPTTrainable.save_adapter
-    generate_report = XrayGPTTrainable.generate_report

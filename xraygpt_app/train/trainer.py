@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import math
 import signal
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,35 +25,30 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..errors import ConfigError
-from .batches import RunBatches, choose_instructions, iteration_seed
+from .batches import RunBatches, iteration_seed
 from .config import TrainConfig, load_train_config
-from .data import PairDataset, Sample, collate, read_samples, split_samples
-from .evaluate import report_scores, validation_loss
-from .llava_objective import LlavaTrainable
-from .outputs import (
-    MetricsLog,
-    TrainingError,
-    load_checkpoint,
-    save_atomically,
-    save_folder_atomically,
-    write_loss_curve,
-)
+from .data import Sample, split_samples
+from .evaluate import validation_loss
+from .family import TrainableFamily
+from .outputs import MetricsLog, TrainingError, load_checkpoint, save_atomically, write_loss_curve
 from .schedule import build_optimizer, learning_rate, set_learning_rate
-from .xraygpt_objective import XrayGPTTrainable
 
 log = logging.getLogger(__name__)
 
-# Model families the trainer can fine-tune: name -> loader (see the package docstring for the interface).
-FAMILIES: dict[str, Callable[[Config, TrainConfig], nn.Module]] = {"xraygpt": XrayGPTTrainable.from_config,
-                                                                   "llava": LlavaTrainable.from_config}
+# model.family -> "module:class" of its trainable (imported only when that family trains)
+FAMILIES = {"xraygpt": "xraygpt_app.train.xraygpt_objective:XrayGPTTrainable",
+            "llava": "xraygpt_app.train.llava_objective:LlavaTrainable"}
 
 
-def load_family(config: Config, train: TrainConfig) -> nn.Module:
-    """The trainable model of the config's ``model.family``."""
-    if config.model.family not in FAMILIES:
-        raise ConfigError(f"fine-tuning is not available for model.family {config.model.family!r} yet"
-                          f" (trainable families: {', '.join(FAMILIES)})")
-    return FAMILIES[config.model.family](config, train)
+def trainable_class(config: Config, train: TrainConfig) -> type[TrainableFamily]:
+    """The trainable class of the config's ``model.family`` (the config has checked the name)."""
+    module, name = FAMILIES[config.model.family].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_family(config: Config, train: TrainConfig) -> TrainableFamily:
+    """The trainable model this run fine-tunes, loaded through the app's own path."""
+    return trainable_class(config, train).from_config(config, train)
 
 
 class _StopRequested(Exception):
@@ -93,10 +88,19 @@ class RunResult:
 
 
 @dataclass
-class _State:
+class _Run:
+    """Everything one ``fit`` call carries from step to step."""
+
+    model: nn.Module  # the family as accelerate prepared it (DDP-wrapped across processes)
+    optimizer: torch.optim.Optimizer
+    metrics: MetricsLog | None = None
+    progress: tqdm | None = None
+    ctrl_c: _CtrlC | None = None
+    stop_after: int | None = None  # stop (as if interrupted) once this iteration is reached
     iteration: int = 0  # next iteration to run
     step: int = 0  # optimiser steps done
     last_checkpoint: Path | None = None
+    window: _Window = field(default_factory=lambda: _Window())
 
 
 def make_accelerator(config: Config, train: TrainConfig) -> Accelerator:
@@ -117,7 +121,7 @@ def make_accelerator(config: Config, train: TrainConfig) -> Accelerator:
 class Trainer:
     """One fine-tuning run: a model family, its data, the accelerator and an output folder."""
 
-    def __init__(self, config: Config, train: TrainConfig, family: nn.Module, accelerator: Accelerator,
+    def __init__(self, config: Config, train: TrainConfig, family: TrainableFamily, accelerator: Accelerator,
                  train_samples: list[Sample], val_samples: list[Sample], output_dir: Path, skipped: int = 0):
         self.config, self.train, self.family, self.accelerator = config, train, family, accelerator
         self.train_samples, self.val_samples, self.skipped = train_samples, val_samples, skipped
@@ -133,16 +137,17 @@ class Trainer:
         """Read the config and the data (every row checked), load the model family, pick the output folder."""
         config, train = config if isinstance(config, tuple) else load_train_config(config, overrides)
         accelerator = make_accelerator(config, train)
-        rows = read_samples(data, skip_bad=skip_bad, limits=config.image)
+        family_class = trainable_class(config, train)
+        rows = family_class.read_data(data, skip_bad=skip_bad, limits=config.image)
         skipped = len(rows.skipped)
         if val is not None:
-            val_rows = read_samples(val, skip_bad=skip_bad, limits=config.image)
+            val_rows = family_class.read_data(val, skip_bad=skip_bad, limits=config.image)
             train_samples, val_samples, skipped = rows.samples, val_rows.samples, skipped + len(val_rows.skipped)
         else:
             train_samples, val_samples = split_samples(rows.samples, train.val_fraction, train.seed)
         log.info("data: %d training rows, %d validation rows, %d skipped", len(train_samples), len(val_samples),
                  skipped)
-        model = load_family(config, train)
+        model = family_class.from_config(config, train)
         output_dir = Path(output or train.output_dir).resolve()  # printed paths work from anywhere
         output_dir.mkdir(parents=True, exist_ok=True)
         return cls(config, train, model, accelerator, train_samples, val_samples, output_dir, skipped)
@@ -153,129 +158,135 @@ class Trainer:
         acc = self.accelerator
         model = acc.prepare_model(self.family, device_placement=False)
         optimizer = acc.prepare_optimizer(build_optimizer(self.family.named_trainable(), self.train))
-        state = self._resume(resume, optimizer) if resume else _State()
-        metrics = MetricsLog(self.output_dir / "metrics.jsonl", state.step if resume else None)
-        loader = self._loader(state.iteration)
-        progress = tqdm(total=self.total_iterations, initial=state.iteration, unit="it", dynamic_ncols=True,
-                        disable=not acc.is_local_main_process, desc="fine-tuning")
+        run = _Run(model, optimizer, stop_after=stop_after)
+        if resume:
+            self._resume(resume, run)
+        run.metrics = MetricsLog(self.output_dir / "metrics.jsonl", run.step if resume else None)
+        run.progress = tqdm(total=self.total_iterations, initial=run.iteration, unit="it", dynamic_ncols=True,
+                            disable=not acc.is_local_main_process, desc="fine-tuning")
         model.train()
         try:
-            with _CtrlC() as ctrl_c:
-                self._loop(model, optimizer, loader, state, metrics, progress, stop_after, ctrl_c)
+            with _CtrlC() as run.ctrl_c:
+                self._loop(run)
         except _StopRequested:
-            progress.close()
-            path = self._save(optimizer, state, self.output_dir / "checkpoint_last.pth")
+            run.progress.close()
+            path = self._save(run, self.output_dir / "checkpoint_last.pth")
             if self.accelerator.is_main_process:
-                write_loss_curve(metrics, self.output_dir / "loss_curve.png")
-            log.warning("interrupted at iteration %d; saved %s", state.iteration, path)
-            return RunResult(state.iteration, path, True, self.output_dir)
+                write_loss_curve(run.metrics, self.output_dir / "loss_curve.png")
+            log.warning("interrupted at iteration %d; saved %s", run.iteration, path)
+            return RunResult(run.iteration, path, True, self.output_dir)
         except KeyboardInterrupt:  # the second Ctrl-C: mid-step, so nothing consistent to save
-            progress.close()
-            log.warning("stopped at once; the last good checkpoint is %s", state.last_checkpoint)
-            return RunResult(state.iteration, state.last_checkpoint, True, self.output_dir)
-        except torch.OutOfMemoryError:
-            raise self._out_of_memory(state) from None
+            run.progress.close()
+            log.warning("stopped at once; the last good checkpoint is %s", run.last_checkpoint)
+            return RunResult(run.iteration, run.last_checkpoint, True, self.output_dir)
+        except torch.OutOfMemoryError:  # CUDA's allocator
+            raise self._out_of_memory(run) from None
         except RuntimeError as exc:
+            # torch's CPU allocator raises a plain RuntimeError (c10::Error) with no subtype: only its text says so.
             if "can't allocate memory" in str(exc) or "out of memory" in str(exc):
-                raise self._out_of_memory(state) from None
+                raise self._out_of_memory(run) from None
             raise
-        progress.close()
-        return self._finish(state, metrics)
+        run.progress.close()
+        return self._finish(run)
 
     def _loader(self, start: int) -> DataLoader:
         acc, train = self.accelerator, self.train
         sampler = RunBatches(len(self.train_samples), train.batch_size, acc.num_processes, acc.process_index,
                              train.seed, start, self.total_iterations)
-        dataset = PairDataset(self.train_samples, self.family.image_transform(train.augment), self.config.image)
-        return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=train.num_workers,
-                          worker_init_fn=_ignore_ctrl_c)
+        dataset = self.family.dataset(self.train_samples, train.augment, self.config.image)
+        return DataLoader(dataset, batch_sampler=sampler, collate_fn=self.family.collate,
+                          num_workers=train.num_workers, worker_init_fn=_ignore_ctrl_c)
 
-    def _loop(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, state: _State,
-              metrics: MetricsLog, progress: tqdm, stop_after: int | None, ctrl_c: _CtrlC) -> None:
-        acc, train = self.accelerator, self.train
-        window = _Window()
-        for pixels, targets, questions in loader:
-            iteration = state.iteration
-            set_learning_rate(optimizer, learning_rate(iteration, self.iters_per_epoch, train))
-            torch.manual_seed(iteration_seed(train.seed, iteration, acc.process_index))
-            instructions = choose_instructions(questions, self.family.instructions, train.seed, iteration)
-            boundary = (iteration + 1) % train.grad_accum_steps == 0 or (iteration + 1) % self.iters_per_epoch == 0
-            with contextlib.nullcontext() if boundary else acc.no_sync(model):
-                loss, tokens = model(pixels, instructions, targets)
-                acc.backward(loss / train.grad_accum_steps)
-            window.add(acc.reduce(loss.detach(), "mean").item(), acc.reduce(tokens.detach(), "sum").item(),
-                       len(targets) * acc.num_processes)
-            if boundary:
-                norm = acc.clip_grad_norm_(list(self.family.named_trainable().values()),
-                                           train.max_grad_norm or float("inf"))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                record = window.record(state.step, iteration, iteration // self.iters_per_epoch,
-                                       optimizer.param_groups[0]["lr"], float(norm))
-                if acc.is_main_process:
-                    metrics.write(record)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-            state.iteration = iteration + 1
-            progress.update(1)
-            if state.iteration % self.iters_per_epoch == 0:
-                self._end_epoch(optimizer, state, metrics)
-            if boundary and (ctrl_c.requested or (stop_after is not None and state.iteration >= stop_after)):
+    def _loop(self, run: _Run) -> None:
+        run.window = _Window()
+        for batch in self._loader(run.iteration):
+            boundary = self._step(run, batch)
+            run.iteration += 1
+            run.progress.update(1)
+            if run.iteration % self.iters_per_epoch == 0:
+                self._end_epoch(run)
+            if boundary and (run.ctrl_c.requested or (run.stop_after is not None and run.iteration >= run.stop_after)):
                 raise _StopRequested
 
-    def _end_epoch(self, optimizer: torch.optim.Optimizer, state: _State, metrics: MetricsLog) -> None:
-        epoch = state.iteration // self.iters_per_epoch - 1
+    def _step(self, run: _Run, batch: object) -> bool:
+        """One iteration (forward, backward, and the optimiser step at an accumulation boundary)."""
+        acc, train, iteration = self.accelerator, self.train, run.iteration
+        set_learning_rate(run.optimizer, learning_rate(iteration, self.iters_per_epoch, train))
+        torch.manual_seed(iteration_seed(train.seed, iteration, acc.process_index))
+        inputs = self.family.step_inputs(batch, train.seed, iteration)
+        boundary = (iteration + 1) % train.grad_accum_steps == 0 or (iteration + 1) % self.iters_per_epoch == 0
+        with contextlib.nullcontext() if boundary else acc.no_sync(run.model):
+            loss, count = run.model(*inputs)
+            acc.backward(loss / train.grad_accum_steps)
+        run.window.add(acc.reduce(loss.detach(), "mean").item(), acc.reduce(count.detach(), "sum").item(),
+                       len(inputs[0]) * acc.num_processes)  # pixels come first
+        if boundary:
+            norm = acc.clip_grad_norm_(list(self.family.named_trainable().values()),
+                                       train.max_grad_norm or float("inf"))
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+            record = run.window.record(run.step, iteration, iteration // self.iters_per_epoch,
+                                       run.optimizer.param_groups[0]["lr"], float(norm))
+            run.window = _Window()
+            if acc.is_main_process:
+                run.metrics.write(record)
+            run.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+        return boundary
+
+    def _end_epoch(self, run: _Run) -> None:
+        epoch = run.iteration // self.iters_per_epoch - 1
         val = validation_loss(self.family, self.val_samples, self.config, self.train)
         if val is not None and self.accelerator.is_main_process:
-            metrics.write({"type": "val", "step": state.step, "epoch": epoch, "val_loss": val})
+            run.metrics.write({"type": "val", "step": run.step, "epoch": epoch, "val_loss": val})
             log.info("epoch %d: validation loss %.4f", epoch, val)
         self.family.train()
-        self._save(optimizer, state, self.output_dir / f"checkpoint_{epoch}.pth")
-        if self.train.lora.enabled and self.accelerator.is_main_process:
-            save_folder_atomically(self.family.save_adapter, self.output_dir / f"lora_adapter_{epoch}")
+        self._save(run, self.output_dir / f"checkpoint_{epoch}.pth")
+        if self.accelerator.is_main_process:
+            self.family.save_epoch(self.output_dir, epoch)
 
-    def _save(self, optimizer: torch.optim.Optimizer, state: _State, path: Path) -> Path:
-        """XrayGPT's checkpoint layout, plus what an exact resume needs (iteration, step, LoRA weights)."""
+    def _save(self, run: _Run, path: Path) -> Path:
+        """The family's checkpoint layout, plus what an exact resume needs (iteration, step, adapter weights)."""
         acc = self.accelerator
         if acc.is_main_process:
             scaler = acc.scaler.state_dict() if acc.scaler is not None else None
-            checkpoint = {"model": self.family.checkpoint_state(), "optimizer": optimizer.state_dict(),
+            checkpoint = {"model": self.family.checkpoint_state(), "optimizer": run.optimizer.state_dict(),
                           "config": {"model": self.config.to_dict(), "train": self.train.to_dict(),
                                      "family": self.family.family},
-                          "scaler": scaler, "epoch": state.iteration // self.iters_per_epoch,
-                          "iteration": state.iteration, "step": state.step, "lora": self.family.adapter_state()}
-            save_atomically(checkpoint, path, state.last_checkpoint)
+                          "scaler": scaler, "epoch": run.iteration // self.iters_per_epoch,
+                          "iteration": run.iteration, "step": run.step, "lora": self.family.adapter_state()}
+            checkpoint.update(self.family.checkpoint_extras(self.config))
+            save_atomically(checkpoint, path, run.last_checkpoint)
         acc.wait_for_everyone()
-        state.last_checkpoint = path
+        run.last_checkpoint = path
         return path
 
-    def _resume(self, path: str | Path, optimizer: torch.optim.Optimizer) -> _State:
+    def _resume(self, path: str | Path, run: _Run) -> None:
         checkpoint = load_checkpoint(path)
         self.family.load_checkpoint_state(checkpoint["model"], checkpoint.get("lora"))
         if checkpoint.get("optimizer"):
-            optimizer.load_state_dict(checkpoint["optimizer"])
+            run.optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("scaler") and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(checkpoint["scaler"])
         # XrayGPT's own checkpoints end an epoch and carry no iteration: continue with the next epoch.
-        iteration = checkpoint.get("iteration", (checkpoint.get("epoch", 0) + 1) * self.iters_per_epoch)
-        step = checkpoint.get("step", iteration // self.train.grad_accum_steps)
-        log.info("resuming %s at iteration %d (optimiser step %d)", path, iteration, step)
-        return _State(iteration=iteration, step=step, last_checkpoint=Path(path))
+        run.iteration = checkpoint.get("iteration", (checkpoint.get("epoch", 0) + 1) * self.iters_per_epoch)
+        run.step = checkpoint.get("step", run.iteration // self.train.grad_accum_steps)
+        run.last_checkpoint = Path(path)
+        log.info("resuming %s at iteration %d (optimiser step %d)", path, run.iteration, run.step)
 
-    def _out_of_memory(self, state: _State) -> TrainingError:
-        keep = f"the last good checkpoint is {state.last_checkpoint}" if state.last_checkpoint else "no checkpoint yet"
-        return TrainingError(f"Out of memory at iteration {state.iteration} (train.batch_size"
+    def _out_of_memory(self, run: _Run) -> TrainingError:
+        keep = f"the last good checkpoint is {run.last_checkpoint}" if run.last_checkpoint else "no checkpoint yet"
+        return TrainingError(f"Out of memory at iteration {run.iteration} (train.batch_size"
                              f" {self.train.batch_size}); {keep}. Lower train.batch_size (raise train.grad_accum_steps"
                              f" to keep the global batch), or train LoRA with gradient checkpointing / QLoRA.")
 
-    def _finish(self, state: _State, metrics: MetricsLog) -> RunResult:
-        result = RunResult(state.iteration, state.last_checkpoint, False, self.output_dir)
+    def _finish(self, run: _Run) -> RunResult:
+        result = RunResult(run.iteration, run.last_checkpoint, False, self.output_dir)
         if self.accelerator.is_main_process:
-            write_loss_curve(metrics, self.output_dir / "loss_curve.png")
-            vals = [r["val_loss"] for r in metrics.records() if r["type"] == "val"]
+            write_loss_curve(run.metrics, self.output_dir / "loss_curve.png")
+            vals = [r["val_loss"] for r in run.metrics.records() if r["type"] == "val"]
             result.val_loss = vals[-1] if vals else None
-            result.report_metrics = report_scores(self.family, self.val_samples, self.config, self.train,
-                                                  self.output_dir / "report_metrics.json")
+            result.report_metrics = self.family.end_of_run(self.val_samples, self.config, self.output_dir)
         self.accelerator.wait_for_everyone()
         return result
 
@@ -285,11 +296,14 @@ def _ignore_ctrl_c(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@dataclass
 class _Window:
-    """Loss, tokens and samples since the last optimiser step, and the time they took."""
+    """Loss, tokens and samples since the last optimiser step, and the time they took (a new one per step)."""
 
-    def __init__(self):
-        self.start, self.losses, self.tokens, self.samples = time.perf_counter(), [], 0, 0
+    start: float = field(default_factory=time.perf_counter)
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    samples: int = 0
 
     def add(self, loss: float, tokens: float, samples: int) -> None:
         self.losses.append(loss)
@@ -301,5 +315,4 @@ class _Window:
         record = {"type": "train", "step": step, "iteration": iteration, "epoch": epoch,
                   "loss": sum(self.losses) / len(self.losses), "lr": lr, "grad_norm": grad_norm,
                   "samples_per_s": self.samples / elapsed, "tokens_per_s": self.tokens / elapsed}
-        self.__init__()
         return record

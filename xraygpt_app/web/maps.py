@@ -21,7 +21,6 @@ from .services import Services
 
 logger = logging.getLogger(__name__)
 DISPLAY_SIDE = 768  # the overlay shown in the page; the map is computed on the full image
-MEANING_TEXT = "Where the model's score is most sensitive; not a segmentation, not a diagnosis."
 # matplotlib's inferno at 0, 0.2, ..., 1: the overlay's colour scale as a CSS gradient
 INFERNO = ("#000004", "#420a68", "#932667", "#dd513a", "#fca50a", "#fcffa4")
 MapOutput = tuple[str, Any, str]  # overlay HTML, the Heatmap kept in gr.State (slim: no full-size map), notice
@@ -49,7 +48,11 @@ def map_html(image: Image.Image, heatmap: Any, opacity: float) -> str:
         caption += ". No region raises this score: the map is empty."
     return (f'<figure class="xr-map"><img alt="Heatmap overlay" src="{png_data_url(shown)}" '
             f'style="max-width:100%"><figcaption>{caption}</figcaption></figure>{scale_html()}'
-            f'<p class="xr-map-meaning"><b>{MEANING_TEXT}</b></p>')
+            f'<p class="xr-map-meaning"><b>{html.escape(_sentence(heatmap.meaning))}</b></p>')
+
+
+def _sentence(text: str) -> str:
+    return f"{text[:1].upper()}{text[1:]}."
 
 
 def restyle(state: UserState | None, heatmap: Any, opacity: float) -> str:

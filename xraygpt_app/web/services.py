@@ -18,7 +18,8 @@ from ..errors import MissingWeightsError, XrayGPTError
 
 logger = logging.getLogger(__name__)
 
-ZEROSHOT_TITLES = {"medclip-vit": "MedCLIP ViT", "medclip-resnet": "MedCLIP ResNet", "biomedclip": "BiomedCLIP"}
+ZEROSHOT_TITLES = {"medclip-vit": "MedCLIP ViT", "medclip-resnet": "MedCLIP ResNet", "biomedclip": "BiomedCLIP",
+                   "medklip": "MedKLIP"}
 
 
 @dataclass
@@ -120,7 +121,7 @@ def _load_zeroshot(config: Config, say: Callable[[str], None], download: bool
         say(f"Loading zero-shot model {name}...")
         start = time.perf_counter()
         try:
-            loaded[name] = zeroshot.ZeroShotClassifier.from_config(config, name)
+            loaded[name] = zeroshot.load_classifier(config, name)
         except XrayGPTError as exc:
             missing[name] = str(exc)
             say(f"Zero-shot model {name} is unavailable: {exc}")

@@ -169,6 +169,16 @@ class ZeroShotClassifier:
         return results_from_logits(self.logits(images, prompt_set), list(prompt_set))
 
 
+def load_classifier(config: Config, model_name: str | None = None):
+    """The classifier of a configured model: MedKLIP's entity classifier, or the prompt-ensemble one."""
+    name = model_name or config.zeroshot.default_model
+    if _model_config(config, name).kind == "medklip":
+        from .medklip_classifier import MedKLIPClassifier
+
+        return MedKLIPClassifier.from_config(config, name)
+    return ZeroShotClassifier.from_config(config, name)
+
+
 def _device(config: Config) -> str:
     from ..placement import main_device  # the same resolution and check as the XrayGPT model's
 
@@ -240,9 +250,14 @@ def _biomedclip_text_repos(config: Config, name: str, model: ZeroShotModelConfig
 def available_models(config: Config) -> dict[str, str | None]:
     """Model name -> None when its weights are present, else the missing-weights message."""
     status: dict[str, str | None] = {}
-    for name in config.zeroshot.models:
+    for name, model in config.zeroshot.models.items():
         try:
-            resolve_zeroshot_weights(config, name)
+            if model.kind == "medklip":  # its checkpoint, BERT and descriptions are all needed
+                from .medklip_classifier import medklip_files
+
+                medklip_files(config, name)
+            else:
+                resolve_zeroshot_weights(config, name)
             status[name] = None
         except MissingWeightsError as exc:
             status[name] = str(exc)
