@@ -102,7 +102,8 @@ def tinyllama_estimates(mid: dict[tuple[str, int], dict]) -> dict:
     from transformers import LlamaConfig
 
     from xraygpt_app.config import RuntimeConfig, VisionConfig
-    from xraygpt_app.memory import TINYLLAMA_1B, llm_weight_bytes
+    from xraygpt_app.families.registry import TINYLLAMA_1B
+    from xraygpt_app.memory import llm_weight_bytes
     from xraygpt_app.placement import plan_placement
 
     big = LlamaConfig(**TINYLLAMA_1B)

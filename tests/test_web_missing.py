@@ -23,7 +23,7 @@ def test_a_llava_config_without_weights_lists_every_file_and_the_users_own_comma
     said: list[str] = []
     services = build_services(load_config(LLAVA_TINY, overrides), progress=said.append, with_zeroshot=False)
 
-    assert said[0] == "Loading the llava model (vision tower, projector, language model)..."
+    assert said[0] == "Loading LLaVA-style assistant (vision tower, projector, language model)..."
     assert not any("XrayGPT" in line for line in said)
     assert services.assistant is None
     missing = services.assistant_missing

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .families.registry import FAMILIES, family_spec
 from .yamlconfig import absolute_path, build_section, read_raw_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "eval_configs" / "xraygpt_eval.yaml"
@@ -36,7 +37,6 @@ class WeightSpec:
     files: list[str] = field(default_factory=list)  # a Hub folder: only these files (patterns); empty: all
 
 
-MODEL_FAMILIES = ("xraygpt", "llava")  # model.family: the architecture a config builds
 TOWER_SELECTIONS = ("patch", "cls_patch")  # LLaVA's mm_vision_select_feature
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")  # LLaVA-1.5's mm_projector_type values we build
 
@@ -309,18 +309,13 @@ def _resolve_relative_sources(config: Config, base: Path) -> None:
         model.text_config = absolute_path(model.text_config, base) if model.text_config else None
 
 
-XRAYGPT_WEIGHTS = ("ckpt", "llama_model", "eva_vit_g", "blip2_qformer")  # the WeightSpec fields of WeightsConfig
-LLAVA_WEIGHTS = ("vision_tower", "projector", "llama_model")
-FAMILY_WEIGHTS = {"xraygpt": XRAYGPT_WEIGHTS, "llava": LLAVA_WEIGHTS}  # what each model.family reads
-
-
 def iter_weight_specs(config: Config, evaluation: bool = False) -> dict[str, WeightSpec]:
     """Every weights entry the config's model family reads, by a readable name (for fetch/check).
 
     ``evaluation``: also the report scorers' entries that the config sets (``xraygpt fetch`` and
     ``check`` list them; ``serve`` does not fetch them on start).
     """
-    specs = {f"weights.{name}": getattr(config.weights, name) for name in FAMILY_WEIGHTS[config.model.family]}
+    specs = {f"weights.{name}": getattr(config.weights, name) for name in family_spec(config.model.family).weights}
     for name, model in config.zeroshot.models.items():
         specs[f"zeroshot.models.{name}.weights"] = model.weights
         if model.kind == "medklip":
@@ -351,7 +346,7 @@ RUNTIME_MODES = ("auto", "fp16", "8bit", "4bit", "low_resource", "fp32", "bf16")
 
 def _validate(config: Config, source: str) -> None:
     """Cross-field checks that a type hint cannot express."""
-    _check_choice(source, "model.family", config.model.family, MODEL_FAMILIES)
+    _check_choice(source, "model.family", config.model.family, tuple(FAMILIES))
     _check_choice(source, "tower.select", config.tower.select, TOWER_SELECTIONS)
     _check_choice(source, "projector.type", config.projector.type, PROJECTOR_TYPES)
     if config.runtime.mode not in RUNTIME_MODES:

@@ -53,9 +53,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, L
 
 from .config import RUNTIME_MODES, Config, RuntimeConfig
 from .errors import MissingWeightsError, XrayGPTError
-from .families.xraygpt.model import build_parts
-from .families.xraygpt.qformer import cast_bridge
-from .families.xraygpt.vision import cast_vision
+from .families.registry import family_spec
 from .placement import Placement, plan_placement
 from .weights import resolve_weights
 
@@ -68,15 +66,6 @@ NF4_BLOCKSIZE = 64  # bitsandbytes' default blocksize for 4-bit quantisation
 DOUBLE_QUANT_BLOCKSIZE = 256
 PARTS = ("vision", "qformer", "llm_weights", "kv_cache", "activations", "overhead")
 
-# Vicuna-7B (LLaMA-7B) dimensions, used when the LLM folder (its config.json) is not present.
-VICUNA_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                 intermediate_size=11008, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6,
-                 tie_word_embeddings=False)
-# TinyLlama-1.1B-Chat-v1.0 (eval_configs/biomedclip_tinyllama.yaml), for the llava family
-TINYLLAMA_1B = dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                    intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                    tie_word_embeddings=False)
-FALLBACK_LLMS = {"xraygpt": ("Vicuna-7B", VICUNA_7B), "llava": ("TinyLlama-1.1B-Chat", TINYLLAMA_1B)}
 
 
 @dataclass
@@ -109,8 +98,8 @@ def estimate(config: Config, assume_cuda: bool | None = None) -> MemoryEstimate:
     """The full estimate: breakdown per device, the resolved mode, and notes on assumptions."""
     placement = plan_placement(config.runtime, config.vision, cuda_available=assume_cuda)
     llm_config, notes = llm_architecture(config)
-    vision_bytes, bridge_bytes, vision_activations = IMAGE_SIDES[config.model.family](config, placement, llm_config,
-                                                                                       notes)
+    vision_bytes, bridge_bytes, vision_activations = family_spec(config.model.family).load("image_memory")(
+        config, placement, llm_config, notes)
     llm_bytes = llm_weight_bytes(llm_config, placement)
     context = min(config.llm.max_length, llm_config.max_position_embeddings)
     llm_device, vision_device = str(placement.llm_device), str(placement.vision_device)  # CUDA always indexed
@@ -135,52 +124,17 @@ def estimate(config: Config, assume_cuda: bool | None = None) -> MemoryEstimate:
     return MemoryEstimate(placement.mode, breakdown, notes)
 
 
-def _xraygpt_image_side(config: Config, placement: Placement, llm_config: PretrainedConfig,
-                        notes: list[str]) -> tuple[int, int, int]:
-    """EVA ViT + ln_vision, Q-Former + llama_proj, one image's ViT activations."""
-    with torch.device("meta"):
-        vision, bridge = build_parts(config)
-    return (tensor_bytes(cast_vision(vision, placement)), tensor_bytes(cast_bridge(bridge, placement)),
-            vision_activation_bytes(config, placement))
-
-
-def _llava_image_side(config: Config, placement: Placement, llm_config: PretrainedConfig,
-                      notes: list[str]) -> tuple[int, int, int]:
-    """The open_clip tower's timm trunk in the vision dtype, the projector in the LLM dtype, one image's activations.
-
-    The "qformer" part holds the projector. Loading briefly also holds open_clip's text tower
-    (BiomedCLIP: PubMedBERT, about 0.4 GiB in float32), freed before the LLM loads.
-    """
-    from .families.llava.model import build_projector
-    from .families.llava.tower import local_tower, meta_trunk
-
-    trunk, assumed = meta_trunk(local_tower(config))
-    notes += assumed
-    with torch.device("meta"):
-        projector = build_projector(config.projector.type, trunk.embed_dim, llm_config.hidden_size)
-    vision_bytes = sum(p.numel() for p in trunk.parameters()) * placement.vision_dtype.itemsize
-    projector_bytes = sum(p.numel() for p in projector.parameters()) * placement.llm_dtype.itemsize
-    tokens = trunk.patch_embed.num_patches + trunk.num_prefix_tokens
-    element = placement.vision_dtype.itemsize
-    heads = trunk.blocks[0].attn.num_heads
-    activations = tokens * (4 * trunk.embed_dim + 2 * 4 * trunk.embed_dim) * element + heads * tokens * tokens * 4
-    return vision_bytes, projector_bytes, activations
-
-
-IMAGE_SIDES = {"xraygpt": _xraygpt_image_side, "llava": _llava_image_side}  # model.family -> its image side
-
-
 def llm_architecture(config: Config) -> tuple[PretrainedConfig, list[str]]:
     """The LLM's config from its folder's config.json, or the family's usual LLM when it is absent."""
     try:
         folder = resolve_weights(config.weights.llama_model, "weights.llama_model", cache_dir=config.weights.cache_dir)
     except MissingWeightsError:
-        name, dims = FALLBACK_LLMS[config.model.family]
+        name, dims = family_spec(config.model.family).default_llm
         note = (f"LLM folder not present: assumed {name} (LLaMA, hidden {dims['hidden_size']},"
                 f" {dims['num_hidden_layers']} layers, {dims['num_attention_heads']} heads"
                 f" ({dims['num_key_value_heads']} key/value), intermediate {dims['intermediate_size']},"
                 f" vocab {dims['vocab_size']}, {dims['max_position_embeddings']} positions)")
-        if config.model.family == "xraygpt" and config.llm.hidden_size != dims["hidden_size"]:
+        if "qformer" in family_spec(config.model.family).sections and config.llm.hidden_size != dims["hidden_size"]:
             note += f", although llm.hidden_size is {config.llm.hidden_size}"
         return LlamaConfig(**dims), [note]
     return AutoConfig.from_pretrained(folder), []
@@ -359,6 +313,17 @@ LORA_SHAPES = {  # target module -> (in, out) as multiples of (hidden, intermedi
 
 
 @dataclass(frozen=True)
+class TrainImageSide:
+    """A family's image side in one training step: frozen vision, the trained bridge, its size and tokens."""
+
+    vision_bytes: int
+    bridge_bytes: int  # the bridge (Q-Former/projector) as it trains: float32
+    trainable: int  # trainable parameters on the image side
+    tokens: int  # LLM input tokens per image
+    activation_bytes: int  # one image's vision activations
+
+
+@dataclass(frozen=True)
 class TrainShape:
     """What sizes one training step: rows per step, target tokens per row, LoRA rank and targets."""
 
@@ -381,20 +346,16 @@ def estimate_training(config: Config, mode: str, shape: TrainShape) -> MemoryEst
     placement = plan_placement(RuntimeConfig(mode=TRAIN_MODES[mode], device="cuda:0"), config.vision,
                                cuda_available=True)
     llm_config, notes = llm_architecture(config)
-    with torch.device("meta"):
-        vision, bridge = build_parts(config)
-    trainable = sum(p.numel() for p in bridge.llama_proj.parameters())
-    if shape.train_qformer:
-        trainable += sum(p.numel() for p in bridge.qformer.parameters()) + bridge.query_tokens.numel()
+    image = family_spec(config.model.family).load("train_memory")(config, placement, llm_config, shape, notes)
     lora = lora_parameters(llm_config, shape) if mode != "projection fp16" else 0
-    tokens = shape.batch_size * (PROMPT_TOKENS + config.qformer.num_query_tokens + shape.max_txt_len)
+    tokens = shape.batch_size * (PROMPT_TOKENS + image.tokens + shape.max_txt_len)
     parts = dict.fromkeys(TRAIN_PARTS, 0)
-    parts["vision"] = tensor_bytes(cast_vision(vision, placement))
-    parts["qformer"] = tensor_bytes(bridge.float())  # the bridge trains in float32 under autocast
+    parts["vision"] = image.vision_bytes
+    parts["qformer"] = image.bridge_bytes
     parts["llm_weights"] = llm_weight_bytes(llm_config, placement)
-    parts["trainable"] = trainable * 12 + lora * 16  # grad + 2 Adam moments (LoRA: + its float32 weight)
+    parts["trainable"] = image.trainable * 12 + lora * 16  # grad + 2 Adam moments (LoRA: + its float32 weight)
     parts["activations"] = (training_activation_bytes(llm_config, tokens, checkpointing=lora > 0)
-                            + shape.batch_size * vision_activation_bytes(config, placement))
+                            + shape.batch_size * image.activation_bytes)
     parts["overhead"] = CUDA_CONTEXT_BYTES
     if not torch.cuda.is_available():
         notes.append("estimated for a CUDA GPU (none on this machine)")

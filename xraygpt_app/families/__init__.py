@@ -4,14 +4,15 @@ The chat engine (``chat.py``), the Python API and through them the CLI and the w
 loaded model only through :class:`ChatModel`: encode an image into LLM input embeddings once,
 render a conversation into token segments around the image, say which token sequences end an
 answer and how an answer's text is cleaned, and how long the context is. A family differs only
-there; ``model.family`` in the config picks one from :data:`FAMILIES`.
+there; ``model.family`` in the config picks one from the registry (``families/registry.py``).
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+from .registry import FAMILIES, FamilySpec, family_spec  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     import torch
@@ -21,11 +22,6 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..placement import Placement
 
-# model.family -> "module:class" of its loaded model (imported only when that family is loaded)
-FAMILIES = {
-    "xraygpt": "xraygpt_app.families.xraygpt.model:XrayGPTModel",
-    "llava": "xraygpt_app.families.llava.model:LlavaModel",
-}
 
 
 # XrayGPT's own example prompts (its demo's "Prompt Examples"); the first is the default question.
@@ -95,9 +91,8 @@ class ChatModel(Protocol):
 
 
 def model_class(family: str) -> type:
-    """The loaded-model class of ``family`` (a key of :data:`FAMILIES`; the config has checked it)."""
-    module, name = FAMILIES[family].split(":")
-    return getattr(importlib.import_module(module), name)
+    """The loaded-model class of ``family`` (a key of the registry; the config has checked it)."""
+    return family_spec(family).load("model")
 
 
 def load_model(config: Config, download: bool = False) -> ChatModel:

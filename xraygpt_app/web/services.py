@@ -13,8 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import FAMILY_WEIGHTS, ZEROSHOT_KINDS, Config
+from ..config import ZEROSHOT_KINDS, Config
 from ..errors import MissingWeightsError, XrayGPTError
+from ..families.registry import family_spec
 
 logger = logging.getLogger(__name__)
 
@@ -61,22 +62,21 @@ def build_services(config: Config, *, progress: Callable[[str], None] | None = N
 
 
 def _load_assistant(config: Config, say: Callable[[str], None], download: bool) -> tuple[Any, str | None]:
-    family = config.model.family
+    spec = family_spec(config.model.family)
+    say(f"Loading {spec.title} ({spec.parts})...")
     start = time.perf_counter()
     try:
         from ..api import Assistant
-        from ..families import model_class
 
-        say(f"Loading the {family} model ({', '.join(model_class(family).parts)})...")
         model = Assistant.from_config(config, download=download)
     except MissingWeightsError as exc:
         reason = _every_missing_file(config, exc)
-        say(f"The {family} model is unavailable: {reason}")
+        say(f"{spec.title} is unavailable: {reason}")
         return None, reason
     except ImportError as exc:  # an optional dependency missing on this install
-        say(f"The {family} model is unavailable: {exc}")
-        return None, f"The {family} model could not be imported on this install: {exc}"
-    say(f"The {family} model loaded in {time.perf_counter() - start:.1f} s.")
+        say(f"{spec.title} is unavailable: {exc}")
+        return None, f"{spec.title} could not be imported on this install: {exc}"
+    say(f"{spec.title} loaded in {time.perf_counter() - start:.1f} s.")
     return model, None
 
 
@@ -89,7 +89,7 @@ def _every_missing_file(config: Config, first: MissingWeightsError) -> str:
     from ..weights import resolve_weights
 
     reasons = {first.name: str(first)}  # first, whichever entry (if any) it names
-    for name in FAMILY_WEIGHTS[config.model.family]:
+    for name in family_spec(config.model.family).weights:
         label = f"weights.{name}"
         try:
             if label != first.name:

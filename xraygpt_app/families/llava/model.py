@@ -25,7 +25,7 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from ...checkpoints import CheckpointKeyError, load_exact, read_state_dict
-from ...config import LLAVA_WEIGHTS, Config
+from ...config import Config
 from ...errors import ConfigError
 from ...llm import (
     apply_lora_adapter,
@@ -39,6 +39,7 @@ from ...llm import (
 from ...placement import Placement, plan_placement
 from ...weights import resolve_weights
 from .. import PromptSegments, Turn
+from ..registry import FAMILIES
 from .tower import PatchTokenTower, load_tower
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,6 @@ class ChatTemplate:
 class LlavaModel:
     """The loaded llava-family model (a ``family.ChatModel``)."""
 
-    parts = ("vision tower", "projector", "language model")  # what loading reads, in words (the app says it)
 
     def __init__(self, config: Config, tower: PatchTokenTower, projector: nn.Module, llm: nn.Module,
                  tokenizer: PreTrainedTokenizerBase, placement: Placement, template: ChatTemplate,
@@ -156,7 +156,7 @@ class LlavaModel:
         fresh = new_projector and not config.weights.projector.sources
         paths = {name: resolve_weights(getattr(config.weights, name), f"weights.{name}", download=download,
                                        cache_dir=config.weights.cache_dir)
-                 for name in LLAVA_WEIGHTS if not (fresh and name == "projector")}
+                 for name in FAMILIES["llava"].weights if not (fresh and name == "projector")}
         started = time.perf_counter()
         tokenizer = load_tokenizer(paths["llama_model"])
         template = ChatTemplate(tokenizer, paths["llama_model"])

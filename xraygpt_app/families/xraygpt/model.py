@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from ...checkpoints import CheckpointKeyError, load_exact, read_state_dict, remap_blip2, remap_eva_vit, remap_xraygpt
-from ...config import XRAYGPT_WEIGHTS, Config
+from ...config import Config
 from ...llm import (
     apply_lora_adapter,
     check_llm_config,
@@ -29,6 +29,7 @@ from ...llm import (
 from ...placement import Placement, plan_placement
 from ...weights import resolve_weights
 from .. import PromptSegments
+from ..registry import FAMILIES
 from .conversation import SEPARATOR, Turn, clean_answer, display_answer, render_prompt, split_on_image
 from .qformer import VisionLanguageBridge, cast_bridge
 from .vision import VisionTower, place_vision, preprocess
@@ -61,7 +62,7 @@ def resolve_model_weights(config: Config, download: bool = False) -> WeightPaths
     w = config.weights
     return WeightPaths(**{name: resolve_weights(getattr(w, name), f"weights.{name}", download=download,
                                                 cache_dir=w.cache_dir)
-                          for name in XRAYGPT_WEIGHTS})
+                          for name in FAMILIES["xraygpt"].weights})
 
 
 def build_parts(config: Config) -> tuple[VisionTower, VisionLanguageBridge]:
@@ -114,7 +115,6 @@ def check_rotary_buffers(llm: torch.nn.Module, saved: dict[str, torch.Tensor]) -
 class XrayGPTModel:
     """The loaded model: encode an image once, embed text, and expose the LLM (a ``family.ChatModel``)."""
 
-    parts = ("vision encoder", "Q-Former", "language model")  # what loading reads, in words (the app says it)
 
     # Text the answer may still turn into; held back while streaming so no piece is ever retracted.
     pending_suffixes = (SEPARATOR, "Doctor:", "ChatDoctor", "Chat Doctor", "\ufffd")
