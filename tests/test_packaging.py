@@ -41,3 +41,17 @@ def test_old_versions_are_the_declared_minimums() -> None:
     for name in ("torch", "torchvision", "transformers", "huggingface_hub", "timm", "accelerate"):
         minimum = next(s.version for s in declared[name].specifier if s.operator == ">=")
         assert old[name].startswith(minimum), f"{name}: requirements-old.txt has {old[name]}, pyproject >= {minimum}"
+
+
+def test_setuptools_reads_the_project_table_without_a_deprecation_warning(monkeypatch) -> None:
+    # `pip install -e .` (scripts/setup.sh) printed "`project.license` as a TOML table is deprecated" four times
+    import warnings
+
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+
+    monkeypatch.chdir(REPO)  # the readme path is relative to the project
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_configuration(Distribution(), "pyproject.toml")
+    assert [str(w.message).splitlines()[0] for w in caught] == []
