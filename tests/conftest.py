@@ -1,23 +1,17 @@
-"""Shared test helpers. ``../shared`` sits beside the repository clone (CI clones it there)."""
+"""Shared fixtures (constants and readers are in ``helpers.py``).
+
+``../shared`` (fixtures, xray-samples) sits beside the repository clone (CI clones it there). Every test that
+reads it asks for ``shared_dir``, directly or through a fixture below, so that it skips with one clear reason when
+the folder is missing. The tiny models are built once per test session (``tmp_path_factory``): a test that
+changes one writes its own copy, never the shared one.
+"""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SAMPLES = SHARED / "xray-samples"
-
-
-def sample_rows() -> list[dict[str, str]]:
-    """The rows of ``xray-samples/manifest.csv`` (one per sample file); empty if it is absent."""
-    manifest = SAMPLES / "manifest.csv"
-    if not manifest.is_file():
-        return []
-    with manifest.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+from helpers import SHARED, TINY_CONFIG
 
 
 @pytest.fixture(scope="session")
@@ -41,8 +35,61 @@ def xraygpt_fixture_dir(shared_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def medclip_fixture_dir(shared_dir: Path) -> Path:
+    """``shared/fixtures/medclip_tiny``: the tiny MedCLIP (ViT) with the reference's outputs, and a tiny BERT."""
+    return shared_dir / "fixtures" / "medclip_tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_config(shared_dir: Path) -> Path:
+    """``eval_configs/tiny_fixture.yaml``: the tiny XrayGPT and MedCLIP-ViT of ``../shared/fixtures``."""
+    return TINY_CONFIG
+
+
+@pytest.fixture(scope="session")
+def tiny_assistant(tiny_config: Path):
+    """The tiny fixture XrayGPT loaded once for the session (read-only: make your own to change its weights)."""
+    from xraygpt_app.api import Assistant
+
+    return Assistant.from_config(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def tiny_services(tiny_config: Path):
+    """The web app's services on the tiny config (XrayGPT and MedCLIP-ViT), loaded once for the session."""
+    from xraygpt_app.config import load_config
+    from xraygpt_app.web.services import build_services
+
+    return build_services(load_config(tiny_config))
+
+
+@pytest.fixture(scope="session")
 def tiny_xraygpt(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """A tiny XrayGPT written by ``tests/tinymodels.py`` in the native formats, with ``tiny.yaml``."""
     import tinymodels  # the tests folder is on sys.path (pytest's rootdir conftest)
 
     return tinymodels.build_all(tmp_path_factory.mktemp("tiny_xraygpt"))
+
+
+@pytest.fixture(scope="session")
+def quant_xraygpt(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A tiny XrayGPT whose LLM dims are multiples of 64 (bitsandbytes' 4-bit block size)."""
+    import tinymodels
+
+    return tinymodels.build_all(tmp_path_factory.mktemp("tiny_quant"), dims=tinymodels.QUANT_DIMS)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A tiny llava-family model (``tests/tinyllava.py``) with ``llava_tiny.yaml``, built once for the session."""
+    import tinyllava
+
+    return tinyllava.build_llava(tmp_path_factory.mktemp("llava"))
+
+
+@pytest.fixture(scope="session")
+def three_kinds_config(tiny_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A config with one zero-shot model of each kind: the MedCLIP-ViT fixture, a MedCLIP-ResNet, a BiomedCLIP."""
+    import tinyzeroshot
+
+    return tinyzeroshot.three_kinds_config(tmp_path_factory.mktemp("zeroshot"), tiny_config)

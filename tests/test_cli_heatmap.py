@@ -5,26 +5,36 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from xraygpt_app.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "eval_configs" / "tiny_fixture.yaml")
-SAMPLES = REPO.parent / "shared" / "xray-samples"
-IMAGE = str(SAMPLES / "hannover_00870a9c_ap_bedside_640x524.png")
-DICOM = str(SAMPLES / "dx_nih_chest_mono2_8bit_implicit_vr.dcm")
+
+@pytest.fixture
+def tiny(tiny_config: Path) -> str:
+    return str(tiny_config)
+
+
+@pytest.fixture
+def image(samples_dir: Path) -> str:
+    return str(samples_dir / "hannover_00870a9c_ap_bedside_640x524.png")
+
+
+@pytest.fixture
+def dicom(samples_dir: Path) -> str:
+    return str(samples_dir / "dx_nih_chest_mono2_8bit_implicit_vr.dcm")
 
 
 def _json(capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_classify_heatmaps_one_png_per_image_and_label(tmp_path, capsys):
-    assert main(["classify", IMAGE, DICOM, "-c", TINY, "--json"]) == 0
+def test_classify_heatmaps_one_png_per_image_and_label(tmp_path, capsys, tiny, image, dicom):
+    assert main(["classify", image, dicom, "-c", tiny, "--json"]) == 0
     plain = _json(capsys)
     out = tmp_path / "maps"
-    assert main(["classify", IMAGE, DICOM, "-c", TINY, "--json", "--heatmap", str(out)]) == 0
+    assert main(["classify", image, dicom, "-c", tiny, "--json", "--heatmap", str(out)]) == 0
     mapped = _json(capsys)
     assert mapped["results"] == plain["results"]  # maps change no score
     labels = plain["results"][0]["labels"]
@@ -34,12 +44,12 @@ def test_classify_heatmaps_one_png_per_image_and_label(tmp_path, capsys):
     assert Image.open(mapped["heatmaps"][0]).format == "PNG"
 
 
-def test_report_heatmap_with_a_span(tmp_path, capsys):
-    assert main(["report", IMAGE, "-c", TINY, "--greedy", "--max-new-tokens", "8", "--json"]) == 0
+def test_report_heatmap_with_a_span(tmp_path, capsys, tiny, image):
+    assert main(["report", image, "-c", tiny, "--greedy", "--max-new-tokens", "8", "--json"]) == 0
     plain = _json(capsys)
     word = plain["turns"][0]["answer"].split()[0]
     out = tmp_path / "report"
-    assert main(["report", IMAGE, "-c", TINY, "--greedy", "--max-new-tokens", "8", "--json", "--heatmap", str(out),
+    assert main(["report", image, "-c", tiny, "--greedy", "--max-new-tokens", "8", "--json", "--heatmap", str(out),
                  "--span", word]) == 0
     mapped = _json(capsys)
     assert mapped["turns"][0]["token_ids"] == plain["turns"][0]["token_ids"]
@@ -47,12 +57,12 @@ def test_report_heatmap_with_a_span(tmp_path, capsys):
     assert Path(written).name.startswith("hannover_00870a9c_ap_bedside_640x524_turn1_") and Path(written).is_file()
 
 
-def test_heatmap_requests_that_cannot_work_exit_2(tmp_path, capsys):
-    assert main(["report", IMAGE, "-c", TINY, "--span", "effusion"]) == 2
+def test_heatmap_requests_that_cannot_work_exit_2(tmp_path, capsys, tiny, image):
+    assert main(["report", image, "-c", tiny, "--span", "effusion"]) == 2
     assert "--span needs --heatmap" in capsys.readouterr().err
-    assert main(["report", IMAGE, "-c", TINY, "--greedy", "--max-new-tokens", "4", "--heatmap", str(tmp_path),
+    assert main(["report", image, "-c", tiny, "--greedy", "--max-new-tokens", "4", "--heatmap", str(tmp_path),
                  "--span", "zzzz not in the answer"]) == 2
     assert "does not occur" in capsys.readouterr().err
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert main(["classify", IMAGE, "-c", TINY, "--heatmap", str(blocker / "sub")]) == 2
+    assert main(["classify", image, "-c", tiny, "--heatmap", str(blocker / "sub")]) == 2

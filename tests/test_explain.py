@@ -8,8 +8,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import tinyllava
-import tinyzeroshot
 import torch
 from PIL import Image, ImageDraw
 
@@ -36,30 +34,27 @@ from xraygpt_app.imaging.loader import load_radiograph
 from xraygpt_app.zeroshot.classifier import ZeroShotClassifier
 from xraygpt_app.zeroshot.medclip import medclip_preprocess
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO / "eval_configs" / "tiny_fixture.yaml"
-SAMPLES = tinyzeroshot.SHARED / "xray-samples"
 IMAGES = ["nih_cxr14_00000001_000_pa_512.png", "hannover_1479fa94_pa_640x755.png",
           "covidcxr_ARDSSevere_rgb_790x631.png"]
 MONO1 = "cr_nema_rg1_chest_pa_mono1_15bit_uncompressed_DERIVED.dcm"
 
 
 @pytest.fixture(scope="module")
-def images() -> list[Image.Image]:
-    return [load_radiograph(SAMPLES / name).image for name in IMAGES]
+def images(samples_dir) -> list[Image.Image]:
+    return [load_radiograph(samples_dir / name).image for name in IMAGES]
 
 
 @pytest.fixture(scope="module")
-def classifiers(tmp_path_factory) -> dict[str, ZeroShotClassifier]:
+def classifiers(three_kinds_config: Path) -> dict[str, ZeroShotClassifier]:
     """The three zero-shot model kinds, each loaded from its released file layout through from_config."""
-    loaded = load_config(tinyzeroshot.three_kinds_config(tmp_path_factory.mktemp("zeroshot"), TINY_CONFIG))
+    loaded = load_config(three_kinds_config)
     return {name: ZeroShotClassifier.from_config(loaded, name) for name in ("medclip-vit", "medclip-resnet",
                                                                              "biomedclip")}
 
 
 @pytest.fixture(scope="module")
-def xraygpt() -> Assistant:
-    return Assistant.from_config(TINY_CONFIG)
+def xraygpt(tiny_assistant: Assistant) -> Assistant:
+    return tiny_assistant
 
 
 # --- geometry: a bright square must land where it was drawn -------------------------------------------------
@@ -111,8 +106,8 @@ def test_biomedclip_centre_crop_maps_back_and_marks_unseen_borders(classifiers):
     assert encoder.pixel_values([hidden])[0].std(dim=(1, 2)).max() < 1e-6
 
 
-def test_dicom_monochrome1_square_lands_on_the_displayed_image():
-    ds = pydicom.dcmread(SAMPLES / MONO1)
+def test_dicom_monochrome1_square_lands_on_the_displayed_image(samples_dir):
+    ds = pydicom.dcmread(samples_dir / MONO1)
     pixels = np.full((245, 231), 26000, dtype=ds.pixel_array.dtype)
     pixels[40:80, 150:190] = 900  # low values are bright in MONOCHROME1
     ds.Rows, ds.Columns = pixels.shape
@@ -220,15 +215,15 @@ def test_report_map_requests(xraygpt, images):
 
 # --- faithfulness (Adebayo et al. 2018; deletion) ---------------------------------------------------------------
 
-def test_zeroshot_map_changes_as_layers_are_randomised(images):
-    classifier = ZeroShotClassifier.from_config(load_config(TINY_CONFIG))  # its own copy: it gets randomised
+def test_zeroshot_map_changes_as_layers_are_randomised(images, tiny_config):
+    classifier = ZeroShotClassifier.from_config(load_config(tiny_config))  # its own copy: it gets randomised
     steps = cascade_correlations(cascade_layers(classifier.encoder),
                                  lambda: zeroshot_heatmaps(classifier, images[0], only=["Edema"])[0].grid)
     assert len(steps) == 7 and all(rho < 0.95 for _, rho in steps), steps
 
 
-def test_report_map_changes_as_layers_are_randomised(images):
-    model = Assistant.from_config(TINY_CONFIG)
+def test_report_map_changes_as_layers_are_randomised(images, tiny_config):
+    model = Assistant.from_config(tiny_config)
     session = model.chat(images[0])
     turn = session.ask("Describe the findings.", do_sample=False, max_new_tokens=8)
     steps = cascade_correlations(cascade_layers(model.model), lambda: report_heatmap(session, images[0],
@@ -246,9 +241,8 @@ def test_deleting_salient_patches_lowers_the_words_logprob_more_than_random(xray
     assert top > random, (top, random)
 
 
-def test_llava_family_report_map_on_its_patch_tokens(tmp_path):
-    tiny = tinyllava.build_llava(tmp_path / "llava")
-    model = Assistant.from_config(tiny.config)
+def test_llava_family_report_map_on_its_patch_tokens(tiny_llava):
+    model = Assistant.from_config(tiny_llava.config)
     image, _ = _square(600, 300, (200, 100, 259, 159))
     session = model.chat(image)
     turn = session.ask("Describe the findings.", do_sample=False, max_new_tokens=8)
@@ -265,10 +259,8 @@ def test_llava_family_report_map_on_its_patch_tokens(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:MatMul8bitLt")
-def test_report_maps_in_8bit_and_a_clear_refusal_in_4bit(tmp_path):
-    import tinymodels
-
-    quant = tinymodels.build_all(tmp_path / "quant", dims=tinymodels.QUANT_DIMS)  # 4-bit needs multiples of 64
+def test_report_maps_in_8bit_and_a_clear_refusal_in_4bit(quant_xraygpt):
+    quant = quant_xraygpt  # 4-bit needs multiples of 64
     image = Image.linear_gradient("L").resize((96, 80))
     session = Assistant.from_config(quant.config, ["runtime.mode=8bit"]).chat(image)
     session.ask("Describe the findings.", do_sample=False, max_new_tokens=6)
