@@ -217,3 +217,27 @@ def test_evaluate_means_lie_within_the_per_class_aucs(capsys, config_path, tmp_p
     assert min(aucs) <= metrics["macro_auc"] <= max(aucs)
     assert metrics["macro_auc"] == pytest.approx(np.mean(aucs))
     assert (out / "roc.png").is_file() and (out / "auc_per_class.png").is_file()
+
+
+def test_the_real_config_says_where_each_file_comes_from():
+    """fetch/check see MedKLIP's three files: the pinned descriptions URL with the file's own sha256."""
+    import hashlib
+    import re
+
+    from xraygpt_app.config import iter_weight_specs
+    from xraygpt_app.weights import resolve_weights
+
+    config = load_config(REPO / "eval_configs" / "xraygpt_eval.yaml")
+    specs = iter_weight_specs(config)
+    described = specs["zeroshot.models.medklip.entity_descriptions"]
+    (url,) = described.sources
+    assert re.fullmatch(r"https://raw\.githubusercontent\.com/MediaBrain-SJTU/MedKLIP/[0-9a-f]{40}/.+\.json", url)
+    digest = hashlib.sha256((FIXTURE / "observation explanation.json").read_bytes()).hexdigest()
+    assert described.sha256 == digest
+    assert specs["zeroshot.models.medklip.text_config"].sources == [
+        "hf-hub:emilyalsentzer/Bio_ClinicalBERT/pytorch_model.bin"]
+    checkpoint = specs["zeroshot.models.medklip.weights"]
+    assert all(not s.startswith(("http", "hf-hub")) for s in checkpoint.sources)  # Google Drive: manual
+    with pytest.raises(Exception, match="Google Drive") as missing:
+        resolve_weights(checkpoint, "zeroshot.models.medklip.weights")
+    assert "checkpoints/medklip/checkpoint_final.pth" in str(missing.value)

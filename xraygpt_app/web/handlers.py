@@ -13,7 +13,7 @@ import os
 import shlex
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,8 +23,9 @@ from PIL import Image
 
 from ..errors import XrayGPTError
 from ..families import DEFAULT_REPORT_QUESTION  # pure Python: no torch
-from ..zeroshot.prompts import PRESETS, split_labels
+from ..zeroshot.prompts import split_labels
 from .display import InputView, describe_image, md_text, preview_html
+from .labels import CUSTOM, is_medklip, label_count, label_request
 from .services import ZEROSHOT_TITLES, Services
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,6 @@ SUGGESTED_QUESTIONS = (
     "Are there any signs of pneumonia?",
     "Is there a pneumothorax?",
 )
-PRESET_TITLES = {name: preset.title for name, preset in PRESETS.items()}
-CUSTOM = "Custom labels"
 NO_IMAGE = "Upload a radiograph first (or pick an example)."
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 EXAMPLES = {
@@ -339,9 +338,12 @@ def parse_labels(text: str) -> list[str]:
     return split_labels(text.replace("\n", ","))
 
 
-def classify(state: UserState | None, services: Services, model: str, preset: str, labels_text: str
-             ) -> tuple[Any, list[list[Any]], str]:
-    """Zero-shot scores for the image; returns (bar-chart frame, table rows, notice)."""
+def classify(state: UserState | None, services: Services, model: str, preset: str, labels_text: str,
+             entities: Sequence[str] = ()) -> tuple[Any, list[list[Any]], str]:
+    """Zero-shot scores for the image; returns (bar-chart frame, table rows, notice).
+
+    ``entities``: MedKLIP entities picked in the tab, scored with the custom labels.
+    """
     import pandas as pd
 
     empty = pd.DataFrame({"label": [], "probability": []})
@@ -351,12 +353,14 @@ def classify(state: UserState | None, services: Services, model: str, preset: st
         classifier = services.classifier(model)
     except KeyError as exc:
         return empty, [], notice(str(exc.args[0]))
-    labels = parse_labels(labels_text or "") if preset == CUSTOM else None
-    if preset == CUSTOM and len(labels) < 2:
-        return empty, [], notice("Enter at least two labels, separated by commas.")
+    request = label_request(preset, labels_text, entities)
+    if preset == CUSTOM and label_count(request) < (1 if is_medklip(services, model) else 2):
+        # the CLIP models rank labels against each other (softmax): one label would always score 1
+        return empty, [], notice("Enter at least one label." if is_medklip(services, model) else
+                                 "Enter at least two labels, separated by commas.")
     began = time.perf_counter()
     try:
-        result = classifier.classify([state.image], labels=labels, preset=None if labels else preset)[0]
+        result = classifier.classify([state.image], **request)[0]
     except XrayGPTError as exc:
         return empty, [], notice(str(exc))
     logger.info("zero-shot %s: %d labels in %.2f s", model, len(result.labels), time.perf_counter() - began)

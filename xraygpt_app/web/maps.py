@@ -10,13 +10,15 @@ from __future__ import annotations
 import html
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image
 
 from ..errors import XrayGPTError
 from .display import png_data_url
-from .handlers import CUSTOM, NO_IMAGE, UserState, notice, parse_labels
+from .handlers import NO_IMAGE, UserState, notice
+from .labels import label_request
 from .services import Services
 
 logger = logging.getLogger(__name__)
@@ -26,12 +28,16 @@ INFERNO = ("#000004", "#420a68", "#932667", "#dd513a", "#fca50a", "#fcffa4")
 MapOutput = tuple[str, Any, str]  # overlay HTML, the Heatmap kept in gr.State (slim: no full-size map), notice
 
 
-def scale_html() -> str:
+SENSITIVITY_ENDS = ("0: the score does not rise there", "1: most sensitive")
+ATTENTION_ENDS = ("0: no attention", "1: the most attended cell")  # MedKLIP's grounding maps
+
+
+def scale_html(ends: tuple[str, str] = SENSITIVITY_ENDS) -> str:
     """The colour scale, explained in words next to a gradient bar."""
     gradient = ", ".join(INFERNO)
-    return ('<div class="xr-scale"><span>0: the score does not rise there</span>'
+    return (f'<div class="xr-scale"><span>{ends[0]}</span>'
             f'<span class="xr-scale-bar" style="background: linear-gradient(to right, {gradient})"></span>'
-            '<span>1: most sensitive</span></div>'
+            f'<span>{ends[1]}</span></div>'
             '<div class="xr-scale-note">Hatched grey: not seen by the model (cropped away by its preprocessing).'
             '</div>')
 
@@ -47,8 +53,12 @@ def map_html(image: Image.Image, heatmap: Any, opacity: float) -> str:
     if not heatmap.grid.any():
         caption += ". No region raises this score: the map is empty."
     return (f'<figure class="xr-map"><img alt="Heatmap overlay" src="{png_data_url(shown)}" '
-            f'style="max-width:100%"><figcaption>{caption}</figcaption></figure>{scale_html()}'
+            f'style="max-width:100%"><figcaption>{caption}</figcaption></figure>{scale_html(_ends(heatmap))}'
             f'<p class="xr-map-meaning"><b>{html.escape(_sentence(heatmap.meaning))}</b></p>')
+
+
+def _ends(heatmap: Any) -> tuple[str, str]:
+    return ATTENTION_ENDS if "attention" in heatmap.scale else SENSITIVITY_ENDS
 
 
 def _sentence(text: str) -> str:
@@ -66,8 +76,10 @@ def restyle(state: UserState | None, heatmap: Any, opacity: float) -> str:
 
 
 def zeroshot_map(state: UserState | None, services: Services, model: str, preset: str, labels_text: str,
-                 label: str | None, opacity: float) -> MapOutput:
-    """Grad-CAM of one label's ensemble logit for the session's image."""
+                 label: str | None, opacity: float, entities: Sequence[str] = (), method: str | None = None
+                 ) -> MapOutput:
+    """One label's map for the session's image: the model's own (Grad-CAM of the ensemble logit; MedKLIP: its
+    cross-attention grounding), or ``method`` ("grad-cam") to compare."""
     from ..explain import zeroshot_heatmaps
 
     if state is None or state.image is None:
@@ -78,11 +90,10 @@ def zeroshot_map(state: UserState | None, services: Services, model: str, preset
         classifier = services.classifier(model)
     except KeyError as exc:
         return "", None, notice(str(exc.args[0]))
-    labels = parse_labels(labels_text or "") if preset == CUSTOM else None
     began = time.perf_counter()
     try:
-        (heatmap,) = zeroshot_heatmaps(classifier, state.image, labels=labels, preset=None if labels else preset,
-                                       only=[label])
+        (heatmap,) = zeroshot_heatmaps(classifier, state.image, only=[label], method=method,
+                                       **label_request(preset, labels_text, entities))
     except XrayGPTError as exc:
         return "", None, notice(str(exc))
     logger.info("zero-shot map (%s) in %.2f s", model, time.perf_counter() - began)

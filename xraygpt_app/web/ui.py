@@ -19,6 +19,7 @@ from gradio.utils import get_upload_folder
 
 from . import display, maps, tools
 from . import handlers as h
+from . import labels as labels_for
 from .services import ZEROSHOT_TITLES, Services
 
 logger = logging.getLogger(__name__)
@@ -316,37 +317,55 @@ def _zeroshot_tab(services: Services, state: gr.State) -> Resets:
         with gr.Accordion(f"Models not available here ({len(missing)})", open=False):
             _missing_box(services, _zeroshot_reasons(services), "Some zero-shot models")
     default = services.config.zeroshot.default_model
+    first = default if default in services.classifiers else choices[0][1]
+    controls = labels_for.controls(services, first)
     with gr.Row():
-        model = gr.Dropdown(choices, value=default if default in services.classifiers else choices[0][1],
-                            label="Model", elem_id="zs-model")
-        preset = gr.Radio([(title, key) for key, title in h.PRESET_TITLES.items()] + [h.CUSTOM],
-                          value=services.config.zeroshot.preset, label="Labels", elem_id="zs-preset")
-    labels = gr.Textbox(label="Custom labels (comma-separated, used with “Custom labels”)",
-                        placeholder="e.g. pneumonia, pleural effusion, no finding", elem_id="zs-labels")
+        model = gr.Dropdown(choices, value=first, label="Model", elem_id="zs-model")
+        preset = gr.Radio(controls["presets"], value=controls["preset"], label="Labels", elem_id="zs-preset")
+    entities = gr.Dropdown(controls["entities"], value=[], multiselect=True, filterable=True,
+                           visible=bool(controls["entities"]), elem_id="zs-entities",
+                           label="MedKLIP entities (type to search; scored with “Custom labels”)")
+    labels = gr.Textbox(label="Custom labels (comma-separated, used with “Custom labels”; MedKLIP: a new finding as"
+                              " 'name: what it looks like' on its own line)",
+                        placeholder="e.g. pneumonia, pleural effusion, no finding", elem_id="zs-labels", lines=2)
     run = gr.Button("Classify", variant="primary", elem_id="zs-run")
     zs_notice = gr.Markdown(elem_id="zs-notice")
     # sort="-y" is fixed here: a per-result gr.BarPlot(value=..., sort=...) update drew the previous result.
-    chart = gr.BarPlot(x="label", y="probability", label="Probability (softmax over the labels)", sort="-y",
+    chart = gr.BarPlot(x="label", y="probability", label=controls["chart"], sort="-y",
                        y_lim=[0, 1], x_label_angle=-35, elem_id="zs-chart")  # angled: phones are narrow
     table = gr.Dataframe(headers=["label", "probability", "logit", "sigmoid score"], label="Raw scores",
                          interactive=False, elem_id="zs-table")
 
     with gr.Row():
         map_label = gr.Dropdown([], label="Label to map", elem_id="zs-map-label", scale=3)
+        method = gr.Radio([("The model's own map", "own"), ("Grad-CAM (to compare)", "grad-cam")], value="own",
+                          label="Map", elem_id="zs-map-method", scale=2)
         show = gr.Button("Show map", elem_id="zs-map-show", scale=1)
     opacity, view, map_notice, kept, map_resets = _map_view(state, "zs")
 
-    def on_classify(st: h.UserState | None, name: str, chosen: str, text: str):
-        frame, rows, note = h.classify(st, services, name, chosen, text)
+    def on_model(name: str):
+        found = labels_for.controls(services, name)
+        return (gr.Radio(choices=found["presets"], value=found["preset"]),
+                gr.Dropdown(choices=found["entities"], value=[], visible=bool(found["entities"])),
+                gr.BarPlot(label=found["chart"]))
+
+    def on_classify(st: h.UserState | None, name: str, chosen: str, text: str, picked: list[str]):
+        frame, rows, note = h.classify(st, services, name, chosen, text, picked)
         names = [row[0] for row in rows]
-        return frame, rows, note, gr.Dropdown(choices=names, value=names[0] if names else None)
+        # a new result never keeps the previous result's map under it (its label may not even be scored now)
+        return (frame, rows, note, gr.Dropdown(choices=names, value=names[0] if names else None),
+                *[empty for _, empty in map_resets])
 
-    def on_show(st: h.UserState | None, name: str, chosen: str, text: str, label: str | None, alpha: float):
-        return maps.zeroshot_map(st, services, name, chosen, text, label, alpha)
+    def on_show(st: h.UserState | None, name: str, chosen: str, text: str, picked: list[str], label: str | None,
+                how: str, alpha: float):
+        return maps.zeroshot_map(st, services, name, chosen, text, label, alpha, picked,
+                                 None if how == "own" else how)
 
-    run.click(on_classify, [state, model, preset, labels], [chart, table, zs_notice, map_label],
+    model.change(on_model, [model], [preset, entities, chart], queue=False, api_visibility="private")
+    run.click(on_classify, [state, model, preset, labels, entities],
+              [chart, table, zs_notice, map_label, *[component for component, _ in map_resets]],
               **_queued(services, ZEROSHOT))
-    show.click(on_show, [state, model, preset, labels, map_label, opacity], [view, kept, map_notice],
-               **_queued(services, ZEROSHOT))
+    show.click(on_show, [state, model, preset, labels, entities, map_label, method, opacity],
+               [view, kept, map_notice], **_queued(services, ZEROSHOT))
     return [(chart, None), (table, None), (zs_notice, ""), (map_label, gr.update(choices=[], value=None)),
             *map_resets]

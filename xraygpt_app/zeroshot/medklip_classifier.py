@@ -102,23 +102,29 @@ class MedKLIPClassifier:
 
     def prompt_set(self, labels: Sequence[str] | None = None, preset: str | None = None,
                    prompts: PromptSet | None = None) -> PromptSet:
-        """label -> [description]: entity names (or ``all``), a preset, or custom findings with descriptions."""
-        if sum(x is not None for x in (labels, preset, prompts)) > 1:
-            raise BadInputError("give labels, a preset or a description file, not several")
-        if prompts is not None:
-            return {label: [self._one_description(label, texts)] for label, texts in prompts.items()}
-        if labels is not None:
-            if not labels:
+        """label -> [description]: entity names (or ``all``), a preset, or custom findings with descriptions.
+
+        ``labels`` and ``prompts`` may come together (the web app's entities plus typed findings).
+        """
+        if preset is not None and (labels is not None or prompts is not None):
+            raise BadInputError("give labels and findings, or a preset, not both")
+        if labels is not None or prompts is not None:
+            if not labels and not prompts:
                 raise BadInputError("the label list is empty")
-            if [label.lower() for label in labels] == [ALL]:
-                return {entity: [text] for entity, text in self.descriptions.items()}
-            return {label: [self.descriptions[self._entity(label)]] for label in labels}
+            found = self._entities(labels or [])
+            found.update({label: [self._one_description(label, texts)] for label, texts in (prompts or {}).items()})
+            return found
         name = preset or self.default_preset
         if name == ALL:
             return {entity: [text] for entity, text in self.descriptions.items()}
         if name not in PRESETS:
             raise BadInputError(f"MedKLIP has no preset {name!r} (its presets: {', '.join(PRESETS)}; or labels)")
         return {label: [self.descriptions[entity]] for label, entity in PRESETS[name].items()}
+
+    def _entities(self, labels: Sequence[str]) -> PromptSet:
+        if [label.lower() for label in labels] == [ALL]:
+            return {entity: [text] for entity, text in self.descriptions.items()}
+        return {label: [self.descriptions[self._entity(label)]] for label in labels}
 
     def _entity(self, label: str) -> str:
         entity = entity_for(label)
