@@ -21,15 +21,22 @@ from xraygpt_app.zeroshot.medklip import MedKLIP, MedKLIPSizes, build_medklip, r
 from xraygpt_app.zeroshot.medklip_text import CACHE_FOLDER, load_tokenizer, medklip_token_ids
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO.parent / "shared" / "fixtures" / "medklip_tiny"
-SAMPLES = REPO.parent / "shared" / "xray-samples"
-EXPECTED = json.loads((FIXTURE / "expected.json").read_text(encoding="utf-8"))
-IMAGES = [str(SAMPLES / case["image"]) for case in EXPECTED["cases"]]
-GROUNDED = list(EXPECTED["cases"][0]["grounding_14x14"])
+FIXTURE = REPO.parent / "shared" / "fixtures" / "medklip_tiny"  # read only through the shared_dir fixture
+
+
+@pytest.fixture(scope="module")
+def expected(shared_dir) -> dict:
+    return json.loads((FIXTURE / "expected.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def images(expected, samples_dir) -> list[str]:
+    """The fixture's three radiographs (PA 512 px, AP bedside 640 x 524, PA JPEG 2000 px)."""
+    return [str(samples_dir / case["image"]) for case in expected["cases"]]
 
 
 @pytest.fixture
-def config_path(tmp_path, monkeypatch) -> Path:
+def config_path(tmp_path, monkeypatch, shared_dir) -> Path:
     """An eval_configs-style YAML as users (and the hidden fixtures) write it; the query cache goes to tmp."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     path = tmp_path / "medklip.yaml"
@@ -47,39 +54,40 @@ runtime:
     return path
 
 
-def classify_json(capsys, config_path: Path, *args: str) -> list[dict]:
-    assert main(["classify", *IMAGES, "-c", str(config_path), "--model", "medklip", "--json", *args]) == 0
+def classify_json(capsys, config_path: Path, images: list[str], *args: str) -> list[dict]:
+    assert main(["classify", *images, "-c", str(config_path), "--model", "medklip", "--json", *args]) == 0
     return json.loads(capsys.readouterr().out)["results"]
 
 
-def test_cli_reproduces_medklip_probabilities_and_grounding(capsys, config_path):
-    results = classify_json(capsys, config_path, "--labels", "all", "--grounding", ",".join(GROUNDED))
-    for case, result in zip(EXPECTED["cases"], results, strict=True):
-        assert list(result["probabilities"]) == EXPECTED["entities"]
-        got = np.array([result["probabilities"][e] for e in EXPECTED["entities"]])
-        want = np.array([case["entity_probs"][e] for e in EXPECTED["entities"]])
+def test_cli_reproduces_medklip_probabilities_and_grounding(capsys, config_path, expected, images):
+    grounded = ",".join(expected["cases"][0]["grounding_14x14"])
+    results = classify_json(capsys, config_path, images, "--labels", "all", "--grounding", grounded)
+    for case, result in zip(expected["cases"], results, strict=True):
+        assert list(result["probabilities"]) == expected["entities"]
+        got = np.array([result["probabilities"][e] for e in expected["entities"]])
+        want = np.array([case["entity_probs"][e] for e in expected["entities"]])
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
-        assert set(result["grounding"]) == set(GROUNDED)
+        assert set(result["grounding"]) == set(case["grounding_14x14"])
         for entity, grid in case["grounding_14x14"].items():
             assert np.array(result["grounding"][entity]).shape == (14, 14)
             np.testing.assert_allclose(result["grounding"][entity], grid, atol=1e-5, rtol=0)
 
 
-def test_cli_cxr14_preset_is_medklips_mapping(capsys, config_path):
-    results = classify_json(capsys, config_path, "--preset", "cxr14")
-    for case, result in zip(EXPECTED["cases"], results, strict=True):
-        assert list(result["probabilities"]) == EXPECTED["cxr14_classes"]
+def test_cli_cxr14_preset_is_medklips_mapping(capsys, config_path, expected, images):
+    results = classify_json(capsys, config_path, images, "--preset", "cxr14")
+    for case, result in zip(expected["cases"], results, strict=True):
+        assert list(result["probabilities"]) == expected["cxr14_classes"]
         for name, value in case["cxr14_probs"].items():
             assert result["probabilities"][name] == pytest.approx(value, abs=1e-4)
 
 
-def test_chexpert5_preset_maps_our_label_names(capsys, config_path):
-    result = classify_json(capsys, config_path, "--preset", "chexpert5")[0]
+def test_chexpert5_preset_maps_our_label_names(capsys, config_path, expected, images):
+    result = classify_json(capsys, config_path, images, "--preset", "chexpert5")[0]
     assert result["probabilities"]["Pleural Effusion"] == pytest.approx(
-        EXPECTED["cases"][0]["entity_probs"]["effusion"], abs=1e-4)
+        expected["cases"][0]["entity_probs"]["effusion"], abs=1e-4)
 
 
-def test_custom_finding_is_one_more_query_through_the_same_bert(capsys, config_path, tmp_path):
+def test_custom_finding_is_one_more_query_through_the_same_bert(capsys, config_path, tmp_path, expected, images):
     """A finding's description -> BERT [CLS] -> a 76th query beside MedKLIP's 75 (computed here by hand)."""
     from xraygpt_app.zeroshot.classifier import load_classifier
 
@@ -87,11 +95,11 @@ def test_custom_finding_is_one_more_query_through_the_same_bert(capsys, config_p
     cancer = "A malignant tumour of the lung, seen as a mass or nodule."
     prompts = tmp_path / "findings.yaml"
     prompts.write_text(json.dumps({"my effusion": descriptions["effusion"], "lung cancer": cancer}), encoding="utf-8")
-    results = classify_json(capsys, config_path, "--prompts", str(prompts), "--grounding", "lung cancer")
+    results = classify_json(capsys, config_path, images, "--prompts", str(prompts), "--grounding", "lung cancer")
     classifier = load_classifier(load_config(config_path))
     queries = torch.cat([classifier.query_matrix({e: [t] for e, t in classifier.descriptions.items()}),
                          classifier.encoder([cancer])])
-    for case, image, result in zip(EXPECTED["cases"], IMAGES, results, strict=True):
+    for case, image, result in zip(expected["cases"], images, results, strict=True):
         assert result["probabilities"]["my effusion"] == pytest.approx(case["entity_probs"]["effusion"], abs=1e-4)
         with torch.no_grad():
             out = classifier.model(classifier.pixel_values([Image.open(image)]), queries)
@@ -99,16 +107,16 @@ def test_custom_finding_is_one_more_query_through_the_same_bert(capsys, config_p
         np.testing.assert_allclose(result["grounding"]["lung cancer"], out.grounding()[0, -1].numpy(), atol=1e-6)
 
 
-def test_a_finding_without_description_is_named(capsys, config_path):
-    code = main(["classify", IMAGES[0], "-c", str(config_path), "--labels", "effusion,lung cancer"])
+def test_a_finding_without_description_is_named(capsys, config_path, images):
+    code = main(["classify", images[0], "-c", str(config_path), "--labels", "effusion,lung cancer"])
     assert code == BadInputError.exit_code
     err = capsys.readouterr().err
     assert "'lung cancer' is not one of MedKLIP's 75 entities and has no description" in err
     assert "--prompts" in err
 
 
-def test_grounding_needs_scored_labels_and_medklip(capsys, config_path):
-    code = main(["classify", IMAGES[0], "-c", str(config_path), "--preset", "chexpert5", "--grounding", "tube"])
+def test_grounding_needs_scored_labels_and_medklip(capsys, config_path, images):
+    code = main(["classify", images[0], "-c", str(config_path), "--preset", "chexpert5", "--grounding", "tube"])
     assert code == BadInputError.exit_code
     assert "not scored: tube" in capsys.readouterr().err
 
@@ -126,7 +134,7 @@ def test_entity_queries_are_cached_on_disk_by_file_hashes(config_path, tmp_path)
     torch.testing.assert_close(second.query_matrix(prompt_set), first.query_matrix(prompt_set))
 
 
-def test_token_ids_start_with_cls_and_have_no_sep(tmp_path):
+def test_token_ids_start_with_cls_and_have_no_sep(tmp_path, shared_dir):
     tokenizer = load_tokenizer(FIXTURE / "bert_tiny")
     ids, mask = medklip_token_ids(tokenizer, ["Effusion", "word " * 100])
     assert ids[0, 0] == tokenizer.cls_token_id and tokenizer.sep_token_id not in ids.tolist()[0]
@@ -178,34 +186,34 @@ def test_stretched_map_geometry():
                                                                                                 abs=1.5)
 
 
-def test_heatmap_dir_draws_the_grounding_maps(capsys, config_path, tmp_path):
+def test_heatmap_dir_draws_the_grounding_maps(capsys, config_path, tmp_path, images):
     folder = tmp_path / "maps"
-    assert main(["classify", IMAGES[1], "-c", str(config_path), "--labels", "pneumonia,effusion", "--heatmap",
+    assert main(["classify", images[1], "-c", str(config_path), "--labels", "pneumonia,effusion", "--heatmap",
                  str(folder)]) == 0
     assert sorted(p.name for p in folder.iterdir()) == ["hannover_00870a9c_ap_bedside_640x524_effusion.png",
                                                         "hannover_00870a9c_ap_bedside_640x524_pneumonia.png"]
     assert "attends" in capsys.readouterr().out
 
 
-def test_attention_heatmap_is_the_raw_grounding(config_path):
+def test_attention_heatmap_is_the_raw_grounding(config_path, expected, images):
     from xraygpt_app.explain import zeroshot_heatmaps
     from xraygpt_app.zeroshot.classifier import load_classifier
 
     classifier = load_classifier(load_config(config_path))
-    image = Image.open(IMAGES[1])
+    image = Image.open(images[1])
     (heatmap,) = zeroshot_heatmaps(classifier, image, labels=["pneumonia"])
-    raw = np.array(EXPECTED["cases"][1]["grounding_14x14"]["pneumonia"])
+    raw = np.array(expected["cases"][1]["grounding_14x14"]["pneumonia"])
     np.testing.assert_allclose(heatmap.raw_grid, raw, atol=1e-5)
     assert "cross-attention" in heatmap.method and heatmap.image_map.shape == (524, 640)
     (cam,) = zeroshot_heatmaps(classifier, image, labels=["pneumonia"], method="grad-cam")
     assert cam.grid.shape == (14, 14) and "Grad-CAM" in cam.method
 
 
-def test_evaluate_means_lie_within_the_per_class_aucs(capsys, config_path, tmp_path):
+def test_evaluate_means_lie_within_the_per_class_aucs(capsys, config_path, tmp_path, images):
     csv = tmp_path / "labels.csv"
     rows = ["image,Atelectasis,Cardiomegaly,Effusion,Pneumonia"]
     flags = ["1,0,1,0", "0,1,1,1", "1,1,0,0", "0,0,0,1"]
-    for image, flag in zip([*IMAGES, IMAGES[0]], flags, strict=True):
+    for image, flag in zip([*images, images[0]], flags, strict=True):
         rows.append(f"{image},{flag}")
     csv.write_text("\n".join(rows) + "\n", encoding="utf-8")
     out = tmp_path / "eval"
@@ -219,7 +227,7 @@ def test_evaluate_means_lie_within_the_per_class_aucs(capsys, config_path, tmp_p
     assert (out / "roc.png").is_file() and (out / "auc_per_class.png").is_file()
 
 
-def test_the_real_config_says_where_each_file_comes_from():
+def test_the_real_config_says_where_each_file_comes_from(shared_dir):
     """fetch/check see MedKLIP's three files: the pinned descriptions URL with the file's own sha256."""
     import hashlib
     import re

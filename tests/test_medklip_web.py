@@ -12,13 +12,13 @@ from xraygpt_app.web import labels, maps
 from xraygpt_app.web.services import build_services
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = REPO.parent / "shared"  # read only through the shared_dir fixture
 MEDCLIP = SHARED / "fixtures" / "medclip_tiny"
 MEDKLIP = SHARED / "fixtures" / "medklip_tiny"
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory):
+def services(tmp_path_factory, shared_dir):
     """The tiny MedCLIP and MedKLIP side by side, and a MedKLIP entry whose checkpoint is absent."""
     folder = tmp_path_factory.mktemp("web")
     path = folder / "zeroshot.yaml"
