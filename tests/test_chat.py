@@ -9,24 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import GREEDY
 
 from xraygpt_app.api import Assistant
 from xraygpt_app.errors import BadInputError, ModelMemoryError
 from xraygpt_app.families.xraygpt.conversation import DEFAULT_REPORT_QUESTION, IMAGE_MESSAGE, SYSTEM_TEXT
 from xraygpt_app.imaging.loader import load_radiograph
 
-CONFIG = Path(__file__).resolve().parents[1] / "eval_configs" / "tiny_fixture.yaml"
 QUESTIONS = ("Could you provide a detailed description of the given x-ray image?",
              "Is there evidence of pleural effusion?",
              "Is the heart size normal?",
              "Any pneumothorax?",
              "What is the overall impression?")
-GREEDY = {"do_sample": False, "max_new_tokens": 12}
 
 
 @pytest.fixture(scope="module")
-def model() -> Assistant:
-    return Assistant.from_config(CONFIG)
+def model(tiny_assistant: Assistant) -> Assistant:
+    return tiny_assistant
 
 
 @pytest.fixture(scope="module")
@@ -102,17 +101,25 @@ def test_cancel_stops_early_and_marks_turn(model: Assistant, images: list) -> No
 
 
 def test_cancel_from_another_thread(model: Assistant, images: list) -> None:
-    session, cancel = model.chat(images[0]), threading.Event()
-    pieces = []
+    """The answer streams on a worker thread; the test's own thread presses stop, as the UI's stop handler does."""
+    session, cancel, streaming = model.chat(images[0]), threading.Event(), threading.Event()
+    pieces: list[str] = []
 
     def consume() -> None:
-        for piece in session.ask_stream(QUESTIONS[0], cancel=cancel, do_sample=False, max_new_tokens=1500):
-            pieces.append(piece)
-            if len(pieces) == 2:
-                cancel.set()  # what a UI "stop" button does from its own handler
+        try:
+            for piece in session.ask_stream(QUESTIONS[0], cancel=cancel, do_sample=False, max_new_tokens=1500):
+                pieces.append(piece)
+                if len(pieces) == 2:
+                    streaming.set()
+                    cancel.wait(timeout=60)  # a slow reader: the answer is mid-stream when stop arrives
+        finally:
+            streaming.set()  # an answer that ended early fails the is_alive check below instead of waiting
 
     worker = threading.Thread(target=consume)
     worker.start()
+    assert streaming.wait(timeout=120)
+    assert worker.is_alive()  # still inside ask_stream
+    cancel.set()  # from this thread, not the worker
     worker.join(timeout=120)
     assert not worker.is_alive()
     assert session.turns[-1].cancelled
@@ -168,13 +175,13 @@ def test_failed_regenerate_keeps_the_old_answer(model: Assistant, images: list) 
 
 # --- context budget ----------------------------------------------------------------------------
 
-def test_context_budget_drops_oldest_turns(model: Assistant, images: list) -> None:
+def test_context_budget_drops_oldest_turns(model: Assistant, images: list, tiny_config: Path) -> None:
     new_tokens = 12
     big = model.chat(images[0])
     _ids(big, QUESTIONS[:3], do_sample=False, max_new_tokens=new_tokens)
     third = big.turns[2].timings
     limit = third["reused_tokens"] + third["prefilled_tokens"] + new_tokens - 1  # turn 3 no longer fits
-    small = Assistant.from_config(CONFIG, [f"llm.max_length={limit}"])
+    small = Assistant.from_config(tiny_config, [f"llm.max_length={limit}"])
     outputs = []
     for reuse_kv in (True, False):
         session = small.chat(images[0], reuse_kv=reuse_kv)
