@@ -101,9 +101,16 @@ def run(args: argparse.Namespace) -> int:
     fetch_on_start(config, offline=args.offline or _env_flag(OFFLINE_ENV) or _env_flag("HF_HUB_OFFLINE"))
     services = build_services(config, progress=lambda message: print(message, flush=True))
     demo = build_app(services)
+    # quiet: Gradio's own lines would tell the user to "set `share=True` in `launch()`"; ours name --share.
+    # (It still prints a share link itself.) prevent_thread_lock: print once the address is known, then serve.
     demo.launch(server_name=config.app.host, server_port=config.app.port, share=config.app.share,
                 auth=auth or None, max_file_size=config.app.max_file_size, mcp_server=args.mcp,
-                ssr_mode=False, css=CSS, show_error=False, state_session_capacity=config.app.session_capacity)
+                ssr_mode=False, css=CSS, show_error=False, state_session_capacity=config.app.session_capacity,
+                quiet=True, prevent_thread_lock=True)
+    print(f"* Running on local URL:  {demo.local_url}", flush=True)
+    if not config.app.share:
+        print("* For a public link, restart with --share (and --auth user:password).", flush=True)
+    demo.block_thread()
     return 0
 
 
