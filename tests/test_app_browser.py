@@ -143,9 +143,9 @@ def test_report_follow_up_vqa_and_zero_shot(server, browser, samples_dir, upload
                     clip={"x": 0, "y": 0, "width": 1280, "height": 1150})
 
     page.get_by_role("tab", name="VQA").click()
-    page.get_by_text("Is the heart size normal?").first.click()
-    page.locator("#vqa-ask").click()
+    page.get_by_text("Is the heart size normal?").first.click()  # one click fills the box and asks
     page.wait_for_function("document.querySelector('#vqa-answer').innerText.trim().length > 0")
+    assert page.locator("#vqa-question textarea").input_value() == "Is the heart size normal?"
     assert "not a diagnosis" in page.locator(".xr-disclaimer:visible").first.inner_text()
     _shot(page, "2-vqa")
 
@@ -195,6 +195,28 @@ def test_the_loaded_file_is_named_and_can_be_replaced(server, browser, samples_d
     assert "DICOM" in page.locator("#description").inner_text()
     _shot(page, "4b-loaded-file-and-replace")
     context.close()
+
+
+def test_what_a_new_user_sees_after_an_upload_and_clear(server, browser, samples_dir, uploaded):
+    context, page = _open(browser, server)
+    assert "Upload a radiograph" in page.locator("#chatbot").inner_text()
+    _upload(page, samples_dir / NIH, uploaded)
+    # the drop box gives way to the loaded file's name and one "Replace image…" button
+    page.wait_for_selector("#upload", state="hidden")
+    assert page.locator("#replace").is_visible() and NIH in page.locator("#loaded-file").inner_text()
+    settings, preview = page.get_by_text("Generation settings").bounding_box(), page.locator("#preview").bounding_box()
+    assert settings["y"] < preview["y"], "the generation settings sit above the preview, not under the details"
+    assert "Image loaded" in page.locator("#chatbot").inner_text()
+    page.locator("#generate-report").click()
+    _wait_for_answers(page, 1)
+    page.locator("#clear").click()  # the image stays: the chat says what to do with it, not to upload one
+    page.wait_for_function(f"document.querySelectorAll(\"{BOT}\").length == 0")
+    chat = page.locator("#chatbot").inner_text()
+    assert "Image loaded" in chat and "Upload a radiograph" not in chat
+    _shot(page, "4c-after-upload-and-clear")
+    context.close()
+    log = server.log()
+    assert "set `share=True`" not in log and "--share" in log  # our flag, not Gradio's launch() argument
 
 
 def test_refused_question_stays_in_the_box(server, browser):
@@ -315,9 +337,9 @@ def test_maps_in_the_chat_vqa_and_zero_shot_tabs(server, browser, samples_dir, u
     _shot(page, "5-chat-map")
 
     page.get_by_role("tab", name="VQA").click()
-    page.get_by_text("Is the heart size normal?").first.click()
-    page.locator("#vqa-ask").click()
+    page.get_by_text("Is the heart size normal?").first.click()  # one click fills the box and asks
     page.wait_for_function("document.querySelector('#vqa-answer').innerText.trim().length > 0")
+    assert page.locator("#vqa-question textarea").input_value() == "Is the heart size normal?"
     page.locator("text=Where did it look? (heatmap of an answer) >> visible=true").click()
     page.locator("#vqa-map-show").click()
     page.wait_for_selector("#vqa-map img")

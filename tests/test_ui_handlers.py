@@ -199,6 +199,17 @@ def test_clear_keeps_the_image(services, loaded):
     assert messages == [] and state.session is None and state.image is not None and download == ""
 
 
+def test_the_empty_chat_says_the_next_step(services, loaded):
+    from xraygpt_app.web.services import Services
+
+    assert h.chat_placeholder(False, services) == "Upload a radiograph, then press **Generate report**."
+    _run(h.generate_report(loaded, services, GREEDY))
+    _, state, _, _ = h.clear_chat(loaded)  # Clear keeps the image: the chat must not ask for an upload
+    after_clear = h.chat_placeholder(state.image is not None, services)
+    assert "Upload" not in after_clear and "Generate report" in after_clear
+    assert "No chat model is loaded" in h.chat_placeholder(True, Services(config=services.config))
+
+
 def test_vqa_answers_one_question_in_a_fresh_conversation(services, loaded):
     outputs = _run(h.vqa_answer(loaded, services, "Is the heart size normal?", GREEDY))
     answer, note = outputs[-1]
@@ -239,7 +250,7 @@ def test_missing_weights_do_not_stop_the_app(shared_dir, tmp_path):
 
     demo = build_app(services)  # builds, with the reasons shown in place of the controls
     page_text = str(demo.config)
-    assert "The xraygpt model is not available" in page_text and "absent.bin" in page_text
+    assert "XrayGPT is not available" in page_text and "absent.bin" in page_text
 
 
 def test_app_exposes_the_api_names(services):

@@ -23,6 +23,7 @@ from PIL import Image
 
 from ..errors import XrayGPTError
 from ..families import DEFAULT_REPORT_QUESTION  # pure Python: no torch
+from ..families.registry import family_spec
 from ..zeroshot.prompts import split_labels
 from .display import InputView, describe_image, md_text, preview_html
 from .labels import CUSTOM, is_medklip, label_count, label_request
@@ -97,7 +98,7 @@ def model_line(services: Services) -> str:
 
 def family_title(services: Services) -> str:
     """How the app names the configured chat model, loaded or not."""
-    return f"The {services.config.model.family} model"
+    return family_spec(services.config.model.family).title
 
 
 def command_line(config: Any, command: str) -> str:
@@ -268,6 +269,15 @@ def stop(state: UserState | None) -> None:
     if state is not None:
         state.cancel.set()
         state.vqa_cancel.set()
+
+
+def chat_placeholder(has_image: bool, services: Services) -> str:
+    """What the empty chat says: the next step, for a page with or without a loaded image."""
+    if services.assistant is None:
+        return "No chat model is loaded: see above for what is missing."
+    if not has_image:
+        return "Upload a radiograph, then press **Generate report**."
+    return "Image loaded: press **Generate report** for a draft report, or ask a question below."
 
 
 def clear_chat(state: UserState | None) -> ChatOutput:

@@ -139,19 +139,21 @@ def build_app(services: Services) -> gr.Blocks:
 
 
 def _image_panel(services: Services) -> dict[str, Any]:
-    """Upload, examples, preview, description and the generation settings; returns the parts."""
+    """Upload, examples, generation settings, preview and description; returns the parts.
+
+    Once an image is loaded the drop box gives way to the file's name and a "Replace image…" button
+    in the same place; the settings sit above the preview, where they stay in sight.
+    """
     config = services.config
     upload = gr.File(label="Radiograph (PNG, JPEG, TIFF, BMP, WebP or DICOM)", file_types=FILE_TYPES, type="filepath",
                      elem_id="upload")
+    with gr.Row(equal_height=True):  # which file is loaded, and a way to replace it
+        loaded = gr.HTML(elem_id="loaded-file")
+        replace = gr.UploadButton("Replace image…", size="sm", visible=False, elem_id="replace", scale=0)
+    image_notice = gr.Markdown(elem_id="image-notice")
     with gr.Row():
         example_buttons = {name: gr.Button(f"Example: {name}", size="sm", elem_classes=["xr-example"])
                            for name in h.EXAMPLES if (h.EXAMPLES_DIR / h.EXAMPLES[name]).is_file()}
-    image_notice = gr.Markdown(elem_id="image-notice")
-    with gr.Row(equal_height=True):  # which file is loaded (the drop box empties itself), and a way to replace it
-        loaded = gr.HTML(elem_id="loaded-file")
-        replace = gr.UploadButton("Replace image…", size="sm", visible=False, elem_id="replace", scale=0)
-    preview = gr.HTML(elem_id="preview")
-    description = gr.Markdown(elem_id="description")
     gen = config.generation
     with gr.Accordion("Generation settings", open=False):
         sliders = [
@@ -162,6 +164,8 @@ def _image_panel(services: Services) -> dict[str, Any]:
             gr.Slider(1, 10, value=gen.num_beams, step=1, label="Beams", elem_id="beams"),
             gr.Checkbox(value=gen.do_sample, label="Sample (off: greedy, reproducible)", elem_id="do-sample"),
         ]
+    preview = gr.HTML(elem_id="preview")
+    description = gr.Markdown(elem_id="description")
     return {"upload": upload, "replace": replace, "loaded": loaded, "notice": image_notice, "preview": preview,
             "description": description,
             "sliders": sliders, "examples": example_buttons}
@@ -183,8 +187,9 @@ def _wire_image(services: Services, state: gr.State, image: dict[str, Any], rese
         if note:  # the old image and its results stay
             return (old, gr.skip(), gr.skip(), note, None, gr.skip(), gr.UploadButton(value=None),
                     *[gr.skip()] * len(resets))
-        return (new_state, preview, description, "", None, display.loaded_file_html(new_state.file_name),
-                gr.UploadButton(value=None, visible=True), *[empty for _, empty in resets])
+        return (new_state, preview, description, "", gr.File(value=None, visible=False),
+                display.loaded_file_html(new_state.file_name), gr.UploadButton(value=None, visible=True),
+                *[dict(empty) if isinstance(empty, dict) else empty for _, empty in resets])  # Gradio pops update keys
 
     def on_upload(file: dict | None, old: h.UserState | None) -> tuple:
         if not file or not file.get("path"):
@@ -209,7 +214,7 @@ def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Res
     _assistant_missing_box(services)
     gr.Markdown(h.model_line(services), elem_id="model-line")
     chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot", buttons=["copy"],
-                         placeholder="Upload a radiograph, then press **Generate report**.")
+                         placeholder=h.chat_placeholder(False, services))
     with gr.Row():
         question = gr.Textbox(placeholder="Ask a follow-up question…", show_label=False, scale=4, elem_id="question",
                               interactive=ready)
@@ -244,9 +249,15 @@ def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Res
         _armed(trigger, state).then(on_ask, [state, question, *sliders], [*outputs, question], **group)
     _armed(regenerate_button.click, state).then(on_regenerate, [state, *sliders], outputs, **group)
     stop_button.click(h.stop, [state], None, queue=False, api_visibility="private")
+    def on_clear(st: h.UserState | None) -> tuple:
+        messages, st, note, link = h.clear_chat(st)
+        return gr.update(value=messages, placeholder=h.chat_placeholder(st.image is not None, services)), st, note, link
+
     for trigger in (clear_button.click, chatbot.clear):  # the chatbot's own bin icon clears the state too
-        trigger(h.clear_chat, [state], outputs, queue=False, api_visibility="private")
-    return [(chatbot, []), (chat_notice, ""), (download, ""), *_answer_map_block(services, state, "chat")]
+        trigger(on_clear, [state], outputs, queue=False, api_visibility="private")
+    # a new image empties the chat, whose placeholder then says what to do with it
+    emptied = gr.update(value=[], placeholder=h.chat_placeholder(True, services))
+    return [(chatbot, emptied), (chat_notice, ""), (download, ""), *_answer_map_block(services, state, "chat")]
 
 
 def _map_view(state: gr.State, prefix: str) -> tuple[gr.Slider, gr.HTML, gr.Markdown, gr.State, Resets]:
@@ -285,7 +296,8 @@ def _vqa_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Rese
     gr.Markdown("One question at a time about the uploaded image; each answer starts a fresh conversation.")
     question = gr.Textbox(label="Question", placeholder="e.g. Is there evidence of pleural effusion?",
                           elem_id="vqa-question", interactive=ready)
-    gr.Examples([[q] for q in h.SUGGESTED_QUESTIONS], inputs=[question], label="Suggested questions")
+    suggested = gr.Examples([[q] for q in h.SUGGESTED_QUESTIONS], inputs=[question], label="Suggested questions",
+                            api_visibility="private")
     with gr.Row():
         ask_button = gr.Button("Answer", variant="primary", elem_id="vqa-ask", interactive=ready)
         stop_button = gr.Button("Stop", variant="stop", elem_id="vqa-stop")
@@ -298,7 +310,8 @@ def _vqa_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Rese
             return
         yield from h.vqa_answer(st, services, text, h.generation_kwargs(*values))
 
-    for trigger in (ask_button.click, question.submit):
+    # one click on a suggested question fills the box and asks it
+    for trigger in (ask_button.click, question.submit, suggested.load_input_event.then):
         _armed(trigger, state).then(on_answer, [state, question, *image["sliders"]], [answer, vqa_notice],
                                     **_queued(services, GENERATION))
     stop_button.click(h.stop, [state], None, queue=False, api_visibility="private")
