@@ -260,3 +260,18 @@ def test_finetune_validation_includes_chexbert_when_present(fixture_dir, expecte
     absent = load_config(write_config(tmp_path, tmp_path / "absent.pth", fixture_dir / "bert_base_uncased_tiny"))
     assert chexbert_scores(absent, refs, hyps) is None
     assert "CheXbert F1 skipped: Missing weights for evaluation.chexbert.weights" in caplog.text
+
+
+def test_default_config_names_the_hub_files_for_fetch_not_for_serve():
+    from xraygpt_app.config import iter_weight_specs, load_config
+    from xraygpt_app.weights import _allow, parse_hub_source
+
+    config = load_config(REPO / "eval_configs" / "xraygpt_eval.yaml")
+    fetched = iter_weight_specs(config, evaluation=True)
+    assert "hf-hub:StanfordAIMI/RRG_scorers/chexbert.pth" in fetched["evaluation.chexbert.weights"].sources
+    bert = fetched["evaluation.chexbert.bert"]
+    assert "hf-hub:google-bert/bert-base-uncased" in bert.sources and bert.licence.startswith("Apache-2.0")
+    # only the config and vocabulary of the Hub folder are downloaded, not its weights files
+    wanted = ["config.json", "vocab.txt", "tokenizer_config.json"]
+    assert _allow(parse_hub_source(bert.sources[-1]), bert.files) == wanted
+    assert not any(name.startswith("evaluation.") for name in iter_weight_specs(config))  # serve's start-up fetch
