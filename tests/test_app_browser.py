@@ -138,7 +138,9 @@ def test_report_follow_up_vqa_and_zero_shot(server, browser, samples_dir, upload
     assert "Research and education only" in page.locator("#chat-notice").evaluate(
         "el => el.closest('.column').innerText")
     _shot(page, "1-report-chat")
-    # the front-page picture (docs/app.png): title, notice, image panel and conversation, without the settings below
+    # the front-page picture (docs/app.png): title, notice, image panel and conversation, the settings folded
+    page.get_by_text("Generation settings").click()
+    page.locator("#max-new-tokens").wait_for(state="hidden")
     page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True,
                     clip={"x": 0, "y": 0, "width": 1280, "height": 1150})
 
