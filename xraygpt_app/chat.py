@@ -191,12 +191,13 @@ class ChatSession:
         eos = self.model.tokenizer.eos_token_id
         return generated[-1] == eos or ends_with_any(generated, self._stops)
 
-    def _finish_turn(self, question, prompt, generated, cancelled, timings) -> str:
+    def _finish_turn(self, question: str, prompt: _PreparedPrompt, generated: list[int], cancelled: bool,
+                     timings: dict[str, float]) -> str:
         stored = self.model.answer_text(generated)
         self._history.append(Turn(question, stored))
-        result = TurnResult(question, prompt.text, generated, self.model.display_answer(stored), timings,
-                            prompt.dropped,
-                            cancelled, prompt.segment_ids)
+        result = TurnResult(question=question, prompt=prompt.text, token_ids=generated,
+                            answer=self.model.display_answer(stored), timings=timings, dropped_turns=prompt.dropped,
+                            cancelled=cancelled, prompt_segment_ids=prompt.segment_ids)
         self.turns.append(result)
         log.info("turn %d: %d new tokens, %d reused, %.2f s", len(self.turns), len(generated),
                  timings.get("reused_tokens", 0), sum(v for k, v in timings.items() if k.endswith("_s")))

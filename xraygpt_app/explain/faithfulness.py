@@ -39,12 +39,10 @@ def randomize(module: nn.Module, generator: torch.Generator) -> None:
 
 
 def cascade_layers(model) -> list[tuple[str, nn.Module]]:
-    """The layers of a zero-shot encoder's vision tower, or of an XrayGPTModel, from the output to the input."""
-    if hasattr(model, "llm"):  # XrayGPTModel
-        llm_layers = [(f"llm.layers.{i}", layer) for i, layer in enumerate(model.llm.model.layers)][::-1]
-        vit_blocks = [(f"vit.blocks.{i}", block) for i, block in enumerate(model.vision.eva.blocks)][::-1]
-        return [("llm.lm_head", model.llm.lm_head), *llm_layers, ("bridge", model.bridge), *vit_blocks,
-                ("vit.patch_embed", model.vision.eva.patch_embed)]
+    """The layers of a chat model (its own ``cascade_layers``) or of a zero-shot encoder's vision tower,
+    from the output to the input."""
+    if callable(getattr(model, "cascade_layers", None)):  # a families.ChatModel
+        return model.cascade_layers()
     tower = model.model
     vision = getattr(tower, "vision_model", None)
     if vision is not None and vision.variant == "resnet":

@@ -2,9 +2,9 @@
 
 Method (the default and only one): **gradient x input, pooled per ViT patch**. The recorded turn is
 replayed with teacher forcing -- the exact prompt segments and generated token ids of its
-:class:`~xraygpt_app.chat.TurnResult`, the image through the model's own path (XrayGPT: EVA ViT ->
-Q-Former -> projection, ``ChatModel.bridge_tokens``; llava family: the open_clip tower's patch
-tokens -> projector) -- and the summed log-probability of the chosen tokens is differentiated with
+:class:`~xraygpt_app.chat.TurnResult`, the image through the model's own ``ChatModel.image_tokens``
+(XrayGPT: EVA ViT -> Q-Former -> projection; llava family: the open_clip tower's patch tokens ->
+projector) -- and the summed log-probability of the chosen tokens is differentiated with
 respect to the preprocessed pixels. Per ViT patch (XrayGPT: 16 x 16 patches of 14 px at 224; llava
 with BiomedCLIP: 14 x 14 patches of 16 px), grad . pixels is summed: since the patch embedding is
 linear, this equals
@@ -34,9 +34,8 @@ from PIL import Image
 from ..chat import ChatSession, TurnResult
 from ..errors import BadInputError
 from ..families import ChatModel
-from ..families.xraygpt.vision import preprocess
 from ..imaging.loader import model_ready
-from .geometry import InputGeometry, torchvision_geometry, xraygpt_geometry
+from .geometry import InputGeometry, torchvision_geometry
 from .maps import Heatmap, frozen, make_heatmap
 
 log = logging.getLogger(__name__)
@@ -54,30 +53,11 @@ class ImagePath:
 
 
 def image_path(model: ChatModel) -> ImagePath:
-    """The :class:`ImagePath` of an XrayGPT or llava-family model."""
-    placement = model.placement
-    if hasattr(model, "bridge"):  # XrayGPT
-        def xraygpt_tokens(pixels: torch.Tensor) -> torch.Tensor:
-            vit = model.vision(pixels.to(placement.vision_device))
-            return model.bridge_tokens(vit)[1].to(placement.llm_dtype)
-        vision = model.config.vision
-        return ImagePath(lambda image: preprocess(image, vision), xraygpt_tokens, vision.patch_size,
-                         lambda w, h: xraygpt_geometry(w, h, vision.image_size))
-    tower = model.tower  # llava family: open_clip tower -> projector
-
-    def llava_tokens(pixels: torch.Tensor) -> torch.Tensor:
-        with model._tower_autocast():  # the same autocast as encode_image
-            tokens = tower(pixels.to(placement.vision_device))
-        return model.projector(tokens.to(placement.llm_device, placement.llm_dtype))
-    trunk = getattr(tower.visual, "trunk", None)  # a timm trunk (BiomedCLIP) or open_clip's own ViT
-    patch = (trunk.patch_embed.patch_size if trunk is not None else tower.visual.patch_size)[0]
-    return ImagePath(tower.preprocess, llava_tokens, patch,
-                     lambda w, h: torchvision_geometry(w, h, tower.preprocess_fn))
-
-
-def _decoder(model: ChatModel) -> Callable[[list[int]], str]:
-    decode = getattr(model, "decode", None)  # XrayGPT's SentencePiece decoder
-    return decode or (lambda ids: model.tokenizer.decode(ids, skip_special_tokens=True))
+    """The :class:`ImagePath` of a loaded chat model (any family), from its own interface."""
+    def llm_tokens(pixels: torch.Tensor) -> torch.Tensor:
+        return model.image_tokens(pixels).to(model.placement.llm_dtype)
+    return ImagePath(model.preprocess, llm_tokens, model.patch_size,
+                     lambda w, h: torchvision_geometry(w, h, model.preprocess_transform))
 
 
 def _stop_text(model: ChatModel) -> str:
@@ -87,7 +67,7 @@ def _stop_text(model: ChatModel) -> str:
 
 def token_offsets(model: ChatModel, token_ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
     """The decoded answer text and each token's character range in it (by decoding growing prefixes)."""
-    decode = _decoder(model)
+    decode = model.decode
     text, ends = "", []
     for k in range(len(token_ids)):
         text = decode(token_ids[:k + 1])
@@ -156,9 +136,8 @@ def patch_attribution(pixel_grad: torch.Tensor, pixels: torch.Tensor, patch: int
 
 @contextlib.contextmanager
 def _all_frozen(model: ChatModel):
-    parts = [getattr(model, name) for name in ("vision", "bridge", "tower", "projector", "llm") if hasattr(model, name)]
     with contextlib.ExitStack() as stack:
-        for part in parts:
+        for part in model.parts().values():
             stack.enter_context(frozen(part))
         stack.enter_context(torch.enable_grad())
         yield

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Protocol
 from .registry import FAMILIES, FamilySpec, family_spec  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
     from PIL import Image
     from transformers import PreTrainedTokenizerBase
@@ -71,6 +73,22 @@ class ChatModel(Protocol):
     suppressed_ids: list[int]  # ids the tokenizer cannot decode (a padded vocabulary's rows): never generated
 
     def encode_image(self, image: Image.Image) -> ImageEmbedding: ...
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor: ...  # (1, 3, S, S) pixels, the family's transform
+
+    @property
+    def preprocess_transform(self) -> Callable: ...  # the torchvision transform behind preprocess
+
+    @property
+    def patch_size(self) -> int: ...  # pixels per side of one vision patch
+
+    def image_tokens(self, pixel_values: torch.Tensor, train: bool = False) -> torch.Tensor: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def parts(self) -> dict[str, torch.nn.Module]: ...
+
+    def cascade_layers(self) -> list[tuple[str, torch.nn.Module]]: ...
 
     def embed_ids(self, ids: list[int]) -> torch.Tensor: ...
 

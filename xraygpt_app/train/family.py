@@ -162,7 +162,7 @@ class TrainableFamily(nn.Module):
 class ChatTrainable(TrainableFamily):
     """A chat family's objective: instruction + image + target through the causal LM (XrayGPT, llava).
 
-    Subclasses give ``model``, ``llm``, ``tokenizer``, ``instructions``, :meth:`image_tokens` and
+    Subclasses give ``model`` (a ``families.ChatModel``), ``llm``, ``tokenizer``, ``instructions`` and
     :meth:`row_ids` (the prompt before and after the image, and the target ids of one row).
     """
 
@@ -191,7 +191,8 @@ class ChatTrainable(TrainableFamily):
         return out.loss, batch.target_tokens
 
     def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The chat model's own pixels -> LLM tokens step, in its training form (frozen vision, float32 bridge)."""
+        return self.model.image_tokens(pixel_values, train=True)
 
     def row_ids(self, instruction: str, target: str) -> tuple[list[int], list[int], list[int]]:
         raise NotImplementedError

@@ -81,13 +81,6 @@ class LlavaTrainable(ChatTrainable):
         return image_transform_v2(PreprocessCfg(**self.tower.visual.preprocess_cfg), is_train=augment)
 
     # --- the objective ----------------------------------------------------------------------------
-    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The frozen tower's patch tokens through the projector (with gradients)."""
-        placement = self.model.placement
-        with torch.no_grad():
-            tokens = self.tower(pixel_values.to(placement.vision_device))
-        return self.projector(tokens.float().to(placement.llm_device))
-
     def row_ids(self, instruction: str, target: str) -> tuple[list[int], list[int], list[int]]:
         before, after = self._prompt_ids(instruction)
         end = self.model.template.end_of_turn or self.tokenizer.eos_token

@@ -101,13 +101,6 @@ class XrayGPTTrainable(ChatTrainable):
         """XrayGPT's template around an instruction line or a VQA question."""
         return wrap_instruction(instruction, self.settings.prompt_template)
 
-    def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Frozen ViT, then the Q-Former and ``llama_proj`` (with gradients where they train)."""
-        placement = self.model.placement
-        with torch.no_grad():
-            vit = self.vision(pixel_values.to(placement.vision_device))
-        return self.bridge(vit.float().to(placement.llm_device))[1]
-
     def row_ids(self, instruction: str, target: str) -> tuple[list[int], list[int], list[int]]:
         before, after = self._prompt_ids(self.prompt_for(instruction))
         ids = self.tokenizer(target + self.settings.end_sym, add_special_tokens=False, truncation=True,

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,8 +137,7 @@ class ChatTemplate:
 
 
 class LlavaModel:
-    """The loaded llava-family model (a ``family.ChatModel``)."""
-
+    """The loaded llava-family model (a ``families.ChatModel``)."""
 
     def __init__(self, config: Config, tower: PatchTokenTower, projector: nn.Module, llm: nn.Module,
                  tokenizer: PreTrainedTokenizerBase, placement: Placement, template: ChatTemplate,
@@ -187,15 +187,62 @@ class LlavaModel:
     def encode_image(self, image: Image.Image) -> LlavaImageEncoding:
         """open_clip preprocessing, the tower's patch tokens, the projector into the LLM's space."""
         t0 = time.perf_counter()
-        pixel_values = self.tower.preprocess(image)
+        pixel_values = self.preprocess(image)
         t1 = time.perf_counter()
-        with self._tower_autocast():
-            tokens = self.tower(pixel_values.to(self.placement.vision_device))
+        tokens = self._patch_tokens(pixel_values)
         t2 = time.perf_counter()
-        weight = next(self.projector.parameters())  # float32 while it trains, else the LLM dtype
-        projected = self.projector(tokens.to(weight.device, weight.dtype)).to(self.placement.llm_dtype)
+        projected = self._project(tokens).to(self.placement.llm_dtype)
         timings = {"preprocess_s": t1 - t0, "vision_s": t2 - t1, "projector_s": time.perf_counter() - t2}
         return LlavaImageEncoding(projected, pixel_values, tokens, timings)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """The tower's open_clip eval transform: ``(1, 3, S, S)`` float32 pixels."""
+        return self.tower.preprocess(image)
+
+    @property
+    def preprocess_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """The torchvision transform behind :meth:`preprocess` (its geometry maps heatmaps back)."""
+        return self.tower.preprocess_fn
+
+    @property
+    def patch_size(self) -> int:
+        trunk = getattr(self.tower.visual, "trunk", None)  # a timm trunk (BiomedCLIP) or open_clip's own ViT
+        return (trunk.patch_embed.patch_size if trunk is not None else self.tower.visual.patch_size)[0]
+
+    def image_tokens(self, pixel_values: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """Pixels -> the image rows of the LLM input (tower patch tokens through the projector): the one step
+        that chat, fine-tuning and the report maps share. Differentiable (maps take gradients to the pixels).
+
+        ``train``: the frozen tower runs without gradients and outside autocast; the projector in its float32.
+        """
+        if train:
+            with torch.no_grad():
+                tokens = self.tower(pixel_values.to(self.placement.vision_device))
+            return self.projector(tokens.float().to(self.placement.llm_device))
+        return self._project(self._patch_tokens(pixel_values))
+
+    def _patch_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with self._tower_autocast():
+            return self.tower(pixel_values.to(self.placement.vision_device))
+
+    def _project(self, tokens: torch.Tensor) -> torch.Tensor:
+        weight = next(self.projector.parameters())  # float32 while it trains, else the LLM dtype
+        return self.projector(tokens.to(weight.device, weight.dtype))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def parts(self) -> dict[str, nn.Module]:
+        """The model's modules by name (frozen together for maps)."""
+        return {"tower": self.tower, "projector": self.projector, "llm": self.llm}
+
+    def cascade_layers(self) -> list[tuple[str, nn.Module]]:
+        """Layers from the output to the input, for the model-randomisation check of the report maps."""
+        llm_layers = [(f"llm.layers.{i}", layer) for i, layer in enumerate(self.llm.model.layers)][::-1]
+        trunk = self.tower.visual.trunk
+        blocks = [(f"tower.blocks.{i}", block) for i, block in enumerate(trunk.blocks)][::-1]
+        return [("llm.lm_head", self.llm.lm_head), *llm_layers, ("projector", self.projector), *blocks,
+                ("tower.patch_embed", trunk.patch_embed)]
 
     def _tower_autocast(self) -> contextlib.AbstractContextManager:
         dtype = self.placement.vision_autocast_dtype

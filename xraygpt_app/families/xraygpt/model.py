@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torchvision import transforms
 from transformers import PreTrainedTokenizerBase
 
 from ...checkpoints import CheckpointKeyError, load_exact, read_state_dict, remap_blip2, remap_eva_vit, remap_xraygpt
@@ -32,7 +33,7 @@ from .. import PromptSegments
 from ..registry import FAMILIES
 from .conversation import SEPARATOR, Turn, clean_answer, display_answer, render_prompt, split_on_image
 from .qformer import VisionLanguageBridge, cast_bridge
-from .vision import VisionTower, place_vision, preprocess
+from .vision import VisionTower, build_preprocess, place_vision, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,7 @@ def check_rotary_buffers(llm: torch.nn.Module, saved: dict[str, torch.Tensor]) -
 
 
 class XrayGPTModel:
-    """The loaded model: encode an image once, embed text, and expose the LLM (a ``family.ChatModel``)."""
-
+    """The loaded model: encode an image once, embed text, and expose the LLM (a ``families.ChatModel``)."""
 
     # Text the answer may still turn into; held back while streaming so no piece is ever retracted.
     pending_suffixes = (SEPARATOR, "Doctor:", "ChatDoctor", "Chat Doctor", "\ufffd")
@@ -196,14 +196,57 @@ class XrayGPTModel:
     def encode_image(self, image: Image.Image) -> ImageEncoding:
         """Preprocess, run the ViT and Q-Former, project into the LLM's embedding space."""
         t0 = time.perf_counter()
-        pixel_values = preprocess(image, self.config.vision)
+        pixel_values = self.preprocess(image)
         t1 = time.perf_counter()
-        vit = self.vision(pixel_values.to(self.placement.vision_device))
-        t2 = _synchronized_time(self.placement.vision_device)
-        hidden, projected = self.bridge_tokens(vit)
+        vit, hidden, projected, t2 = self._image_side(pixel_values)
         t3 = _synchronized_time(self.placement.llm_device)
         timings = {"preprocess_s": t1 - t0, "vision_s": t2 - t1, "qformer_s": t3 - t2}
         return ImageEncoding(projected.to(self.placement.llm_dtype), pixel_values, vit, hidden, projected, timings)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """BLIP-2's eval transform: ``(1, 3, S, S)`` float32 pixels."""
+        return preprocess(image, self.config.vision)
+
+    @property
+    def preprocess_transform(self) -> transforms.Compose:
+        """The torchvision transform behind :meth:`preprocess` (its geometry maps heatmaps back)."""
+        vision = self.config.vision
+        return build_preprocess(vision)
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.vision.patch_size
+
+    def image_tokens(self, pixel_values: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """Pixels -> the 32 image rows of the LLM input (ViT, Q-Former, ``llama_proj``): the one step that
+        chat, fine-tuning and the report maps share. Differentiable (maps take gradients to the pixels).
+
+        ``train``: the frozen ViT runs without gradients and the bridge outside autocast, in the float32
+        the trainer fits it in (XrayGPT's ``encode_img`` during training).
+        """
+        if train:
+            with torch.no_grad():
+                vit = self.vision(pixel_values.to(self.placement.vision_device))
+            return self.bridge(vit.float().to(self.placement.llm_device))[1]
+        return self._image_side(pixel_values)[2]
+
+    def _image_side(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """ViT tokens, Q-Former output and projection (the fixture checks all three), and when the ViT ended."""
+        vit = self.vision(pixel_values.to(self.placement.vision_device))
+        vision_done = _synchronized_time(self.placement.vision_device)
+        hidden, projected = self.bridge_tokens(vit)
+        return vit, hidden, projected, vision_done
+
+    def parts(self) -> dict[str, torch.nn.Module]:
+        """The model's modules by name (frozen together for maps; randomised layer by layer in checks)."""
+        return {"vision": self.vision, "bridge": self.bridge, "llm": self.llm}
+
+    def cascade_layers(self) -> list[tuple[str, torch.nn.Module]]:
+        """Layers from the output to the input, for the model-randomisation check of the report maps."""
+        llm_layers = [(f"llm.layers.{i}", layer) for i, layer in enumerate(self.llm.model.layers)][::-1]
+        vit_blocks = [(f"vit.blocks.{i}", block) for i, block in enumerate(self.vision.eva.blocks)][::-1]
+        return [("llm.lm_head", self.llm.lm_head), *llm_layers, ("bridge", self.bridge), *vit_blocks,
+                ("vit.patch_embed", self.vision.eva.patch_embed)]
 
     def bridge_tokens(self, vit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ViT tokens -> (Q-Former output, projection into the LLM space), under the bridge's autocast.
