@@ -14,8 +14,9 @@ from PIL import Image
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
 from xraygpt_app.api import Assistant
-from xraygpt_app.checkpoints import CheckpointKeyError, read_state_dict, remap_blip2, remap_eva_vit, remap_xraygpt
+from xraygpt_app.checkpoints import CheckpointKeyError, read_state_dict
 from xraygpt_app.errors import ConfigError
+from xraygpt_app.families.xraygpt.checkpoints import remap_blip2, remap_eva_vit, remap_xraygpt
 from xraygpt_app.families.xraygpt.vision import preprocess
 
 

@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..checkpoints import export_bridge_key
 from ..config import Config
+from ..families.xraygpt.checkpoints import export_bridge_key
 from ..families.xraygpt.conversation import IMAGE_MESSAGE, IMAGE_PLACEHOLDER, split_on_image
 from ..families.xraygpt.model import XrayGPTModel
 from .config import TrainConfig

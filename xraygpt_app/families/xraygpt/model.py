@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision import transforms
 from transformers import PreTrainedTokenizerBase
 
-from ...checkpoints import CheckpointKeyError, load_exact, read_state_dict, remap_blip2, remap_eva_vit, remap_xraygpt
+from ...checkpoints import CheckpointKeyError, load_exact, read_state_dict
 from ...config import Config
 from ...llm import (
     apply_lora_adapter,
@@ -31,6 +31,7 @@ from ...placement import Placement, plan_placement
 from ...weights import resolve_weights
 from .. import PromptSegments
 from ..registry import FAMILIES
+from .checkpoints import remap_blip2, remap_eva_vit, remap_xraygpt
 from .conversation import SEPARATOR, Turn, clean_answer, display_answer, render_prompt, split_on_image
 from .qformer import VisionLanguageBridge, cast_bridge
 from .vision import VisionTower, build_preprocess, place_vision, preprocess
