@@ -89,11 +89,13 @@ def _fetch_one(config: Config, name: str, spec: WeightSpec, say: Callable[[str],
 
 def _fetch_tower_configs(config: Config, say: Callable[[str], None]) -> int:
     """Config/tokenizer files of the vision and zero-shot towers (after their weights); returns the failures."""
-    from ..families.llava.tower import tower_config_repos as family_tower_repos
+    from ..families.registry import family_spec
     from ..zeroshot.classifier import tower_config_repos
 
+    spec = family_spec(config.model.family)
+    family_repos = spec.load("config_repos")(config) if spec.config_repos else {}
     failed, fetched = 0, set()
-    for name, repo in {**family_tower_repos(config), **tower_config_repos(config)}.items():
+    for name, repo in {**family_repos, **tower_config_repos(config)}.items():
         if repo in fetched:  # e.g. both MedCLIP variants read Bio_ClinicalBERT
             continue
         fetched.add(repo)

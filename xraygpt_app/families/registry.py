@@ -36,6 +36,7 @@ class FamilySpec:
     weights: tuple[str, ...]  # the WeightSpec fields of ``weights:`` it reads
     sections: tuple[str, ...]  # the config sections that describe its architecture
     default_llm: tuple[str, dict[str, Any]] = field(default=("Vicuna-7B", VICUNA_7B))  # when the LLM folder is absent
+    config_repos: str | None = None  # (config) -> {entry: Hub repo} of config/tokenizer files ``fetch`` gets too
 
     def load(self, attribute: str) -> Any:
         """The object one of the "module:attribute" fields names (``"model"``, ``"trainable"``, ...)."""
@@ -66,6 +67,7 @@ FAMILIES = {
         weights=("vision_tower", "projector", "llama_model"),
         sections=("tower", "projector", "llm"),
         default_llm=("TinyLlama-1.1B-Chat", TINYLLAMA_1B),
+        config_repos="xraygpt_app.families.llava.tower:tower_config_repos",
     ),
 }
 

@@ -24,7 +24,6 @@ from ...errors import ConfigError, MissingWeightsError
 from ...imaging.loader import model_ready
 from ...weights import resolve_weights
 from ...zeroshot.biomedclip import load_open_clip, text_tower_repos
-from ..registry import family_spec
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +122,8 @@ def meta_trunk(folder: Path | None) -> tuple[nn.Module, list[str]]:
 
 
 def tower_config_repos(config: Config) -> dict[str, str]:
-    """Hub repos of the vision tower's text-tower config/tokenizer (for ``fetch``), when the family has a tower."""
-    if "vision_tower" not in family_spec(config.model.family).weights or config.tower.text_config:
+    """Hub repos of the vision tower's text-tower config/tokenizer (for ``fetch``)."""
+    if config.tower.text_config:
         return {}
     folder = local_tower(config)
     if folder is None:
