@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import sentencepiece
@@ -126,6 +128,20 @@ def load_llm(folder: Path, config: LLMConfig, placement: Placement) -> torch.nn.
     return model
 
 
+@contextlib.contextmanager
+def peft_without_deprecation_notice() -> Iterator[None]:
+    """Wrap a peft model around an LLM without transformers' "`is_gradient_checkpointing` is deprecated".
+
+    peft reads that deprecated property on every adapter it wraps, and transformers 5 answers with a
+    FutureWarning each time: nothing our code calls, nothing the user can change. Only that warning,
+    raised in transformers.modeling_utils, is ignored, and only here.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                                module=r"transformers\.modeling_utils")
+        yield
+
+
 def apply_lora_adapter(llm: torch.nn.Module, folder: str | Path, placement: Placement) -> torch.nn.Module:
     """A peft LoRA adapter folder (from ``xraygpt finetune``) on the LLM: merged into the weights when they are
     not quantised (no per-token cost), else kept as peft layers."""
@@ -134,7 +150,8 @@ def apply_lora_adapter(llm: torch.nn.Module, folder: str | Path, placement: Plac
     folder = Path(folder)
     if not (folder / "adapter_config.json").is_file():
         raise ConfigError(f"weights.lora: {folder} is not a peft adapter folder (no adapter_config.json)")
-    model = PeftModel.from_pretrained(llm, str(folder), is_trainable=False)
+    with peft_without_deprecation_notice():
+        model = PeftModel.from_pretrained(llm, str(folder), is_trainable=False)
     if placement.llm_quantization is None:
         model = model.merge_and_unload()
     log.info("LoRA adapter %s applied (%s)", folder.name, "merged" if placement.llm_quantization is None else "peft")

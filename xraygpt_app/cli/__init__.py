@@ -24,6 +24,25 @@ COMMAND_MODULES = (
 )
 
 
+class _MissingKernelsNotice(logging.Filter):
+    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community: No module named
+    'kernels'", logged on every import on CPUs with AVX-512 BF16: ``kernels`` is an optional package that
+    fetches a kernel from the Hugging Face Hub, and without it bitsandbytes uses its own CPU kernel.
+    Any other failure to load that kernel (``kernels`` installed but broken) is still shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        cause = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        return not (str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+                    and isinstance(cause, ModuleNotFoundError) and cause.name == "kernels")
+
+
+def quiet_known_notices() -> None:
+    """Filter the third-party notices about nothing the user can act on (by logger and message only)."""
+    bnb_cpu = logging.getLogger("bitsandbytes.backends.cpu.ops")  # the same object once bitsandbytes logs there
+    if not any(isinstance(f, _MissingKernelsNotice) for f in bnb_cpu.filters):
+        bnb_cpu.addFilter(_MissingKernelsNotice())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xraygpt",
@@ -40,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_known_notices()
     try:
         return int(args.func(args) or 0)
     except XrayGPTError as exc:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..checkpoints import CheckpointKeyError
+from ..llm import peft_without_deprecation_notice
 from .config import TrainConfig
 
 
@@ -18,7 +19,8 @@ def add_lora(llm: nn.Module, settings: TrainConfig) -> nn.Module:
         llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=settings.gradient_checkpointing)
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(llm, config)
+    with peft_without_deprecation_notice():
+        return get_peft_model(llm, config)
 
 
 def enable_llm_training(llm: nn.Module, checkpointing: bool) -> None:
