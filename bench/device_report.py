@@ -52,7 +52,8 @@ def other_lines(rows: dict[str, dict]) -> list[str]:
     else:
         lines.append(f"- Greedy agreement: {agreement.get('skipped') or 'failed: ' + agreement.get('failed', '')}")
     if "images" in medclip:
-        lines.append(f"- MedCLIP-ViT (real size, random weights, released layout) on {medclip['device']}: load"
+        lines.append(f"- MedCLIP-ViT ({medclip.get('size', 'real size')}, random weights, released layout) on"
+                     f" {medclip['device']}: load"
                      f" {medclip['load_s']:.1f} s; 20 images {medclip['first_call_s']:.2f} s with prompt encoding,"
                      f" {medclip['cached_prompts_s']:.2f} s with cached prompts"
                      f" ({medclip['ms_per_image']:.1f} ms/image).")
