@@ -31,10 +31,9 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n
 
 
 @pytest.fixture(scope="module")
-def tiny(shared_dir, tmp_path_factory):
-    import tinyllava
-
-    return tinyllava.build_llava(tmp_path_factory.mktemp("llava"))
+def tiny(tiny_llava):
+    """The session's tiny llava model (tests that change it write their own files beside it)."""
+    return tiny_llava
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,9 @@ QUESTIONS = ("Describe the given chest x-ray image in detail.", "What is the mos
 
 
 @pytest.fixture(scope="module")
-def tiny(shared_dir, tmp_path_factory):
-    import tinyllava
-
-    return tinyllava.build_llava(tmp_path_factory.mktemp("llava_train"))
+def tiny(tiny_llava):
+    """The session's tiny llava model (tests that change it write their own files beside it)."""
+    return tiny_llava
 
 
 @pytest.fixture(scope="module")

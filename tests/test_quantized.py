@@ -20,9 +20,9 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda:0")
 
 
 @pytest.fixture(scope="module")
-def quant_models(tmp_path_factory: pytest.TempPathFactory) -> tm.TinyModels:
-    """A tiny XrayGPT whose LLM dims are multiples of 64 (bitsandbytes' 4-bit block size)."""
-    return tm.build_all(tmp_path_factory.mktemp("tiny_quant"), dims=tm.QUANT_DIMS)
+def quant_models(quant_xraygpt: tm.TinyModels) -> tm.TinyModels:
+    """The session's tiny XrayGPT whose LLM dims are multiples of 64 (bitsandbytes' 4-bit block size)."""
+    return quant_xraygpt
 
 
 def _decoder_linears(llm: torch.nn.Module) -> list[torch.nn.Module]:

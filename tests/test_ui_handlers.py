@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import base64
 import re
-from pathlib import Path
 
 import pytest
+from helpers import UI_GREEDY
 
 from xraygpt_app.config import load_config
 from xraygpt_app.web import api as ui_api
 from xraygpt_app.web import handlers as h
 from xraygpt_app.web.services import build_services
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "eval_configs" / "tiny_fixture.yaml"
-GREEDY = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 0.9, "num_beams": 1, "do_sample": False}
+GREEDY = UI_GREEDY
 
 
 @pytest.fixture(scope="module")
-def services(shared_dir):
-    return build_services(load_config(TINY))
+def services(tiny_services):
+    return tiny_services
 
 
 @pytest.fixture
@@ -237,9 +235,9 @@ def test_api_handlers(services, png_bytes):
     assert scores["labels"] == ["Normal", "COVID"] and scores["predicted"] in scores["labels"]
 
 
-def test_missing_weights_do_not_stop_the_app(shared_dir, tmp_path):
-    config = load_config(TINY, [f"weights.ckpt={tmp_path / 'absent.pth'}",
-                                f"zeroshot.models.medclip-vit.weights={tmp_path / 'absent.bin'}"])
+def test_missing_weights_do_not_stop_the_app(shared_dir, tmp_path, tiny_config):
+    config = load_config(tiny_config, [f"weights.ckpt={tmp_path / 'absent.pth'}",
+                                       f"zeroshot.models.medclip-vit.weights={tmp_path / 'absent.bin'}"])
     services = build_services(config, download=True)  # nothing to download from: still starts
     assert services.assistant is None and "absent.pth" in services.assistant_missing
     assert services.classifiers == {} and "absent.bin" in services.zeroshot_missing["medclip-vit"]

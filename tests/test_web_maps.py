@@ -5,26 +5,22 @@ from __future__ import annotations
 import base64
 import io
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import UI_GREEDY
 from PIL import Image
 
-from xraygpt_app.config import load_config
 from xraygpt_app.web import api as ui_api
 from xraygpt_app.web import handlers as h
 from xraygpt_app.web import maps
-from xraygpt_app.web.services import build_services
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "eval_configs" / "tiny_fixture.yaml"
-GREEDY = {"max_new_tokens": 10, "temperature": 1.0, "top_p": 0.9, "num_beams": 1, "do_sample": False}
+GREEDY = {**UI_GREEDY, "max_new_tokens": 10}
 
 
 @pytest.fixture(scope="module")
-def services(shared_dir):
-    return build_services(load_config(TINY))
+def services(tiny_services):
+    return tiny_services
 
 
 @pytest.fixture
