@@ -82,3 +82,32 @@ def test_core_never_imports_a_task():
 def test_task_packages_import_on_their_own():
     code = "import xraygpt_app.cli, xraygpt_app.web, xraygpt_app.cli.serve, xraygpt_app.web.ui"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _family_packages() -> list[str]:
+    return sorted(p.name for p in (PACKAGE / "families").iterdir() if (p / "__init__.py").is_file())
+
+
+def test_family_internals_stay_in_their_family():
+    """Outside ``families/<name>/`` only the interface (``families``) and the registry are imported; a family's
+    own training objective (``train/<name>_objective.py``) is the one module that may reach into it."""
+    graph = _graph()
+    offenders = {}
+    for family in _family_packages():
+        home = f"xraygpt_app.families.{family}"
+        for name, targets in graph.items():
+            if name == home or name.startswith(home + ".") or name == f"xraygpt_app.train.{family}_objective":
+                continue
+            reached = sorted(t for t in targets if t == home or t.startswith(home + "."))
+            if reached:
+                offenders[name] = reached
+    assert not offenders, f"modules naming a family's internals: {offenders}"
+
+
+def test_every_family_package_has_a_registry_entry():
+    from xraygpt_app.families.registry import FAMILIES
+
+    assert set(_family_packages()) == set(FAMILIES)
+    for spec in FAMILIES.values():
+        for field in ("model", "trainable", "image_memory", "train_memory"):
+            assert callable(spec.load(field)), f"{spec.name}.{field} = {getattr(spec, field)} does not load"

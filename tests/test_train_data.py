@@ -11,7 +11,8 @@ import torch
 import traindata
 
 from xraygpt_app.config import VisionConfig
-from xraygpt_app.train.data import DataError, PairDataset, image_transform, read_samples, split_samples
+from xraygpt_app.train.data import DataError, PairDataset, read_samples, split_samples
+from xraygpt_app.train.xraygpt_objective import image_transform
 
 PNG = "nih_cxr14_00000001_000_pa_512.png"
 DICOM = "dx_nih_chest_mono2_8bit_implicit_vr.dcm"

@@ -26,11 +26,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms
 
-from ..config import ImageConfig, VisionConfig
+from ..config import ImageConfig
 from ..errors import BadInputError, XrayGPTError
-from ..families.xraygpt.vision import build_preprocess
 from ..imaging.loader import load_radiograph, model_ready
 
 log = logging.getLogger(__name__)
@@ -181,21 +179,6 @@ def split_samples(samples: Sequence[Sample], val_fraction: float, seed: int) -> 
     val = sorted(order[:n_val])
     train = sorted(order[n_val:])
     return [samples[i] for i in train], [samples[i] for i in val]
-
-
-def build_train_transform(config: VisionConfig) -> transforms.Compose:
-    """XrayGPT's ``blip2_image_train``: random resized crop (scale 0.5-1.0, bicubic), CLIP mean/std."""
-    return transforms.Compose([
-        transforms.RandomResizedCrop(config.image_size, scale=(0.5, 1.0),
-                                     interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.ToTensor(),
-        transforms.Normalize(config.mean, config.std),
-    ])
-
-
-def image_transform(config: VisionConfig, augment: bool) -> Callable[[Image.Image], torch.Tensor]:
-    """The training transform, or the deterministic eval transform the app uses."""
-    return build_train_transform(config) if augment else build_preprocess(config)
 
 
 class PairDataset(Dataset):

@@ -26,12 +26,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..config import Config
+from ..config import Config, VisionConfig
 from ..families.xraygpt.checkpoints import export_bridge_key
 from ..families.xraygpt.conversation import IMAGE_MESSAGE, IMAGE_PLACEHOLDER, split_on_image
 from ..families.xraygpt.model import XrayGPTModel
+from ..families.xraygpt.vision import build_preprocess, build_train_transform
 from .config import TrainConfig
-from .data import image_transform
 from .family import IGNORE_INDEX, INSTRUCTIONS_FILE, ChatTrainable, read_instructions
 from .lora import add_lora, enable_llm_training
 
@@ -45,6 +45,11 @@ def wrap_instruction(instruction: str, template: str) -> str:
     if IMAGE_PLACEHOLDER not in instruction:
         instruction = f"{IMAGE_MESSAGE} {instruction}"
     return template.format(instruction)
+
+
+def image_transform(config: VisionConfig, augment: bool) -> Callable[[Image.Image], torch.Tensor]:
+    """The training transform, or the deterministic eval transform the app uses."""
+    return build_train_transform(config) if augment else build_preprocess(config)
 
 
 class XrayGPTTrainable(ChatTrainable):

@@ -108,3 +108,13 @@ def _vision_dtypes(module: nn.Module, in_eva: bool, placement: Placement) -> tup
             return torch.float32, torch.float32
         return torch.float16, (torch.float32 if placement.vision_autocast_dtype is None else torch.float16)
     return placement.vision_dtype, placement.vision_dtype
+
+
+def build_train_transform(config: VisionConfig) -> transforms.Compose:
+    """XrayGPT's ``blip2_image_train``: random resized crop (scale 0.5-1.0, bicubic), CLIP mean/std."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(config.image_size, scale=(0.5, 1.0),
+                                     interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize(config.mean, config.std),
+    ])
