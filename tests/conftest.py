@@ -8,7 +8,10 @@ changes one writes its own copy, never the shared one.
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -99,3 +102,17 @@ def three_kinds_config(tiny_config: Path, tmp_path_factory: pytest.TempPathFacto
     import tinyzeroshot
 
     return tinyzeroshot.three_kinds_config(tmp_path_factory.mktemp("zeroshot"), tiny_config)
+
+
+@pytest.fixture()
+def server(tmp_path):
+    """Serve tmp_path/www over http on 127.0.0.1; yields (base URL, folder)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", root
+    httpd.shutdown()
+    httpd.server_close()

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import json
-import threading
 from pathlib import Path
 
-import pytest
 import yaml
 
 from xraygpt_app.cli import main
@@ -18,20 +14,6 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "eval_configs" / "tiny_fixture.yaml"
 FIXTURE = REPO.parent / "shared" / "fixtures" / "xraygpt_tiny"
 MANUAL_HOW_TO = "Download it by hand from the XrayGPT README into checkpoints/"
-
-
-@pytest.fixture()
-def server(tmp_path):
-    """Serve tmp_path/www over http on 127.0.0.1; yields (base URL, folder)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", root
-    httpd.shutdown()
-    httpd.server_close()
 
 
 def _config(tmp_path: Path, weights: dict) -> Path:

@@ -249,3 +249,32 @@ def test_the_real_config_says_where_each_file_comes_from(shared_dir):
     with pytest.raises(Exception, match="Google Drive") as missing:
         resolve_weights(checkpoint, "zeroshot.models.medklip.weights")
     assert "checkpoints/medklip/checkpoint_final.pth" in str(missing.value)
+
+
+def test_fetch_downloads_the_descriptions_then_classify_uses_them(capsys, server, tmp_path, shared_dir, images):
+    """The descriptions come from a URL with their sha256 (here a loopback server): fetch, then classify."""
+    import hashlib
+
+    base, www = server
+    source = FIXTURE / "observation explanation.json"
+    (www / source.name).write_bytes(source.read_bytes())
+    config = tmp_path / "fetched.yaml"
+    config.write_text(f"""weights:
+  cache_dir: {tmp_path / 'cache'}
+zeroshot:
+  default_model: medklip
+  models:
+    medklip:
+      kind: medklip
+      weights: {FIXTURE / 'checkpoint_final.pth'}
+      text_config: {FIXTURE / 'bert_tiny'}
+      entity_descriptions:
+        sources: ["{base}/observation%20explanation.json"]
+        sha256: {hashlib.sha256(source.read_bytes()).hexdigest()}
+""", encoding="utf-8")
+    main(["check", "-c", str(config)])
+    assert "`xraygpt fetch` downloads it" in capsys.readouterr().out
+    main(["fetch", "-c", str(config)])  # the XrayGPT entries stay missing (exit 3): only the descriptions matter
+    assert "downloaded  zeroshot.models.medklip.entity_descriptions" in capsys.readouterr().out
+    assert main(["classify", images[0], "-c", str(config), "--labels", "effusion", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["probabilities"]["effusion"] > 0

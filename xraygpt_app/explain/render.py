@@ -8,6 +8,7 @@ its preprocessing) are hatched grey.
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +75,8 @@ def figure_png(image: Image.Image, heatmap: Heatmap, title: str = "", path: str 
     bar.set_label(heatmap.scale, fontsize=8)
     fig.suptitle(f"{title or heatmap.label}\n{heatmap.model}: {heatmap.method}; explained score"
                  f" {heatmap.target:.3f}", fontsize=10)
-    fig.text(0.5, 0.02, f"{heatmap.meaning[0].upper()}{heatmap.meaning[1:]}. Hatched grey: not seen by the model."
-             f" {DISCLAIMER}.", ha="center", fontsize=8)
+    footer = f"{heatmap.meaning[0].upper()}{heatmap.meaning[1:]}. Hatched grey: not seen by the model. {DISCLAIMER}."
+    fig.text(0.5, 0.02, textwrap.fill(footer, 150), ha="center", fontsize=8)  # a long meaning must not be cut off
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     data = buffer.getvalue()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ZEROSHOT_KINDS, Config
+from ..config import ZEROSHOT_KINDS, Config, iter_weight_specs
 from ..errors import MissingWeightsError, XrayGPTError
 from ..families.registry import family_spec
 
@@ -131,11 +131,14 @@ def _load_zeroshot(config: Config, say: Callable[[str], None], download: bool
 
 
 def _fetch_zeroshot_weights(config: Config, say: Callable[[str], None]) -> None:
-    """Download missing zero-shot weights into the cache, where ``available_models`` then finds them."""
-    from ..zeroshot.classifier import resolve_zeroshot_weights
+    """Download missing zero-shot files into the cache, where ``available_models`` then finds them
+    (MedKLIP's descriptions and BERT weights too)."""
+    from ..weights import resolve_weights
 
-    for name in config.zeroshot.models:
+    for key, spec in iter_weight_specs(config).items():
+        if not key.startswith("zeroshot."):
+            continue
         try:
-            resolve_zeroshot_weights(config, name, download=True)
+            resolve_weights(spec, key, download=True, cache_dir=config.weights.cache_dir)
         except MissingWeightsError:
-            say(f"Zero-shot model {name}: weights could not be downloaded.")
+            say(f"{key}: could not be downloaded.")
