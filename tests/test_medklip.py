@@ -40,18 +40,22 @@ def config_path(tmp_path, monkeypatch, shared_dir) -> Path:
     """An eval_configs-style YAML as users (and the hidden fixtures) write it; the query cache goes to tmp."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     path = tmp_path / "medklip.yaml"
-    path.write_text(f"""zeroshot:
+    path.write_text(medklip_yaml(f'"{FIXTURE / "observation explanation.json"}"') + "runtime:\n  device: cpu\n",
+                    encoding="utf-8")
+    return path
+
+
+def medklip_yaml(descriptions: str, head: str = "") -> str:
+    """The tiny fixture's zeroshot section; ``descriptions`` is the entity_descriptions value (YAML)."""
+    return f"""{head}zeroshot:
   default_model: medklip
   models:
     medklip:
       kind: medklip
       weights: {FIXTURE / 'checkpoint_final.pth'}
       text_config: {FIXTURE / 'bert_tiny'}
-      entity_descriptions: "{FIXTURE / 'observation explanation.json'}"
-runtime:
-  device: cpu
-""", encoding="utf-8")
-    return path
+      entity_descriptions: {descriptions}
+"""
 
 
 def classify_json(capsys, config_path: Path, images: list[str], *args: str) -> list[dict]:
@@ -259,19 +263,9 @@ def test_fetch_downloads_the_descriptions_then_classify_uses_them(capsys, server
     source = FIXTURE / "observation explanation.json"
     (www / source.name).write_bytes(source.read_bytes())
     config = tmp_path / "fetched.yaml"
-    config.write_text(f"""weights:
-  cache_dir: {tmp_path / 'cache'}
-zeroshot:
-  default_model: medklip
-  models:
-    medklip:
-      kind: medklip
-      weights: {FIXTURE / 'checkpoint_final.pth'}
-      text_config: {FIXTURE / 'bert_tiny'}
-      entity_descriptions:
-        sources: ["{base}/observation%20explanation.json"]
-        sha256: {hashlib.sha256(source.read_bytes()).hexdigest()}
-""", encoding="utf-8")
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    config.write_text(medklip_yaml(f'{{sources: ["{base}/observation%20explanation.json"], sha256: {digest}}}',
+                                   head=f"weights:\n  cache_dir: {tmp_path / 'cache'}\n"), encoding="utf-8")
     main(["check", "-c", str(config)])
     assert "`xraygpt fetch` downloads it" in capsys.readouterr().out
     main(["fetch", "-c", str(config)])  # the XrayGPT entries stay missing (exit 3): only the descriptions matter
