@@ -35,10 +35,15 @@ def test_a_llava_config_without_weights_lists_every_file_and_the_users_own_comma
 
     props = _components(build_app(services))
     boxes = [p["value"] for p in props if "xr-missing" in (p.get("elem_classes") or [])]
+    chat_boxes = [box for box in boxes if "LLaVA-style assistant is not available" in box]
+    assert len(chat_boxes) == 2  # Report chat and VQA
     sets = " ".join(f"--set {shlex.quote(item)}" for item in overrides)
     for command in ("fetch", "serve"):
         expected = f"xraygpt {command} --config {LLAVA_TINY} {sets}"
-        assert all(expected in box for box in boxes), expected
+        assert all(expected in box for box in chat_boxes), expected
+    # this config names no zero-shot model: nothing to fetch, so no commands there, but where to add one
+    zeroshot_box = next(box for box in boxes if "Zero-shot classification is not available" in box)
+    assert "names no zero-shot model" in zeroshot_box and "xraygpt fetch" not in zeroshot_box
     asking = {p["elem_id"]: p.get("interactive") for p in props
               if p.get("elem_id") in ("generate-report", "ask", "question", "regenerate", "vqa-ask", "vqa-question")}
     assert asking == dict.fromkeys(asking, False) and len(asking) == 6

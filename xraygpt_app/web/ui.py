@@ -148,7 +148,7 @@ def _image_panel(services: Services) -> dict[str, Any]:
     upload = gr.File(label="Radiograph (PNG, JPEG, TIFF, BMP, WebP or DICOM)", file_types=FILE_TYPES, type="filepath",
                      elem_id="upload")
     with gr.Row(equal_height=True):  # which file is loaded, and a way to replace it
-        loaded = gr.HTML(elem_id="loaded-file")
+        loaded = gr.HTML(elem_id="loaded-file", visible=False)  # no empty gap under the drop box
         replace = gr.UploadButton("Replace image…", size="sm", visible=False, elem_id="replace", scale=0)
     image_notice = gr.Markdown(elem_id="image-notice")
     with gr.Row():
@@ -188,7 +188,8 @@ def _wire_image(services: Services, state: gr.State, image: dict[str, Any], rese
             return (old, gr.skip(), gr.skip(), note, None, gr.skip(), gr.UploadButton(value=None),
                     *[gr.skip()] * len(resets))
         return (new_state, preview, description, "", gr.File(value=None, visible=False),
-                display.loaded_file_html(new_state.file_name), gr.UploadButton(value=None, visible=True),
+                gr.update(value=display.loaded_file_html(new_state.file_name), visible=True),
+                gr.UploadButton(value=None, visible=True),
                 *[dict(empty) if isinstance(empty, dict) else empty for _, empty in resets])  # Gradio pops update keys
 
     def on_upload(file: dict | None, old: h.UserState | None) -> tuple:
@@ -322,9 +323,13 @@ def _zeroshot_tab(services: Services, state: gr.State) -> Resets:
     disclaimer()
     choices = h.model_choices(services)
     missing = services.zeroshot_missing
+    if not choices and not services.config.zeroshot.models:  # nothing to fetch: the config names none
+        gr.Markdown("### Zero-shot classification is not available\n\nThis config names no zero-shot model "
+                    "(`zeroshot.models`); `eval_configs/xraygpt_eval.yaml` shows how to add them.",
+                    elem_classes=["xr-missing"])
+        return []
     if not choices:
-        _missing_box(services, _zeroshot_reasons(services) or {"Zero-shot": "No zero-shot model is configured."},
-                     "Zero-shot classification")
+        _missing_box(services, _zeroshot_reasons(services), "Zero-shot classification")
         return []
     if missing:
         with gr.Accordion(f"Models not available here ({len(missing)})", open=False):
