@@ -245,6 +245,8 @@ def test_compare_needs_image_rows(tmp_path, capsys):
     code = main(["evaluate", "--task", "report", "--data", str(pairs), "-c", str(TINY), "--compare-config", str(TINY),
                  "--out", str(tmp_path / "out")])
     assert code == 2 and "image,report rows" in capsys.readouterr().err
+    code = main(["evaluate", "--task", "zeroshot", "--data", str(pairs), "-c", str(TINY), "--metrics", "chexbert"])
+    assert code == 2 and "options of --task report" in capsys.readouterr().err
 
 
 def test_finetune_validation_includes_chexbert_when_present(fixture_dir, expected, labeler, tmp_path, caplog):
@@ -275,3 +277,30 @@ def test_default_config_names_the_hub_files_for_fetch_not_for_serve():
     wanted = ["config.json", "vocab.txt", "tokenizer_config.json"]
     assert _allow(parse_hub_source(bert.sources[-1]), bert.files) == wanted
     assert not any(name.startswith("evaluation.") for name in iter_weight_specs(config))  # serve's start-up fetch
+
+
+def test_other_sizes_load_and_a_vocab_only_folder_is_sized_from_the_checkpoint(fixture_dir, expected, tmp_path,
+                                                                               caplog):
+    """A CheXbert of other sizes in the released format (written here with transformers' BertModel) loads from its
+    config; from a folder holding only vocab.txt it gets the same sizes, and the same labels, from its tensors."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=3000, hidden_size=128, num_hidden_layers=3, num_attention_heads=2,
+                        intermediate_size=96, max_position_embeddings=512)
+    torch.manual_seed(1)
+    bert = BertModel(config)
+    heads = [torch.nn.Linear(128, 4) for _ in range(13)] + [torch.nn.Linear(128, 2)]
+    state = {f"module.bert.{k}": v for k, v in bert.state_dict().items()}
+    for i, head in enumerate(heads):
+        state.update({f"module.linear_heads.{i}.{k}": v for k, v in head.state_dict().items()})
+    torch.save({"epoch": 1, "model_state_dict": state}, tmp_path / "chexbert.pth")
+    full, vocab_only = tmp_path / "full", tmp_path / "vocab_only"
+    for folder in (full, vocab_only):
+        folder.mkdir()
+        (folder / "vocab.txt").write_bytes((fixture_dir / "bert_base_uncased_tiny" / "vocab.txt").read_bytes())
+    config.to_json_file(full / "config.json")
+    reports = expected["refs"][:8]
+    labels = CheXbertLabeler.from_files(tmp_path / "chexbert.pth", full).label_classes(reports)
+    assert "no config.json" not in caplog.text
+    assert CheXbertLabeler.from_files(tmp_path / "chexbert.pth", vocab_only).label_classes(reports) == labels
+    assert "no config.json" in caplog.text and "assuming 2 attention heads" in caplog.text

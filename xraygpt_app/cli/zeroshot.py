@@ -173,6 +173,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Dispatch to the zero-shot or report evaluation; both write metrics.json into --out."""
     if args.bootstrap < 1:
         raise BadInputError("--bootstrap must be at least 1")
+    if args.task == "zeroshot" and (args.compare_config or args.metrics != "bleu,rouge"):
+        raise BadInputError("--metrics and --compare-config are options of --task report")
     config = load_config(args.config, args.overrides)
     out = Path(args.out)  # created only when there are results to write
     if args.task == "zeroshot":

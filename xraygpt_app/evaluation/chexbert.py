@@ -109,17 +109,49 @@ def load_tokenizer(folder: Path):
     return BertTokenizer(vocab={token: index for index, token in enumerate(lines)}, do_lower_case=True)
 
 
-def load_bert_config(folder: Path):
-    """The BERT's architecture from the folder's ``config.json`` (dropout is off in eval mode)."""
+def load_bert_config(folder: Path, bert_state: Mapping[str, torch.Tensor] | None = None):
+    """The BERT's architecture from the folder's ``config.json`` (dropout is off in eval mode).
+
+    A folder with only ``vocab.txt`` gets the sizes from the checkpoint's tensors instead
+    (:func:`config_from_state`), with a warning: the number of attention heads is not in the weights.
+    """
     from transformers import BertConfig
 
     path = folder / "config.json"
     if not path.is_file():
-        raise BadInputError(f"{folder}: no config.json (the CheXbert BERT folder needs bert-base-uncased's config)")
+        if bert_state is None:
+            raise BadInputError(f"{folder}: no config.json (the CheXbert BERT folder needs bert-base-uncased's config)")
+        return config_from_state(bert_state, folder)
     try:
         return BertConfig(**json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, TypeError) as exc:
         raise BadInputError(f"{path}: not a BERT config ({exc})") from None
+
+
+def config_from_state(bert_state: Mapping[str, torch.Tensor], folder: Path):
+    """A BertConfig sized by the checkpoint's tensors, for a folder without config.json.
+
+    Vocabulary, width, depth, feed-forward width, positions and token types are read from the
+    weights; the head count is not in them, so BERT's head size of 64 is assumed (bert-base: 12).
+    """
+    from transformers import BertConfig
+
+    needed = ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+              "embeddings.token_type_embeddings.weight", "encoder.layer.0.intermediate.dense.weight")
+    absent = [f"bert.{key}" for key in needed if key not in bert_state]
+    if absent:
+        raise CheckpointKeyError(f"the CheXbert checkpoint lacks {', '.join(absent)}")
+    words = bert_state["embeddings.word_embeddings.weight"]
+    layers = {int(key.split(".")[2]) for key in bert_state if key.startswith("encoder.layer.")}
+    hidden = words.shape[1]
+    heads = max(hidden // 64, 1)
+    log.warning("%s has no config.json: CheXbert's BERT sized from the checkpoint, assuming %d attention heads"
+                " (head size 64, as bert-base); put bert-base-uncased's config.json there to be sure", folder, heads)
+    return BertConfig(vocab_size=words.shape[0], hidden_size=hidden, num_hidden_layers=len(layers),
+                      num_attention_heads=heads,
+                      intermediate_size=bert_state["encoder.layer.0.intermediate.dense.weight"].shape[0],
+                      max_position_embeddings=bert_state["embeddings.position_embeddings.weight"].shape[0],
+                      type_vocab_size=bert_state["embeddings.token_type_embeddings.weight"].shape[0])
 
 
 class CheXbertLabeler(nn.Module):
@@ -138,7 +170,7 @@ class CheXbertLabeler(nn.Module):
         """Load ``chexbert.pth`` with the BERT config and vocabulary of ``bert_folder`` (strict)."""
         folder = Path(bert_folder)
         bert_state, head_state = remap_chexbert(read_state_dict(weights, CONTAINER_KEY))
-        config = load_bert_config(folder)
+        config = load_bert_config(folder, bert_state)
         model = cls(config, head_shapes(head_state), load_tokenizer(folder))
         load_exact(model.bert, bert_state, f"CheXbert BERT in {weights} (config {folder / 'config.json'})")
         load_exact(model.heads, head_state, f"CheXbert heads in {weights}")
