@@ -15,7 +15,8 @@ written beside each epoch's checkpoint (``save_epoch``) and the end-of-run evalu
 (``end_of_run``). :class:`~xraygpt_app.train.family.ChatTrainable` holds what the chat families
 share: one instruction per batch, the ``before + image tokens + after + target`` layout with
 ``IGNORE_INDEX`` labels, the causal-LM loss, LoRA adapters in peft's format and the greedy report
-helper. A family gives only its prompt (``row_ids``), its ``image_tokens`` and what trains.
+helper. A family gives only its prompt (``row_ids``) and what trains; the image tokens come from the chat
+model's own ``image_tokens``.
 
-The trainer picks the class by ``model.family`` (``trainer.FAMILIES``, "module:class" strings).
+The trainer picks the class by ``model.family`` from the family registry (``families/registry.py``, ``trainable``).
 """

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import math
 import signal
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..errors import ConfigError
+from ..families.registry import family_spec
 from .batches import RunBatches, iteration_seed
 from .config import TrainConfig, load_train_config
 from .data import Sample, split_samples
@@ -35,15 +35,9 @@ from .schedule import build_optimizer, learning_rate, set_learning_rate
 
 log = logging.getLogger(__name__)
 
-# model.family -> "module:class" of its trainable (imported only when that family trains)
-FAMILIES = {"xraygpt": "xraygpt_app.train.xraygpt_objective:XrayGPTTrainable",
-            "llava": "xraygpt_app.train.llava_objective:LlavaTrainable"}
-
-
 def trainable_class(config: Config, train: TrainConfig) -> type[TrainableFamily]:
-    """The trainable class of the config's ``model.family`` (the config has checked the name)."""
-    module, name = FAMILIES[config.model.family].split(":")
-    return getattr(importlib.import_module(module), name)
+    """The trainable class of the config's ``model.family``, from the family registry."""
+    return family_spec(config.model.family).load("trainable")
 
 
 def load_family(config: Config, train: TrainConfig) -> TrainableFamily:
