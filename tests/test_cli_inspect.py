@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SAMPLES, sample_rows
+from helpers import SAMPLES, sample_rows
 from PIL import Image
 
 from xraygpt_app.cli import main

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from conftest import SAMPLES, sample_rows
+from helpers import SAMPLES, sample_rows
 from PIL import Image
 
 from xraygpt_app.config import ImageConfig
