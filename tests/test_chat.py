@@ -97,7 +97,8 @@ def test_cancel_stops_early_and_marks_turn(model: Assistant, images: list) -> No
     assert 0 < len(turn.token_ids) < 20
     assert first + "".join(rest) == turn.answer
     follow_up = session.ask(QUESTIONS[1], **GREEDY)  # the session stays usable
-    assert not follow_up.cancelled and follow_up.token_ids
+    assert not follow_up.cancelled
+    assert follow_up.token_ids
 
 
 def test_cancel_from_another_thread(model: Assistant, images: list) -> None:
@@ -130,7 +131,8 @@ def test_cancel_before_start_generates_nothing(model: Assistant, images: list) -
     session, cancel = model.chat(images[0]), threading.Event()
     cancel.set()
     assert list(session.ask_stream(QUESTIONS[0], cancel=cancel, **GREEDY)) == []
-    assert session.turns[-1].cancelled and session.turns[-1].token_ids == []
+    assert session.turns[-1].cancelled
+    assert session.turns[-1].token_ids == []
 
 
 # --- regenerate ----------------------------------------------------------------------------------
@@ -145,7 +147,8 @@ def test_regenerate_replaces_last_turn(model: Assistant, images: list) -> None:
     again = session.turns[-1]
     assert again.question == QUESTIONS[1]
     assert again.prompt == second.prompt  # the old answer is not in the new prompt
-    assert again.token_ids == second.token_ids and "".join(pieces) == again.answer
+    assert again.token_ids == second.token_ids
+    assert "".join(pieces) == again.answer
 
 
 def test_regenerated_answer_is_what_later_prompts_carry(model: Assistant, images: list) -> None:
@@ -192,8 +195,10 @@ def test_context_budget_drops_oldest_turns(model: Assistant, images: list, tiny_
     assert [t.token_ids for t in turns[:2]] == [t.token_ids for t in big.turns[:2]]
     assert turns[2].dropped_turns > 0
     prompt = turns[2].prompt
-    assert prompt.startswith(SYSTEM_TEXT) and IMAGE_MESSAGE in prompt
-    assert QUESTIONS[0] not in prompt and QUESTIONS[2] in prompt
+    assert prompt.startswith(SYSTEM_TEXT)
+    assert IMAGE_MESSAGE in prompt
+    assert QUESTIONS[0] not in prompt
+    assert QUESTIONS[2] in prompt
     assert outputs[0] == outputs[1]  # KV reuse stays exact when the kept prefix changes
 
     with pytest.raises(BadInputError, match="context"):
@@ -224,7 +229,8 @@ def test_beam_search_answers(model: Assistant, images: list) -> None:
     pieces = list(session.ask_stream(QUESTIONS[0], num_beams=2, do_sample=False, max_new_tokens=10))
     turn = session.turns[-1]
     assert 0 < len(turn.token_ids) <= 10
-    assert isinstance(turn.answer, str) and "".join(pieces) == turn.answer
+    assert isinstance(turn.answer, str)
+    assert "".join(pieces) == turn.answer
     again = model.chat(images[0]).ask(QUESTIONS[0], num_beams=2, do_sample=False, max_new_tokens=10)
     assert again.token_ids == turn.token_ids
 
@@ -235,7 +241,8 @@ def test_stop_ends_beam_search(model: Assistant, images: list) -> None:
     session = model.chat(images[0])
     list(session.ask_stream(QUESTIONS[0], cancel=stop, num_beams=2, do_sample=False, max_new_tokens=50, min_length=50))
     turn = session.turns[-1]
-    assert turn.cancelled and len(turn.token_ids) == 1
+    assert turn.cancelled
+    assert len(turn.token_ids) == 1
 
 
 def test_out_of_memory_leaves_the_conversation_as_it_was(model: Assistant, images: list, monkeypatch) -> None:
@@ -264,7 +271,8 @@ def test_sessions_do_not_affect_each_other(model: Assistant, images: list) -> No
         interleaved.append(a.ask(question, **GREEDY).token_ids)
         b.ask(question[::-1], do_sample=True, seed=3, max_new_tokens=12)
     assert interleaved == alone
-    assert len(b.turns) == 3 and all(QUESTIONS[0] not in t.prompt for t in b.turns)
+    assert len(b.turns) == 3
+    assert all(QUESTIONS[0] not in t.prompt for t in b.turns)
 
 
 def test_report_uses_xraygpt_default_question(model: Assistant, images: list) -> None:

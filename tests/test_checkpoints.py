@@ -77,7 +77,8 @@ def reference_qformer(blip2: dict, dims: tm.TinyDims) -> Blip2QFormerModel:
         state[name.replace("attention.self.", "attention.attention.")] = value
     model = Blip2QFormerModel(config)
     result = model.load_state_dict(state, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
+    assert not result.missing_keys
+    assert not result.unexpected_keys
     return model.eval()
 
 
@@ -242,7 +243,8 @@ def test_remaps_are_pure(raw: dict) -> None:
     for fn, sd in ((remap_eva_vit, raw["eva"]), (remap_blip2, raw["blip2"]), (remap_xraygpt, raw["ckpt"])):
         before = dict(sd)
         fn(sd)
-        assert list(sd) == list(before) and all(sd[k] is before[k] for k in sd)
+        assert list(sd) == list(before)
+        assert all(sd[k] is before[k] for k in sd)
 
 
 # --- the LLM folder -------------------------------------------------------------------------------

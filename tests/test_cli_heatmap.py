@@ -38,7 +38,8 @@ def test_classify_heatmaps_one_png_per_image_and_label(tmp_path, capsys, tiny, i
     mapped = _json(capsys)
     assert mapped["results"] == plain["results"]  # maps change no score
     labels = plain["results"][0]["labels"]
-    assert len(mapped["heatmaps"]) == 2 * len(labels) and "not a diagnosis" in mapped["heatmap_meaning"]
+    assert len(mapped["heatmaps"]) == 2 * len(labels)
+    assert "not a diagnosis" in mapped["heatmap_meaning"]
     assert sorted(p.name for p in out.iterdir()) == sorted(Path(p).name for p in mapped["heatmaps"])
     assert (out / "hannover_00870a9c_ap_bedside_640x524_pleural-effusion.png").is_file()
     assert Image.open(mapped["heatmaps"][0]).format == "PNG"
@@ -54,7 +55,8 @@ def test_report_heatmap_with_a_span(tmp_path, capsys, tiny, image):
     mapped = _json(capsys)
     assert mapped["turns"][0]["token_ids"] == plain["turns"][0]["token_ids"]
     (written,) = mapped["heatmaps"]
-    assert Path(written).name.startswith("hannover_00870a9c_ap_bedside_640x524_turn1_") and Path(written).is_file()
+    assert Path(written).name.startswith("hannover_00870a9c_ap_bedside_640x524_turn1_")
+    assert Path(written).is_file()
 
 
 def test_heatmap_requests_that_cannot_work_exit_2(tmp_path, capsys, tiny, image):

@@ -49,7 +49,8 @@ def test_auc_of_large_logits_is_not_tied_by_sigmoid_rounding():
     assert per_class_auc(targets, logits) == [pytest.approx(0.75)]
     table = LabelTable(["a", "b", "c", "d"], ["x"], targets, single_label=False)
     fpr, tpr, auc = roc_curves(table, logits)["x"]
-    assert auc == pytest.approx(0.75) and len(fpr) == len(tpr) > 3
+    assert auc == pytest.approx(0.75)
+    assert len(fpr) == len(tpr) > 3
 
 
 def test_ties_count_half():
@@ -60,9 +61,12 @@ def test_ties_count_half():
 def test_single_class_label_gets_no_auc_and_a_note():
     table = LabelTable(["a", "b", "c"], ["x", "y"], np.array([[1, 0], [1, 0], [1, 0]]), single_label=True)
     metrics = zeroshot_metrics(table, np.array([[1.0, 0.0], [0.5, 0.2], [0.0, 1.0]]), n_resamples=50)
-    assert metrics["per_class"]["x"]["auc"] is None and "only positive" in metrics["per_class"]["x"]["note"]
-    assert metrics["per_class"]["y"]["auc"] is None and "only negative" in metrics["per_class"]["y"]["note"]
-    assert metrics["macro_auc"] is None and metrics["macro_auc_ci95"] is None
+    assert metrics["per_class"]["x"]["auc"] is None
+    assert "only positive" in metrics["per_class"]["x"]["note"]
+    assert metrics["per_class"]["y"]["auc"] is None
+    assert "only negative" in metrics["per_class"]["y"]["note"]
+    assert metrics["macro_auc"] is None
+    assert metrics["macro_auc_ci95"] is None
     assert metrics["accuracy"] == pytest.approx(2 / 3)
     assert metrics["confusion_matrix"]["matrix"] == [[2, 1], [0, 0]]
 
@@ -86,7 +90,8 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate():
     aucs = per_class_auc(targets, logits)
     for c in range(3):
         low, high = one[f"auc:{c}"]
-        assert low <= aucs[c] <= high and high - low < 0.5
+        assert low <= aucs[c] <= high
+        assert high - low < 0.5
     low, high = one["accuracy"]
     assert low <= accuracy(targets, logits, True) <= high
 
@@ -95,12 +100,14 @@ def test_read_label_table_both_layouts(tmp_path):
     single = tmp_path / "single.csv"
     single.write_text("image,label\na.png,Edema\nb.png,Cardiomegaly\nc.png,Edema\n")
     table = read_label_table(single)
-    assert table.labels == ["Cardiomegaly", "Edema"] and table.single_label
+    assert table.labels == ["Cardiomegaly", "Edema"]
+    assert table.single_label
     assert table.targets.tolist() == [[0, 1], [1, 0], [0, 1]]
     multi = tmp_path / "multi.csv"
     multi.write_text("path,Edema,Cardiomegaly\na.png,1,1\nb.png,0,0\n")
     table = read_label_table(multi)
-    assert table.images == ["a.png", "b.png"] and table.labels == ["Edema", "Cardiomegaly"]
+    assert table.images == ["a.png", "b.png"]
+    assert table.labels == ["Edema", "Cardiomegaly"]
     assert not table.single_label
     bad = tmp_path / "bad.csv"
     bad.write_text("image,Edema\na.png,maybe\n")
@@ -160,7 +167,8 @@ def test_report_metrics_identical_and_disjoint_texts():
 def test_charts_are_pngs(tmp_path):
     results = results_from_logits(torch.tensor([[0.5, -1.0, 2.0]]), ["Edema", "Cardiomegaly", "x"])
     data = score_chart(results, path=tmp_path / "scores.png")
-    assert data.startswith(PNG) and (tmp_path / "scores.png").read_bytes() == data
+    assert data.startswith(PNG)
+    assert (tmp_path / "scores.png").read_bytes() == data
     table = LabelTable(["a", "b", "c", "d"], ["p", "q"], np.array([[1, 0], [0, 1], [1, 0], [0, 1]]), True)
     logits = np.array([[2.0, 0.0], [0.0, 1.0], [0.5, 1.0], [0.1, 0.2]])
     metrics = zeroshot_metrics(table, logits, n_resamples=20)

@@ -101,7 +101,9 @@ def test_biomedclip_centre_crop_maps_back_and_marks_unseen_borders(classifiers):
     mapped = _landed(encoder.pixel_values([image]), geometry)
     assert _iou(mapped, drawn) > 0.85
     seen = ~np.isnan(mapped)
-    assert seen[:, 150:450].all() and not seen[:, :149].any() and not seen[:, 451:].any()
+    assert seen[:, 150:450].all()
+    assert not seen[:, :149].any()
+    assert not seen[:, 451:].any()
     hidden, _ = _square(600, 300, (20, 100, 79, 159))  # drawn in the cropped-away border: the model never sees it
     assert encoder.pixel_values([hidden])[0].std(dim=(1, 2)).max() < 1e-6
 
@@ -116,7 +118,8 @@ def test_dicom_monochrome1_square_lands_on_the_displayed_image(samples_dir):
     ds.save_as(buffer)
     shown = load_radiograph(buffer.getvalue()).image  # windowed, inverted: what the user sees
     drawn = np.asarray(shown.convert("L")) > 128
-    assert drawn[40:80, 150:190].all() and drawn.sum() == 40 * 40
+    assert drawn[40:80, 150:190].all()
+    assert drawn.sum() == 40 * 40
     mapped = _landed(medclip_preprocess(shown), medclip_geometry(*shown.size))
     assert _iou(mapped, drawn) > 0.8
 
@@ -131,14 +134,17 @@ def test_zeroshot_maps_for_every_kind_change_no_score(classifiers, images, name,
     flags = [p.requires_grad for p in classifier.encoder.model.parameters()]
     maps = zeroshot_heatmaps(classifier, image, preset="chexpert5")
     after = classifier.classify([image], preset="chexpert5")[0]
-    assert after.logits == before.logits and after.probabilities == before.probabilities
+    assert after.logits == before.logits
+    assert after.probabilities == before.probabilities
     assert [p.requires_grad for p in classifier.encoder.model.parameters()] == flags
     assert all(p.grad is None for p in classifier.encoder.model.parameters())
     assert [m.label for m in maps] == before.labels
     np.testing.assert_allclose([m.target for m in maps], before.logits, rtol=1e-4, atol=1e-4)
     for heatmap in maps:
-        assert heatmap.grid.shape == (grid, grid) and heatmap.image_map.shape == (image.height, image.width)
-        assert heatmap.grid.max() == pytest.approx(1.0) and heatmap.grid.min() >= 0
+        assert heatmap.grid.shape == (grid, grid)
+        assert heatmap.image_map.shape == (image.height, image.width)
+        assert heatmap.grid.max() == pytest.approx(1.0)
+        assert heatmap.grid.min() >= 0
     assert len({m.grid.tobytes() for m in maps}) == len(maps)  # one map per label, not one per image
 
 
@@ -148,7 +154,8 @@ def test_only_some_labels_and_occlusion(classifiers, images):
     assert one.label == "Edema"
     (occluded,) = zeroshot_heatmaps(classifier, images[0], preset="chexpert5", only=["Edema"], method="occlusion",
                                     occlusion_grid=4)
-    assert occluded.grid.shape == (4, 4) and "occlusion" in occluded.method
+    assert occluded.grid.shape == (4, 4)
+    assert "occlusion" in occluded.method
     with pytest.raises(BadInputError, match="no such label"):
         zeroshot_heatmaps(classifier, images[0], preset="chexpert5", only=["Nope"])
 
@@ -169,9 +176,11 @@ def test_overlay_and_figure(classifiers, images, tmp_path):
     heatmap = zeroshot_heatmaps(classifiers["biomedclip"], image, labels=["effusion"])[0]
     assert np.array_equal(np.asarray(overlay(image, heatmap, 0.0)), np.asarray(image.convert("RGB")))
     full = np.asarray(overlay(image, heatmap, 1.0)).astype(int)
-    assert full.shape == (image.height, image.width, 3) and np.abs(full - np.asarray(image.convert("RGB"))).max() > 50
+    assert full.shape == (image.height, image.width, 3)
+    assert np.abs(full - np.asarray(image.convert("RGB"))).max() > 50
     data = figure_png(image, heatmap, path=tmp_path / "map.png")
-    assert data.startswith(b"\x89PNG") and (tmp_path / "map.png").read_bytes() == data
+    assert data.startswith(b"\x89PNG")
+    assert (tmp_path / "map.png").read_bytes() == data
 
 
 # --- report maps ----------------------------------------------------------------------------------------------
@@ -194,8 +203,10 @@ def test_report_map_changes_no_token(xraygpt, images):
     turn = session.ask("Describe the findings.", do_sample=False, max_new_tokens=10)
     word = turn.answer.split()[1]
     heatmap = report_heatmap(session, image, span=word)
-    assert heatmap.grid.shape == (16, 16) and heatmap.image_map.shape == (image.height, image.width)
-    assert word.lower() in heatmap.label.lower() and heatmap.target < 0
+    assert heatmap.grid.shape == (16, 16)
+    assert heatmap.image_map.shape == (image.height, image.width)
+    assert word.lower() in heatmap.label.lower()
+    assert heatmap.target < 0
     assert session.ask("Is there effusion?", do_sample=False, max_new_tokens=10).token_ids == expected
     assert all(not p.requires_grad and p.grad is None for p in xraygpt.model.llm.parameters())
 
@@ -210,7 +221,8 @@ def test_report_map_requests(xraygpt, images):
     with pytest.raises(BadInputError, match="not the one"):
         report_heatmap(session, images[1])
     whole, _ = span_token_indices(xraygpt.model, turn.token_ids, None)
-    assert whole and len(whole) <= len(turn.token_ids)
+    assert whole
+    assert len(whole) <= len(turn.token_ids)
 
 
 # --- faithfulness (Adebayo et al. 2018; deletion) ---------------------------------------------------------------
@@ -219,7 +231,8 @@ def test_zeroshot_map_changes_as_layers_are_randomised(images, tiny_config):
     classifier = ZeroShotClassifier.from_config(load_config(tiny_config))  # its own copy: it gets randomised
     steps = cascade_correlations(cascade_layers(classifier.encoder),
                                  lambda: zeroshot_heatmaps(classifier, images[0], only=["Edema"])[0].grid)
-    assert len(steps) == 7 and all(rho < 0.95 for _, rho in steps), steps
+    assert len(steps) == 7, steps
+    assert all(rho < 0.95 for _, rho in steps), steps
 
 
 def test_report_map_changes_as_layers_are_randomised(images, tiny_config):
@@ -251,9 +264,12 @@ def test_llava_family_report_map_on_its_patch_tokens(tiny_llava):
         logprobs = teacher_forced_logprobs(model.model, pixels, turn, len(turn.token_ids) - 1)
     assert logprobs.argmax(dim=-1).tolist() == turn.token_ids
     heatmap = report_heatmap(session, image)
-    assert heatmap.grid.shape == (14, 14) and heatmap.model == "llava"
+    assert heatmap.grid.shape == (14, 14)
+    assert heatmap.model == "llava"
     seen = ~np.isnan(heatmap.image_map)  # BiomedCLIP's centre crop: the side borders were never seen
-    assert seen[:, 150:450].all() and not seen[:, :149].any() and not seen[:, 451:].any()
+    assert seen[:, 150:450].all()
+    assert not seen[:, :149].any()
+    assert not seen[:, 451:].any()
     again = model.chat(image).ask("Describe the findings.", do_sample=False, max_new_tokens=8)
     assert again.token_ids == turn.token_ids
 

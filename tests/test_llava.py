@@ -167,7 +167,8 @@ def test_end_of_turn_spelled_by_pieces_is_a_stop(tiny) -> None:
     assert template.end_of_turn == "<|im_end|>"
     stops = template.stop_sequences([tokenizer.eos_token_id])
     after_text = tokenizer("ab<|im_end|>", add_special_tokens=False).input_ids[1:]  # as it follows an answer
-    assert [tokenizer.eos_token_id] in stops and after_text in stops
+    assert [tokenizer.eos_token_id] in stops
+    assert after_text in stops
     assert tokenizer("<|im_end|>", add_special_tokens=False).input_ids in stops  # with the word-start piece
     assert all(tokenizer.decode(s).strip() in ("<|im_end|>", tokenizer.eos_token) for s in stops)
     without = AutoTokenizer.from_pretrained(tiny.llm_dir)
@@ -197,28 +198,34 @@ def test_kv_reuse_equals_full_recompute(model, image) -> None:
 def test_streaming_and_cancel(model, image) -> None:
     streamed, plain = model.chat(image), model.chat(image)
     pieces = list(streamed.ask_stream(QUESTIONS[0], do_sample=True, seed=3, max_new_tokens=12))
-    assert len(pieces) > 1 and "".join(pieces) == streamed.turns[-1].answer
+    assert len(pieces) > 1
+    assert "".join(pieces) == streamed.turns[-1].answer
     assert plain.ask(QUESTIONS[0], do_sample=True, seed=3, max_new_tokens=12).token_ids == streamed.turns[-1].token_ids
     cancel = threading.Event()
     stream = streamed.ask_stream(QUESTIONS[1], cancel=cancel, do_sample=False, max_new_tokens=30)
     next(stream)
     cancel.set()
     list(stream)
-    assert streamed.turns[-1].cancelled and len(streamed.turns[-1].token_ids) < 30
+    assert streamed.turns[-1].cancelled
+    assert len(streamed.turns[-1].token_ids) < 30
 
 
 def test_old_turns_leave_the_context_first(tiny, tmp_path, image) -> None:
     model = Assistant.from_config(_config(tiny, tmp_path, llm__max_length=290))
     session = model.chat(image)
     turns = [session.ask(q, **GREEDY) for q in QUESTIONS]
-    assert turns[0].dropped_turns == 0 and turns[-1].dropped_turns > 0
+    assert turns[0].dropped_turns == 0
+    assert turns[-1].dropped_turns > 0
     assert all(t.prompt.count("<image>") == 1 for t in turns)  # the image always stays
     assert all(len(t.prompt_segment_ids[0]) + 196 + len(t.prompt_segment_ids[1]) + 10 <= 290 for t in turns)
 
 
 def test_model_line_names_family_and_weights(model) -> None:
     line = model.describe()
-    assert "LLaVA" in line and "biomedclip_tiny" in line and "projector.safetensors" in line and "llm" in line
+    assert "LLaVA" in line
+    assert "biomedclip_tiny" in line
+    assert "projector.safetensors" in line
+    assert "llm" in line
 
 
 # --- check and fetch -----------------------------------------------------------------------------------
@@ -235,7 +242,8 @@ def test_memory_estimate_counts_the_tower_and_projector(tiny) -> None:
     assert parts["llm_weights"] == sum(t.numel() * 4 for t in llm_tensors)
     real = estimate(load_config(Path(__file__).resolve().parents[1] / "eval_configs" / "biomedclip_tinyllama.yaml"),
                     assume_cuda=True)
-    assert any("TinyLlama-1.1B" in note for note in real.notes) and any("ViT-B/16" in note for note in real.notes)
+    assert any("TinyLlama-1.1B" in note for note in real.notes)
+    assert any("ViT-B/16" in note for note in real.notes)
     assert 1.5 * 2**30 < result_peak_gpu(real) < 4 * 2**30  # fp16: about 2.2 GB of weights
 
 
@@ -275,7 +283,8 @@ def test_cli_ask_on_the_family_names_the_model(tiny, samples_dir, capsys) -> Non
     command = ["ask", image, "-c", str(tiny.config), "--greedy", "--json", "-q", QUESTIONS[0], "-q", QUESTIONS[1]]
     assert main(command) == 0
     payload = json.loads(capsys.readouterr().out)
-    assert payload["model"].startswith("LLaVA-style") and payload["config"]["model"]["family"] == "llava"
+    assert payload["model"].startswith("LLaVA-style")
+    assert payload["config"]["model"]["family"] == "llava"
     assert [turn["question"] for turn in payload["turns"]] == list(QUESTIONS[:2])
     assert payload["turns"][1]["timings"]["reused_tokens"] > 196
 
@@ -291,7 +300,8 @@ def test_bench_runs_on_the_tiny_model(capsys) -> None:
     assert bench_llava.main(["--models", "tiny", "--modes", "fp32", "--repeats", "1", "--new-tokens", "2",
                              "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)["measured"]["tiny"]
-    assert row["prompt_tokens"] > 196 and row["followup_prefilled"] < row["prompt_tokens"]
+    assert row["prompt_tokens"] > 196
+    assert row["followup_prefilled"] < row["prompt_tokens"]
 
 
 @pytest.mark.parametrize(("mode", "llm_dtype"), [("bf16", torch.bfloat16), ("8bit", torch.float32)])
@@ -299,11 +309,13 @@ def test_cpu_precision_modes(tiny, image, mode, llm_dtype) -> None:
     """The same runtime modes as XrayGPT: bf16 everywhere, or an 8-bit LLM (bitsandbytes) with a float32 tower."""
     model = Assistant.from_config(tiny.config, overrides=[f"runtime.mode={mode}"])
     encoding = model.model.encode_image(image)
-    assert encoding.llm_embeds.dtype == llm_dtype and model.model.placement.llm_quantization == (
+    assert encoding.llm_embeds.dtype == llm_dtype
+    assert model.model.placement.llm_quantization == (
         "8bit" if mode == "8bit" else None)
     assert next(model.model.tower.parameters()).dtype == (torch.bfloat16 if mode == "bf16" else torch.float32)
     session = model.chat(image)
-    assert session.ask(QUESTIONS[0], **GREEDY).token_ids and session.ask(QUESTIONS[1], **GREEDY).token_ids
+    assert session.ask(QUESTIONS[0], **GREEDY).token_ids
+    assert session.ask(QUESTIONS[1], **GREEDY).token_ids
     assert session.turns[1].timings["reused_tokens"] > 196
 
 
@@ -320,4 +332,6 @@ def test_app_preview_shows_the_towers_own_crop(model, tiny, image, samples_dir) 
     assert "CenterCrop" in how
     data = (samples_dir / "covidcxr_ARDSSevere_rgb_790x631.png").read_bytes()
     _, preview, _, note = h.load_image(None, data, model.config.image, input_view=model.input_view)
-    assert not note and "Model input: Resize(224) then CenterCrop" in preview and "aspect ratio not kept" not in preview
+    assert not note
+    assert "Model input: Resize(224) then CenterCrop" in preview
+    assert "aspect ratio not kept" not in preview

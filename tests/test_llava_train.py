@@ -108,7 +108,8 @@ def test_stage2_trains_lora_and_the_projector(tiny, pixels) -> None:
     settings.lora.enabled = True
     family = LlavaTrainable.from_config(load_config(tiny.config), settings)
     names = set(family.named_trainable())
-    assert {n for n in names if n.startswith("mm_projector.")} and any("lora_A" in n for n in names)
+    assert {n for n in names if n.startswith("mm_projector.")}
+    assert any("lora_A" in n for n in names)
     family.train()
     loss, _ = family(pixels, list(QUESTIONS), list(TARGETS))
     loss.backward()
@@ -116,7 +117,8 @@ def test_stage2_trains_lora_and_the_projector(tiny, pixels) -> None:
     assert all(p.grad is not None for p in trainable.values())
     # peft starts lora_B at zero, so on the first step only lora_B and the projector get a gradient
     assert all(p.grad.abs().sum() > 0 for n, p in trainable.items() if "lora_A" not in n)
-    assert set(family.adapter_state()) and all("lora_" in k for k in family.adapter_state())
+    assert set(family.adapter_state())
+    assert all("lora_" in k for k in family.adapter_state())
     with pytest.raises(CheckpointKeyError, match="do not match"):
         family.load_checkpoint_state({"llama_proj.weight": torch.zeros(1)}, family.adapter_state())
 
@@ -171,7 +173,8 @@ def stage1(tiny, samples_dir, tmp_path_factory):
     overrides = [*QUIET, "train.max_epoch=10", "train.init_lr=3e-2", "train.min_lr=3e-3", "train.batch_size=2",
                  "weights.projector=[]"]
     result = Trainer.from_config(tiny.config, data=data, overrides=overrides, output=out).fit()
-    assert not result.interrupted and result.checkpoint == out / "checkpoint_9.pth"
+    assert not result.interrupted
+    assert result.checkpoint == out / "checkpoint_9.pth"
     return data, out
 
 
@@ -179,10 +182,12 @@ def test_trainer_stage1_overfits_and_its_checkpoint_serves(stage1, tiny, samples
     _, out = stage1
     losses = [r["loss"] for r in _records(out)]
     # only the projector learns; the random tiny LLM's own text loss sets the floor
-    assert len(losses) == 10 and losses[-1] < 0.85 * losses[0]
+    assert len(losses) == 10
+    assert losses[-1] < 0.85 * losses[0]
     saved = torch.load(out / "checkpoint_9.pth", weights_only=True)
     assert set(saved["model"]) == {"mm_projector.0.weight", "mm_projector.0.bias", "mm_projector.2.weight",
-                                   "mm_projector.2.bias"} and saved["config"]["family"] == "llava"
+                                   "mm_projector.2.bias"}
+    assert saved["config"]["family"] == "llava"
     served = Assistant.from_config(tiny.config, overrides=[f"weights.projector={out / 'checkpoint_9.pth'}"])
     torch.testing.assert_close(served.model.projector[0].weight, saved["model"]["mm_projector.0.weight"])
     assert f"projector {out.name}/checkpoint_9.pth" in served.describe()

@@ -50,7 +50,8 @@ def test_8bit_llm_on_cpu(quant_models: tm.TinyModels, mode: str) -> None:
     assert model.model.placement.llm_quantization == "8bit"
     assert _relative_error(model, quant_models.llm) < 0.15  # int8 rounding, not a different model
     result = _report(model)
-    assert 0 < len(result.token_ids) <= 6 and isinstance(result.answer, str)
+    assert 0 < len(result.token_ids) <= 6
+    assert isinstance(result.answer, str)
 
 
 def test_low_resource_vision_is_float32_on_cpu(quant_models: tm.TinyModels) -> None:
@@ -65,11 +66,13 @@ def test_low_resource_vision_is_float32_on_cpu(quant_models: tm.TinyModels) -> N
 def test_4bit_nf4_llm_on_cpu(quant_models: tm.TinyModels) -> None:
     model = Assistant.from_config(quant_models.config, ["runtime.mode=4bit"])
     linears = _decoder_linears(model.model.llm)
-    assert linears and all(isinstance(m, bnb.nn.Linear4bit) for m in linears)
+    assert linears
+    assert all(isinstance(m, bnb.nn.Linear4bit) for m in linears)
     assert all(m.weight.quant_type == "nf4" for m in linears)
     assert _relative_error(model, quant_models.llm) < 0.6  # 4-bit is coarse; an unrelated model gives ~1.4
     result = _report(model)
-    assert 0 < len(result.token_ids) <= 6 and isinstance(result.answer, str)
+    assert 0 < len(result.token_ids) <= 6
+    assert isinstance(result.answer, str)
 
 
 # --- plan_placement ----------------------------------------------------------------------------------
@@ -117,9 +120,11 @@ def test_cuda_device_without_cuda_is_config_error() -> None:
 
 def test_explicit_devices() -> None:
     on_gpu1 = plan_placement(RuntimeConfig(mode="8bit", device="cuda:1"), VisionConfig(), cuda_available=True)
-    assert on_gpu1.llm_device == torch.device("cuda:1") and on_gpu1.vision_device == torch.device("cuda:1")
+    assert on_gpu1.llm_device == torch.device("cuda:1")
+    assert on_gpu1.vision_device == torch.device("cuda:1")
     cpu_forced = plan_placement(RuntimeConfig(mode="auto", device="cpu"), VisionConfig(), cuda_available=True)
-    assert cpu_forced.mode == "fp32" and cpu_forced.llm_device == CPU
+    assert cpu_forced.mode == "fp32"
+    assert cpu_forced.llm_device == CPU
 
 
 @pytest.mark.parametrize("mode", ["fp16", "8bit", "4bit"])
@@ -134,7 +139,8 @@ def test_vision_device_cpu_moves_only_the_vision_tower(mode: str) -> None:
 
 def test_vision_fp32_precision_keeps_full_weights() -> None:
     placement = plan_placement(RuntimeConfig(mode="fp32"), VisionConfig(precision="fp32"), cuda_available=True)
-    assert not placement.vision_half_weights and placement.vision_dtype == torch.float32
+    assert not placement.vision_half_weights
+    assert placement.vision_dtype == torch.float32
 
 
 def test_fp16_mode_on_cpu_fails_through_the_loader(quant_models: tm.TinyModels) -> None:

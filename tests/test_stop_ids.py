@@ -74,7 +74,8 @@ def _check_encodings_caught(tokenizer, sequences: list[list[int]], stop: str = "
 
 def test_fixture_tokenizer_finds_reference_stop_ids(fixture_tokenizer, expected_stops) -> None:
     sequences = stop_token_sequences(fixture_tokenizer, "###")
-    assert [285] in sequences and [310] in sequences
+    assert [285] in sequences
+    assert [310] in sequences
     assert all(s in sequences for s in expected_stops)
     assert sequences[:2] == [[285], [310]]  # shortest first
     assert len({tuple(s) for s in sequences}) == len(sequences)
@@ -96,9 +97,11 @@ def test_fixture_tokenizer_includes_byte_fallback_spellings(fixture_tokenizer) -
 
 def test_byte_level_bpe(gpt2_style: PreTrainedTokenizerFast) -> None:
     vocab = gpt2_style.get_vocab()
-    assert "###" in vocab and "\u0120###" in vocab  # trained merges: '###' and 'Ġ###'
+    assert "###" in vocab
+    assert "\u0120###" in vocab  # trained merges: '###' and 'Ġ###'
     sequences = stop_token_sequences(gpt2_style, "###")
-    assert [vocab["###"]] in sequences and [vocab["\u0120###"]] in sequences
+    assert [vocab["###"]] in sequences
+    assert [vocab["\u0120###"]] in sequences
     assert [vocab["#"]] * 3 in sequences
     _check_decodes(gpt2_style, sequences)
     _check_encodings_caught(gpt2_style, sequences)
@@ -106,7 +109,8 @@ def test_byte_level_bpe(gpt2_style: PreTrainedTokenizerFast) -> None:
 
 def test_tokenizer_with_single_hash_pieces_only(hash_only_as_bytes: PreTrainedTokenizerFast) -> None:
     vocab = hash_only_as_bytes.get_vocab()
-    assert "#" in vocab and not any("##" in token for token in vocab)
+    assert "#" in vocab
+    assert not any("##" in token for token in vocab)
     sequences = stop_token_sequences(hash_only_as_bytes, "###")
     assert sequences == [[vocab["#"]] * 3] or [vocab["#"]] * 3 in sequences
     assert all(len(s) == 3 for s in sequences if vocab.get("\u0120#") not in s)

@@ -35,12 +35,14 @@ def family() -> XrayGPTTrainable:
 
 def test_instruction_list_is_xraygpts() -> None:
     lines = read_instructions()
-    assert len(lines) == 15 and all(line.startswith("<Img><ImageHere></Img> ") for line in lines)
+    assert len(lines) == 15
+    assert all(line.startswith("<Img><ImageHere></Img> ") for line in lines)
 
 
 def test_only_llama_proj_trains_by_default(family: XrayGPTTrainable, expected: dict) -> None:
     assert sorted(family.named_trainable()) == expected["trainable_parameters"]
-    assert not family.vision.training and not family.bridge.qformer.training
+    assert not family.vision.training
+    assert not family.bridge.qformer.training
 
 
 @pytest.mark.parametrize("index", range(4))

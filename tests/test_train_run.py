@@ -56,15 +56,18 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory, samples_dir: Path) -> Pat
     overrides = [*QUIET, "train.max_epoch=10", "train.init_lr=1e-2", "train.min_lr=1e-3", "train.augment=false",
                  "train.lora.enabled=true", "train.train_qformer=true", "train.batch_size=2"]
     result = Trainer.from_config(CONFIG, data=folder, overrides=overrides, output=out).fit()
-    assert not result.interrupted and result.checkpoint == out / "checkpoint_9.pth"
+    assert not result.interrupted
+    assert result.checkpoint == out / "checkpoint_9.pth"
     return out
 
 
 def test_a_few_samples_overfit(lora_run: Path) -> None:
     losses = [r["loss"] for r in records(lora_run)]
-    assert len(losses) == 10 and losses[-1] < 0.6 * losses[0]
+    assert len(losses) == 10
+    assert losses[-1] < 0.6 * losses[0]
     first = records(lora_run)[0]
-    assert {"lr", "grad_norm", "samples_per_s", "tokens_per_s"} <= set(first) and first["tokens_per_s"] > 0
+    assert {"lr", "grad_norm", "samples_per_s", "tokens_per_s"} <= set(first)
+    assert first["tokens_per_s"] > 0
     assert (lora_run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert (lora_run / "lora_adapter_9" / "adapter_config.json").is_file()
 
@@ -72,7 +75,8 @@ def test_a_few_samples_overfit(lora_run: Path) -> None:
 def test_checkpoint_has_xraygpts_layout_and_serves(lora_run: Path, samples_dir: Path) -> None:
     checkpoint = torch.load(lora_run / "checkpoint_9.pth", weights_only=True)
     assert {"model", "optimizer", "config", "scaler", "epoch"} <= set(checkpoint)
-    assert "query_tokens" in checkpoint["model"] and "llama_proj.weight" in checkpoint["model"]
+    assert "query_tokens" in checkpoint["model"]
+    assert "llama_proj.weight" in checkpoint["model"]
     assert "Qformer.bert.encoder.layer.0.crossattention.self.query.weight" in checkpoint["model"]
     model = Assistant.from_config(CONFIG, overrides=[f"weights.ckpt={lora_run / 'checkpoint_9.pth'}",
                                                    f"weights.lora={lora_run / 'lora_adapter_9'}"])
@@ -80,10 +84,12 @@ def test_checkpoint_has_xraygpts_layout_and_serves(lora_run: Path, samples_dir: 
     torch.testing.assert_close(bridge.llama_proj.weight, checkpoint["model"]["llama_proj.weight"], rtol=0, atol=0)
     torch.testing.assert_close(bridge.query_tokens, checkpoint["model"]["query_tokens"], rtol=0, atol=0)
     line = model_line(Services(model.config, assistant=model)).replace("\\_", "_")  # the app's "model" line
-    assert f"checkpoint {lora_run.name}/checkpoint_9.pth" in line and "LoRA lora_adapter_9" in line
+    assert f"checkpoint {lora_run.name}/checkpoint_9.pth" in line
+    assert "LoRA lora_adapter_9" in line
     image = load_radiograph(samples_dir / "nih_cxr14_00000001_000_pa_512.png").image
     turn = model.report(image, do_sample=False, max_new_tokens=8)
-    assert turn.answer and len(turn.token_ids) > 0
+    assert turn.answer
+    assert len(turn.token_ids) > 0
 
 
 def test_lora_merged_equals_unmerged(lora_run: Path) -> None:
@@ -109,7 +115,8 @@ def test_resume_gives_the_uninterrupted_run(tmp_path: Path, data: Path) -> None:
                  "train.init_lr=1e-2", "train.train_qformer=true", "train.grad_accum_steps=2"]
     whole = Trainer.from_config(CONFIG, data=data, overrides=overrides, output=tmp_path / "whole").fit()
     first = Trainer.from_config(CONFIG, data=data, overrides=overrides, output=tmp_path / "cut").fit(stop_after=4)
-    assert first.interrupted and first.checkpoint == tmp_path / "cut" / "checkpoint_last.pth"
+    assert first.interrupted
+    assert first.checkpoint == tmp_path / "cut" / "checkpoint_last.pth"
     second = Trainer.from_config(CONFIG, data=data, overrides=overrides, output=tmp_path / "cut").fit(
         resume=first.checkpoint)
     assert whole.iterations_done == second.iterations_done == 6
@@ -132,12 +139,14 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path, data: Path)
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (out / "metrics.jsonl").is_file() or not records(out):  # training has started
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.poll() else ""
+        assert process.poll() is None, process.stderr.read() if process.poll() else ""
+        assert time.monotonic() < deadline, process.stderr.read() if process.poll() else ""
         time.sleep(0.2)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]
-    assert "interrupted; resume with --resume" in stdout and "Traceback" not in stderr
+    assert "interrupted; resume with --resume" in stdout
+    assert "Traceback" not in stderr
     checkpoint = torch.load(out / "checkpoint_last.pth", weights_only=True)
     assert checkpoint["iteration"] == checkpoint["step"] == records(out)[-1]["step"] > 0
     assert set(checkpoint["model"]) == {"llama_proj.weight", "llama_proj.bias"}
@@ -208,7 +217,8 @@ def test_bad_rows_stop_the_cli_or_are_skipped(tmp_path: Path, samples_dir: Path,
 def test_qlora_is_refused_on_the_cpu(tmp_path: Path, data: Path, capsys: pytest.CaptureFixture) -> None:
     code = main(["finetune", "-c", str(CONFIG), "--data", str(data), "--set", "train.lora.enabled=true",
                  "--set", "train.quantization=4bit"])
-    assert code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+    assert code == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
 def test_unknown_train_key_is_an_error(tmp_path: Path) -> None:

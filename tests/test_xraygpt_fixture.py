@@ -114,7 +114,8 @@ def test_generated_ids_and_answers_exact(index: int, conversations: list, expect
     for result, turn in zip(conversations[index][1], expected["cases"][index]["turns"], strict=True):
         assert result.token_ids == turn["generated_ids"]
         assert result.answer == turn["answer"]
-        assert not result.cancelled and result.dropped_turns == 0
+        assert not result.cancelled
+        assert result.dropped_turns == 0
 
 
 @pytest.mark.parametrize("index", _cases())

@@ -75,9 +75,11 @@ def test_chexpert_prompt_counts_and_stray_spaces():
 
 def test_covid_and_rsna_presets():
     covid, rsna = covid_prompts(), rsna_prompts()
-    assert list(covid) == ["Normal", "COVID"] and len(covid["COVID"]) == 2 * 1 * 2 * 3
+    assert list(covid) == ["Normal", "COVID"]
+    assert len(covid["COVID"]) == 2 * 1 * 2 * 3
     assert covid["COVID"][0] == "patchy ground glass opacity in peripheral"
-    assert list(rsna) == ["Normal", "Pneumonia"] and len(rsna["Pneumonia"]) == 6 * 4 * 13
+    assert list(rsna) == ["Normal", "Pneumonia"]
+    assert len(rsna["Pneumonia"]) == 6 * 4 * 13
     assert set(PRESETS) == {"chexpert5", "covid", "rsna"}
     for preset in PRESETS.values():
         assert tuple(preset.build(None, 0)) == preset.labels
@@ -177,7 +179,8 @@ def test_request_errors(classifier, images):
 def test_missing_weights_and_unknown_model(tmp_path):
     config = load_config(TINY_CONFIG, [f"zeroshot.models.medclip-vit.weights={tmp_path / 'absent.bin'}"])
     status = available_models(config)
-    assert status["medclip-vit"] is not None and "absent.bin" in status["medclip-vit"]
+    assert status["medclip-vit"] is not None
+    assert "absent.bin" in status["medclip-vit"]
     with pytest.raises(MissingWeightsError, match="absent.bin"):
         ZeroShotClassifier.from_config(config, "medclip-vit")
     with pytest.raises(BadInputError, match="unknown zero-shot model"):
