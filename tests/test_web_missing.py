@@ -48,3 +48,22 @@ def test_a_llava_config_without_weights_lists_every_file_and_the_users_own_comma
               if p.get("elem_id") in ("generate-report", "ask", "question", "regenerate", "vqa-ask", "vqa-question")}
     assert asking == dict.fromkeys(asking, False) and len(asking) == 6
 
+
+
+def test_the_api_descriptions_name_the_configured_family(tmp_path):
+    from xraygpt_app.web import handlers as h
+    from xraygpt_app.web import tools
+
+    config = load_config(LLAVA_TINY, [f"weights.llama_model={tmp_path / 'absent'}"])
+    services = build_services(config, with_assistant=False, with_zeroshot=False)
+
+    def report(): ...
+    def ask(): ...
+    def classify(): ...
+
+    tools.describe(services, report, ask, classify)
+    assert "with LLaVA-style assistant" in report.__doc__ and "with LLaVA-style assistant" in ask.__doc__
+    assert "XrayGPT" not in report.__doc__ + ask.__doc__
+    assert "LLaVA-style assistant is not loaded" in h._chat_ready(h.UserState(), services)
+    state = h.UserState(messages=[{"role": "user", "content": "q?"}, {"role": "assistant", "content": "a."}])
+    assert "**Answer:** a." in h.conversation_markdown(state)  # as the CLI labels turns, for every family

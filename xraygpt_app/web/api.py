@@ -14,7 +14,7 @@ from PIL import Image
 
 from ..errors import XrayGPTError
 from ..families import DEFAULT_REPORT_QUESTION
-from .handlers import parse_labels
+from .handlers import family_title, parse_labels
 from .services import Services
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def _api_image(data: bytes, services: Services) -> Image.Image:
 def api_answer(services: Services, data: bytes, question: str, settings: dict[str, Any]) -> str:
     """Answer one question about an image (report or VQA); raises XrayGPTError for bad input."""
     if services.assistant is None:
-        raise XrayGPTError(services.assistant_missing or "XrayGPT is not loaded.")
+        raise XrayGPTError(services.assistant_missing or f"{family_title(services)} is not loaded.")
     began = time.perf_counter()
     turn = services.assistant.chat(_api_image(data, services)).ask(question or DEFAULT_REPORT_QUESTION, **settings)
     logger.info("api answer: %d bytes in, %d tokens in %.2f s", len(data), len(turn.token_ids),

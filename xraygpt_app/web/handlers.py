@@ -175,7 +175,7 @@ ChatOutput = tuple[list[dict[str, str]], UserState, str, str]  # messages, state
 
 def _chat_ready(state: UserState | None, services: Services) -> str:
     if services.assistant is None:
-        return notice(services.assistant_missing or "XrayGPT is not loaded.")
+        return notice(services.assistant_missing or f"{family_title(services)} is not loaded.")
     if state is None or state.image is None:
         return notice(NO_IMAGE)
     return ""
@@ -295,7 +295,7 @@ def conversation_markdown(state: UserState) -> str:
         parts += ["## Image", "", describe_image(state.info), ""]
     parts += ["## Conversation", ""]
     for message in state.messages:
-        who = "Question" if message["role"] == "user" else "XrayGPT"
+        who = "Question" if message["role"] == "user" else "Answer"  # as the CLI labels turns, for every family
         parts += [f"**{who}:** {message['content']}", ""]
     return "\n".join(parts)
 

@@ -63,12 +63,13 @@ def preset_help() -> str:
 def describe(services: Services, report: Callable, ask: Callable, classify: Callable) -> None:
     """Give the three endpoint functions their docstrings (summary, parameters, returns)."""
     config, gen = services.config, generation_params(services.config)
+    assistant = h.family_title(services)  # the configured family, not always XrayGPT
     models = ", ".join(f"'{name}'" for name in services.classifiers) or "none is loaded on this server"
     report.__doc__ = docstring(
-        f"Draft a free-text radiology report for one chest X-ray with XrayGPT (asks: \"{DEFAULT_REPORT_QUESTION}\"). "
-        f"{RESEARCH_ONLY}", {"image": IMAGE, **gen}, "The draft report text.")
+        f"Draft a free-text radiology report for one chest X-ray with {assistant} "
+        f"(asks: \"{DEFAULT_REPORT_QUESTION}\"). {RESEARCH_ONLY}", {"image": IMAGE, **gen}, "The draft report text.")
     ask.__doc__ = docstring(
-        f"Answer one question about one chest X-ray with XrayGPT, in a fresh conversation (no memory of earlier "
+        f"Answer one question about one chest X-ray with {assistant}, in a fresh conversation (no memory of earlier "
         f"calls). {RESEARCH_ONLY}",
         {"image": IMAGE, "question": "The question in plain English, e.g. 'Is there evidence of pleural effusion?'",
          **gen}, "The answer text.")
