@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from _app_server import running_app
-from test_cli_weights import FIXTURE, TINY_CONFIG, server  # noqa: F401  (server: the 127.0.0.1 fixture)
+from test_cli_weights import FIXTURE, TINY_CONFIG  # the 127.0.0.1 `server` fixture is in conftest
 from test_weights import _put_in_hub_cache, hf_cache  # noqa: F401  (hf_cache: the offline Hub cache fixture)
 
 from xraygpt_app.cli.serve import fetch_on_start
