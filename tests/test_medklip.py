@@ -159,7 +159,7 @@ def test_remap_is_pure_and_names_unknown_keys():
 def test_resnet50_training_checkpoint_loads_strictly(tmp_path):
     """A ResNet-50 model with 8 heads saved as MedKLIP's trainer does (optimizer and scheduler included)."""
     torch.manual_seed(0)
-    sizes = MedKLIPSizes("resnet50", d_model=64, layers=2, heads=8, text_dim=32, classes=2)
+    sizes = MedKLIPSizes("resnet50", d_model=64, layers=2, heads=8, text_dim=32, classes=2, ffn=128)
     model = MedKLIP(sizes).eval()
     optimizer = torch.optim.AdamW(model.parameters())
     path = tmp_path / "checkpoint_state.pth"
@@ -272,3 +272,11 @@ def test_fetch_downloads_the_descriptions_then_classify_uses_them(capsys, server
     assert "downloaded  zeroshot.models.medklip.entity_descriptions" in capsys.readouterr().out
     assert main(["classify", images[0], "-c", str(config), "--labels", "effusion", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["probabilities"]["effusion"] > 0
+
+
+def test_a_one_model_config_needs_no_default_model(capsys, tmp_path, shared_dir, images):
+    config = tmp_path / "only.yaml"
+    config.write_text(medklip_yaml(f'"{FIXTURE / "observation explanation.json"}"').replace(
+        "  default_model: medklip\n", "").replace("    medklip:\n", "    medklip-tiny:\n"), encoding="utf-8")
+    assert main(["classify", images[0], "-c", str(config), "--preset", "cxr14", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["model"] == "medklip-tiny"

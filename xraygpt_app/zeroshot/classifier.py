@@ -172,6 +172,9 @@ class ZeroShotClassifier:
 def load_classifier(config: Config, model_name: str | None = None):
     """The classifier of a configured model: MedKLIP's entity classifier, or the prompt-ensemble one."""
     name = model_name or config.zeroshot.default_model
+    models = config.zeroshot.models
+    if model_name is None and name not in models and len(models) == 1:  # a one-model config needs no default_model
+        name = next(iter(models))
     if _model_config(config, name).kind == "medklip":
         from .medklip_classifier import MedKLIPClassifier
 

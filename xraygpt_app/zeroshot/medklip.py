@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 IMAGE_SIZE = 224  # MedKLIP squeezes every image to 224 x 224 (aspect ratio not kept)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-FFN_SIZE = 1024  # hard-coded in MedKLIP's model (not in its config)
+FFN_SIZE = 1024  # hard-coded in MedKLIP's model (not in its config); read from the weights anyway
 DECODER_DROPOUT = 0.1  # hard-coded too; the config's ``dropout`` is the one after the decoder
 DEFAULT_HEADS = 4  # MedKLIP_config.yaml ``H``: the state dict cannot tell the head count
 GROUNDING_LAYERS = 4  # the grounding test averages the last four decoder layers' cross-attention
@@ -58,6 +58,7 @@ class MedKLIPSizes:
     heads: int
     text_dim: int
     classes: int
+    ffn: int = FFN_SIZE
 
 
 @dataclass
@@ -95,7 +96,7 @@ class MedKLIP(nn.Module):
         self.disease_embedding_layer = nn.Linear(sizes.text_dim, sizes.d_model)
         # MedKLIP's contrastive head: unused for scores, kept so the released file loads strictly and saves back
         self.cl_fc = nn.Linear(sizes.d_model, sizes.text_dim)
-        layer = nn.TransformerDecoderLayer(sizes.d_model, sizes.heads, FFN_SIZE, DECODER_DROPOUT, activation="relu",
+        layer = nn.TransformerDecoderLayer(sizes.d_model, sizes.heads, sizes.ffn, DECODER_DROPOUT, activation="relu",
                                            batch_first=True, norm_first=True)
         self.decoder = nn.TransformerDecoder(layer, sizes.layers, norm=nn.LayerNorm(sizes.d_model))
         self.dropout_feas = nn.Dropout(dropout)
@@ -190,6 +191,7 @@ def detect_sizes(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, An
     try:
         d_model, text_dim = state_dict["disease_embedding_layer.weight"].shape
         classes = state_dict["classifier.weight"].shape[0]
+        ffn = state_dict["decoder.layers.0.linear1.weight"].shape[0]
     except KeyError as exc:
         raise CheckpointKeyError(f"not a MedKLIP checkpoint: no {exc.args[0]}") from None
     layers = len({k.split(".")[2] for k in state_dict if k.startswith("decoder.layers.")})
@@ -202,7 +204,7 @@ def detect_sizes(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, An
         log.info("MedKLIP checkpoint without config.H: using MedKLIP's %d heads", DEFAULT_HEADS)
     if d_model % heads:
         raise BadInputError(f"MedKLIP d_model {d_model} is not divisible by its {heads} heads (config H)")
-    return MedKLIPSizes(backbone, int(d_model), layers, heads, int(text_dim), int(classes))
+    return MedKLIPSizes(backbone, int(d_model), layers, heads, int(text_dim), int(classes), int(ffn))
 
 
 def _backbone(state_dict: Mapping[str, torch.Tensor]) -> str:
