@@ -86,3 +86,8 @@ def main_device(name: str, cuda: bool) -> torch.device:
 def _half_or_float(device: torch.device) -> torch.dtype:
     # Quantised layers compute in float16 on a GPU; the CPU kernels want float32.
     return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def runtime_device(runtime: RuntimeConfig) -> torch.device:
+    """The device ``runtime.device`` names on this machine (the zero-shot models run there)."""
+    return main_device(runtime.device, torch.cuda.is_available())

@@ -15,9 +15,21 @@ from __future__ import annotations
 
 from .geometry import InputGeometry
 from .maps import MEANING, Heatmap
+from .medklip_maps import medklip_heatmaps
 from .render import SCALE_TEXT, figure_png, overlay
 from .report_maps import report_heatmap
-from .zeroshot_maps import zeroshot_heatmaps
+from .zeroshot_maps import encoder_heatmaps
 
 __all__ = ["Heatmap", "InputGeometry", "MEANING", "SCALE_TEXT", "figure_png", "overlay", "report_heatmap",
            "zeroshot_heatmaps"]
+
+
+def zeroshot_heatmaps(classifier, image, **request) -> list[Heatmap]:
+    """One map per label (or per label in ``only``) of ``image``, for the label source ``classify`` takes.
+
+    Each model's own method by default: MedKLIP's cross-attention grounding, Grad-CAM for MedCLIP and
+    BiomedCLIP; ``method="grad-cam"`` or ``"occlusion"`` asks for another (MedKLIP: to compare).
+    """
+    if getattr(classifier, "kind", None) == "medklip":  # MedCLIP/BiomedCLIP classifiers have no kind
+        return medklip_heatmaps(classifier, image, **request)
+    return encoder_heatmaps(classifier, image, **request)

@@ -90,13 +90,13 @@ def _logprob(model, turn, indices: list[int], pixels: torch.Tensor) -> float:
 
 def zeroshot_deletion(classifier, images: list, preset: str = "chexpert5") -> list[tuple[float, float]]:
     """(top-10% drop, random-10% drop) of each label's ensemble logit, for every image and label."""
-    from .zeroshot_maps import LabelLogits, zeroshot_heatmaps
+    from .zeroshot_maps import LabelLogits, encoder_heatmaps
 
     scorer = LabelLogits(classifier, classifier.prompt_set(preset=preset))
     drops = []
     for image in images:
         pixels = classifier.encoder.pixel_values([image])
-        for i, heatmap in enumerate(zeroshot_heatmaps(classifier, image, preset=preset)):
+        for i, heatmap in enumerate(encoder_heatmaps(classifier, image, preset=preset)):
             drops.append(deletion_drops(lambda p, i=i: float(scorer(p)[0, i]), pixels, heatmap.grid))
     return drops
 

@@ -152,19 +152,13 @@ def occlusion_grids(scorer: LabelLogits, pixels: torch.Tensor, indices: list[int
     return drops
 
 
-def zeroshot_heatmaps(classifier: ZeroShotClassifier, image: Image.Image, *, labels: Sequence[str] | None = None,
-                      preset: str | None = None, prompts: PromptSet | None = None, only: Sequence[str] | None = None,
-                      method: str | None = None, occlusion_grid: int = 7) -> list[Heatmap]:
-    """One map per label (or per label in ``only``) of ``image``, for the label source ``classify`` takes.
+def encoder_heatmaps(classifier: ZeroShotClassifier, image: Image.Image, *, labels: Sequence[str] | None = None,
+                     preset: str | None = None, prompts: PromptSet | None = None, only: Sequence[str] | None = None,
+                     method: str | None = None, occlusion_grid: int = 7) -> list[Heatmap]:
+    """Grad-CAM (or occlusion) maps of an image-text encoder's label logits (MedCLIP, BiomedCLIP), one per label.
 
-    Computed only when called; the classifier's scores and caches are left as they were. ``method``:
-    None for the model's own (Grad-CAM; MedKLIP: its cross-attention maps).
+    Computed only when called; the classifier's scores and caches are left as they were.
     """
-    if getattr(classifier, "kind", None) == "medklip":  # its own maps: cross-attention, or Grad-CAM to compare
-        from .medklip_maps import medklip_heatmaps
-
-        return medklip_heatmaps(classifier, image, labels=labels, preset=preset, prompts=prompts, only=only,
-                                method=method, occlusion_grid=occlusion_grid)
     method = method or "grad-cam"
     if method not in METHODS:
         raise BadInputError(f"unknown map method {method!r} for {classifier.name} (known: {', '.join(METHODS)})")

@@ -183,9 +183,9 @@ def load_classifier(config: Config, model_name: str | None = None):
 
 
 def _device(config: Config) -> str:
-    from ..placement import main_device  # the same resolution and check as the XrayGPT model's
+    from ..placement import runtime_device  # the same resolution and check as the chat model's
 
-    return str(main_device(config.runtime.device, torch.cuda.is_available()))
+    return str(runtime_device(config.runtime))
 
 
 def _model_config(config: Config, name: str) -> ZeroShotModelConfig:

@@ -22,6 +22,7 @@ from PIL import Image
 from ..config import Config
 from ..errors import BadInputError
 from ..imaging.loader import model_ready
+from ..placement import runtime_device
 from ..weights import default_cache_dir, resolve_weights
 from .entities import ALL, ENTITIES, PRESETS, entity_for
 from .medklip import GROUNDING_LAYERS, MedKLIP, MedKLIPOutput, build_medklip, medklip_preprocess
@@ -88,11 +89,10 @@ class MedKLIPClassifier:
         if queries.shape[1] != model.sizes.text_dim:
             raise BadInputError(f"the BERT in {folder} gives {queries.shape[1]}-wide states; this MedKLIP "
                                 f"checkpoint takes {model.sizes.text_dim}")
-        from .classifier import _device
-
         log.info("MedKLIP ready in %.1f s", time.perf_counter() - started)
         zs = config.zeroshot
-        return cls(model, descriptions, encoder, queries, name, device=_device(config), batch_size=zs.batch_size,
+        device = str(runtime_device(config.runtime))
+        return cls(model, descriptions, encoder, queries, name, device=device, batch_size=zs.batch_size,
                    preset=zs.preset)
 
     @property
