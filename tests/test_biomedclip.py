@@ -27,17 +27,20 @@ from xraygpt_app.zeroshot.biomedclip import HUB_ID
 from xraygpt_app.zeroshot.classifier import ZeroShotClassifier
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-BERT_TINY = SHARED / "fixtures" / "medclip_tiny" / "bert_tiny"
-SAMPLES = SHARED / "xray-samples"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> tuple[Path, Path, torch.nn.Module]:
+def bert_tiny(medclip_fixture_dir: Path) -> Path:
+    """The shared tiny BERT (config and tokenizer) that stands in for PubMedBERT."""
+    return medclip_fixture_dir / "bert_tiny"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, bert_tiny) -> tuple[Path, Path, torch.nn.Module]:
     """(open_clip folder, local text config folder, the reference model that made the weights)."""
     root = tmp_path_factory.mktemp("biomedclip")
     text_dir = root / "text"
-    shutil.copytree(BERT_TINY, text_dir)
+    shutil.copytree(bert_tiny, text_dir)
     build_dir = root / "build"  # config naming the local text folder, to create the reference model
     build_dir.mkdir()
     (build_dir / "open_clip_config.json").write_text(json.dumps(open_clip_config(str(text_dir))))
@@ -48,7 +51,7 @@ def model_dir(tmp_path_factory) -> tuple[Path, Path, torch.nn.Module]:
     # The released layout: Hub text-model name in the config, tokenizer files beside the weights.
     (folder / "open_clip_config.json").write_text(json.dumps(open_clip_config(PUBMEDBERT)))
     for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(BERT_TINY / name, folder / name)
+        shutil.copy(bert_tiny / name, folder / name)
     torch.save(reference.state_dict(), folder / "open_clip_pytorch_model.bin")
     return folder, text_dir, reference
 
@@ -62,14 +65,14 @@ def _config(tmp_path: Path, folder: Path, text_dir: Path | None):
     return load_config(path)
 
 
-def test_loads_folder_and_matches_reference(tmp_path, model_dir):
+def test_loads_folder_and_matches_reference(tmp_path, model_dir, samples_dir):
     folder, text_dir, reference = model_dir
     classifier = ZeroShotClassifier.from_config(_config(tmp_path, folder, text_dir))
     encoder = classifier.encoder
     assert encoder.tokenizer.context_length == 256
     assert encoder.default_template == "this is a photo of {}"
-    images = [Image.open(SAMPLES / "nih_cxr14_00000001_000_pa_512.png"),
-              Image.open(SAMPLES / "covidcxr_ARDSSevere_rgb_790x631.png")]
+    images = [Image.open(samples_dir / "nih_cxr14_00000001_000_pa_512.png"),
+              Image.open(samples_dir / "covidcxr_ARDSSevere_rgb_790x631.png")]
     prompts = ["this is a photo of pleural effusion", "this is a photo of a normal chest"]
     preprocess = image_transform_v2(PreprocessCfg(**reference.visual.preprocess_cfg), is_train=False)
     tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
@@ -93,12 +96,12 @@ def test_uncached_text_tower_is_missing_weights(tmp_path, model_dir):
         ZeroShotClassifier.from_config(_config(tmp_path, folder, None))
 
 
-def test_bad_folder_is_a_clear_error(tmp_path):
+def test_bad_folder_is_a_clear_error(tmp_path, bert_tiny):
     with pytest.raises(BadInputError, match="open_clip_config.json"):
         ZeroShotClassifier.from_config(_config(tmp_path, tmp_path, None))
     folder = tmp_path / "broken"
     folder.mkdir()
-    (folder / "open_clip_config.json").write_text(json.dumps(open_clip_config(str(BERT_TINY))))
+    (folder / "open_clip_config.json").write_text(json.dumps(open_clip_config(str(bert_tiny))))
     with pytest.raises(MissingWeightsError, match="no weights file"):  # exit 3, as for any absent weights
         ZeroShotClassifier.from_config(_config(tmp_path, folder, None))
     (folder / "open_clip_pytorch_model.bin").write_bytes(b"")  # the malformed configs below fail first
@@ -126,14 +129,14 @@ def _cache_repo(hub: Path, repo_id: str, files: dict[str, Path]) -> None:
         shutil.copy(source, snapshot / name)
 
 
-def test_hub_id_from_the_real_config_through_the_cache(tmp_path, model_dir):
+def test_hub_id_from_the_real_config_through_the_cache(tmp_path, model_dir, samples_dir):
     """eval_configs/xraygpt_eval.yaml's `hf-hub:` BiomedCLIP, served from a huggingface_hub cache (offline)."""
     folder, text_dir, reference = model_dir
     hub = tmp_path / "hub"
     _cache_repo(hub, HUB_ID, {p.name: p for p in folder.iterdir()})
     _cache_repo(hub, PUBMEDBERT, {"config.json": text_dir / "config.json"})
     env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
-    image = SAMPLES / "nih_cxr14_00000001_000_pa_512.png"
+    image = samples_dir / "nih_cxr14_00000001_000_pa_512.png"
     command = [sys.executable, "-m", "xraygpt_app.cli", "classify", str(image), "--model", "biomedclip",
                "--labels", "pleural effusion,normal chest", "--json",
                "--set", "zeroshot.models.biomedclip.weights.sources=[hf-hub:" + HUB_ID + "]",

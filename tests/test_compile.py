@@ -11,7 +11,6 @@ from xraygpt_app import kvcache
 from xraygpt_app.api import Assistant
 from xraygpt_app.imaging.loader import load_radiograph
 
-CONFIG = Path(__file__).resolve().parents[1] / "eval_configs" / "tiny_fixture.yaml"
 IMAGE = Path(__file__).resolve().parents[1] / "examples" / "nih_cxr14_00000001_000_pa_512.png"
 QUESTIONS = ("Describe the image.", "Any effusion?", "Is the heart size normal?")
 GREEDY = {"do_sample": False, "max_new_tokens": 12}
@@ -27,14 +26,14 @@ def _conversation(xray: Assistant, image) -> tuple[list[list[int]], list[int]]:
     return ids, [t.timings.get("reused_tokens", 0) for t in session.turns]
 
 
-def test_compiled_static_cache_gives_the_default_tokens(monkeypatch, shared_dir) -> None:
+def test_compiled_static_cache_gives_the_default_tokens(monkeypatch, shared_dir, tiny_config) -> None:
     # The graph is captured by dynamo and run by AOTAutograd without inductor's C++ build (minutes on 2 cores);
     # bench/bench_decode.py measures inductor itself.
     monkeypatch.setattr(kvcache, "CPU_BACKEND", "aot_eager")
     counters.clear()
     image = load_radiograph(IMAGE).image
-    default_ids, default_reused = _conversation(Assistant.from_config(CONFIG), image)
-    compiled = Assistant.from_config(CONFIG, ["runtime.compile=true"])
+    default_ids, default_reused = _conversation(Assistant.from_config(tiny_config), image)
+    compiled = Assistant.from_config(tiny_config, ["runtime.compile=true"])
     ids, reused = _conversation(compiled, image)
     assert ids == default_ids
     assert reused == default_reused

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers import metric_records
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -154,13 +155,6 @@ def test_stage2_adapter_served_merged_equals_unmerged(tiny, pixels, tmp_path, sa
 QUIET = ["train.report_samples=0", "train.val_fraction=0", "train.warmup_steps=0", "train.augment=false"]
 
 
-def _records(folder) -> list[dict]:
-    import json
-
-    lines = (folder / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [r for r in map(json.loads, lines) if r["type"] == "train"]
-
-
 @pytest.fixture(scope="module")
 def stage1(tiny, samples_dir, tmp_path_factory):
     """Stage 1 through the Trainer: a fresh projector, two report rows, ten epochs at a high learning rate."""
@@ -180,7 +174,7 @@ def stage1(tiny, samples_dir, tmp_path_factory):
 
 def test_trainer_stage1_overfits_and_its_checkpoint_serves(stage1, tiny, samples_dir) -> None:
     _, out = stage1
-    losses = [r["loss"] for r in _records(out)]
+    losses = [r["loss"] for r in metric_records(out)]
     # only the projector learns; the random tiny LLM's own text loss sets the floor
     assert len(losses) == 10
     assert losses[-1] < 0.85 * losses[0]
@@ -230,8 +224,8 @@ def test_stage1_resume_gives_the_uninterrupted_run(tiny, stage1, tmp_path) -> No
     resumed = Trainer.from_config(tiny.config, data=data, overrides=overrides, output=tmp_path / "cut").fit(
         resume=cut.checkpoint)
     assert whole.iterations_done == resumed.iterations_done == 6
-    assert [r["loss"] for r in _records(tmp_path / "cut")] == pytest.approx([r["loss"] for r in
-                                                                            _records(tmp_path / "whole")], rel=1e-6)
+    cut_losses, whole_losses = ([r["loss"] for r in metric_records(tmp_path / run)] for run in ("cut", "whole"))
+    assert cut_losses == pytest.approx(whole_losses, rel=1e-6)
     final = [torch.load(tmp_path / run / "checkpoint_2.pth", weights_only=True)["model"] for run in ("whole", "cut")]
     for key, value in final[0].items():
         torch.testing.assert_close(final[1][key], value, rtol=0, atol=1e-7)

@@ -19,8 +19,6 @@ from xraygpt_app.imaging.loader import load_radiograph
 from xraygpt_app.train.config import TrainConfig
 from xraygpt_app.train.xraygpt_objective import XrayGPTTrainable, read_instructions
 
-CONFIG = Path(__file__).resolve().parents[1] / "eval_configs" / "tiny_fixture.yaml"
-
 
 @pytest.fixture(scope="module")
 def expected(xraygpt_fixture_dir: Path) -> dict:
@@ -28,8 +26,8 @@ def expected(xraygpt_fixture_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def family() -> XrayGPTTrainable:
-    family = XrayGPTTrainable.from_config(load_config(CONFIG), TrainConfig())
+def family(tiny_config) -> XrayGPTTrainable:
+    family = XrayGPTTrainable.from_config(load_config(tiny_config), TrainConfig())
     return family.train()
 
 

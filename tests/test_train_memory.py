@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from peft import LoraConfig, get_peft_model
@@ -15,11 +14,9 @@ from xraygpt_app.llm import load_llm
 from xraygpt_app.memory import TRAIN_MODES, TrainShape, estimate_training, llm_architecture, lora_parameters
 from xraygpt_app.placement import plan_placement
 
-CONFIG = Path(__file__).resolve().parents[1] / "eval_configs" / "tiny_fixture.yaml"
 
-
-def test_lora_count_is_what_peft_creates() -> None:
-    config = load_config(CONFIG)
+def test_lora_count_is_what_peft_creates(tiny_config) -> None:
+    config = load_config(tiny_config)
     llm = load_llm(resolve_model_weights(config).llama_model, config.llm, plan_placement(config.runtime, config.vision))
     targets = ("q_proj", "v_proj", "down_proj")
     peft_model = get_peft_model(llm, LoraConfig(r=4, target_modules=list(targets)))
@@ -27,8 +24,8 @@ def test_lora_count_is_what_peft_creates() -> None:
     assert lora_parameters(llm_architecture(config)[0], TrainShape(lora_rank=4, lora_targets=targets)) == created
 
 
-def test_training_modes_rank_as_expected() -> None:
-    config = load_config(CONFIG)
+def test_training_modes_rank_as_expected(tiny_config) -> None:
+    config = load_config(tiny_config)
     results = {mode: estimate_training(config, mode, TrainShape()) for mode in TRAIN_MODES}
     parts = {mode: r.breakdown["cuda:0"] for mode, r in results.items()}
     assert parts["projection fp16"]["trainable"] == 12 * (32 * 64 + 64)  # llama_proj: grad + two Adam moments
@@ -38,7 +35,7 @@ def test_training_modes_rank_as_expected() -> None:
     assert bigger["activations"] > 3 * parts["projection fp16"]["activations"]
 
 
-def test_check_train_prints_every_mode(capsys: pytest.CaptureFixture) -> None:
-    assert main(["check", "-c", str(CONFIG), "--train", "--json"]) == 0
+def test_check_train_prints_every_mode(capsys: pytest.CaptureFixture, tiny_config) -> None:
+    assert main(["check", "-c", str(tiny_config), "--train", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)["training_memory_gpu_estimate"]
     assert set(report) == set(TRAIN_MODES) and all(r["peak_bytes"]["cuda:0"] > 0 for r in report.values())

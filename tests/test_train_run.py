@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import traindata
+from helpers import REPO, metric_records
 
 from xraygpt_app.api import Assistant
 from xraygpt_app.cli import main
@@ -33,14 +34,7 @@ from xraygpt_app.train.xraygpt_objective import read_instructions
 from xraygpt_app.web.handlers import model_line
 from xraygpt_app.web.services import Services
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "eval_configs" / "tiny_fixture.yaml"
 QUIET = ["train.report_samples=0", "train.val_fraction=0", "train.warmup_steps=0"]
-
-
-def records(folder: Path, kind: str = "train") -> list[dict]:
-    lines = (folder / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [r for r in map(json.loads, lines) if r["type"] == kind]
 
 
 @pytest.fixture(scope="module")
@@ -49,36 +43,36 @@ def data(tmp_path_factory: pytest.TempPathFactory, samples_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory: pytest.TempPathFactory, samples_dir: Path) -> Path:
+def lora_run(tmp_path_factory: pytest.TempPathFactory, samples_dir: Path, tiny_config) -> Path:
     """Two rows, 20 iterations of LoRA + Q-Former + llama_proj at a high learning rate."""
     folder = traindata.caption_folder(tmp_path_factory.mktemp("few"), samples_dir, list(traindata.CAPTIONS)[:2])
     out = tmp_path_factory.mktemp("lora_run")
     overrides = [*QUIET, "train.max_epoch=10", "train.init_lr=1e-2", "train.min_lr=1e-3", "train.augment=false",
                  "train.lora.enabled=true", "train.train_qformer=true", "train.batch_size=2"]
-    result = Trainer.from_config(CONFIG, data=folder, overrides=overrides, output=out).fit()
+    result = Trainer.from_config(tiny_config, data=folder, overrides=overrides, output=out).fit()
     assert not result.interrupted
     assert result.checkpoint == out / "checkpoint_9.pth"
     return out
 
 
 def test_a_few_samples_overfit(lora_run: Path) -> None:
-    losses = [r["loss"] for r in records(lora_run)]
+    losses = [r["loss"] for r in metric_records(lora_run)]
     assert len(losses) == 10
     assert losses[-1] < 0.6 * losses[0]
-    first = records(lora_run)[0]
+    first = metric_records(lora_run)[0]
     assert {"lr", "grad_norm", "samples_per_s", "tokens_per_s"} <= set(first)
     assert first["tokens_per_s"] > 0
     assert (lora_run / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert (lora_run / "lora_adapter_9" / "adapter_config.json").is_file()
 
 
-def test_checkpoint_has_xraygpts_layout_and_serves(lora_run: Path, samples_dir: Path) -> None:
+def test_checkpoint_has_xraygpts_layout_and_serves(lora_run: Path, samples_dir: Path, tiny_config) -> None:
     checkpoint = torch.load(lora_run / "checkpoint_9.pth", weights_only=True)
     assert {"model", "optimizer", "config", "scaler", "epoch"} <= set(checkpoint)
     assert "query_tokens" in checkpoint["model"]
     assert "llama_proj.weight" in checkpoint["model"]
     assert "Qformer.bert.encoder.layer.0.crossattention.self.query.weight" in checkpoint["model"]
-    model = Assistant.from_config(CONFIG, overrides=[f"weights.ckpt={lora_run / 'checkpoint_9.pth'}",
+    model = Assistant.from_config(tiny_config, overrides=[f"weights.ckpt={lora_run / 'checkpoint_9.pth'}",
                                                    f"weights.lora={lora_run / 'lora_adapter_9'}"])
     bridge = model.model.bridge
     torch.testing.assert_close(bridge.llama_proj.weight, checkpoint["model"]["llama_proj.weight"], rtol=0, atol=0)
@@ -92,10 +86,10 @@ def test_checkpoint_has_xraygpts_layout_and_serves(lora_run: Path, samples_dir: 
     assert len(turn.token_ids) > 0
 
 
-def test_lora_merged_equals_unmerged(lora_run: Path) -> None:
+def test_lora_merged_equals_unmerged(lora_run: Path, tiny_config) -> None:
     from peft import PeftModel
 
-    config = load_config(CONFIG)
+    config = load_config(tiny_config)
     placement = plan_placement(config.runtime, config.vision)
     folder = resolve_model_weights(config).llama_model
     ids = torch.randint(3, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -110,18 +104,18 @@ def test_lora_merged_equals_unmerged(lora_run: Path) -> None:
     torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
 
 
-def test_resume_gives_the_uninterrupted_run(tmp_path: Path, data: Path) -> None:
+def test_resume_gives_the_uninterrupted_run(tmp_path: Path, data: Path, tiny_config) -> None:
     overrides = ["train.report_samples=0", "train.val_fraction=0.25", "train.max_epoch=2", "train.warmup_steps=2",
                  "train.init_lr=1e-2", "train.train_qformer=true", "train.grad_accum_steps=2"]
-    whole = Trainer.from_config(CONFIG, data=data, overrides=overrides, output=tmp_path / "whole").fit()
-    first = Trainer.from_config(CONFIG, data=data, overrides=overrides, output=tmp_path / "cut").fit(stop_after=4)
+    whole = Trainer.from_config(tiny_config, data=data, overrides=overrides, output=tmp_path / "whole").fit()
+    first = Trainer.from_config(tiny_config, data=data, overrides=overrides, output=tmp_path / "cut").fit(stop_after=4)
     assert first.interrupted
     assert first.checkpoint == tmp_path / "cut" / "checkpoint_last.pth"
-    second = Trainer.from_config(CONFIG, data=data, overrides=overrides, output=tmp_path / "cut").fit(
+    second = Trainer.from_config(tiny_config, data=data, overrides=overrides, output=tmp_path / "cut").fit(
         resume=first.checkpoint)
     assert whole.iterations_done == second.iterations_done == 6
     for kind in ("train", "val"):
-        want, got = records(tmp_path / "whole", kind), records(tmp_path / "cut", kind)
+        want, got = metric_records(tmp_path / "whole", kind), metric_records(tmp_path / "cut", kind)
         assert [r["step"] for r in got] == [r["step"] for r in want]
         for a, b in zip(got, want, strict=True):
             assert a.get("loss", a.get("val_loss")) == pytest.approx(b.get("loss", b.get("val_loss")), rel=1e-6)
@@ -131,14 +125,14 @@ def test_resume_gives_the_uninterrupted_run(tmp_path: Path, data: Path) -> None:
         torch.testing.assert_close(final_cut[key], value, rtol=0, atol=1e-7)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path, data: Path) -> None:
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path, data: Path, tiny_config) -> None:
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "xraygpt_app.cli", "finetune", "-c", str(CONFIG), "--data", str(data),
+    command = [sys.executable, "-m", "xraygpt_app.cli", "finetune", "-c", str(tiny_config), "--data", str(data),
                "--output", str(out), *[f"--set={o}" for o in [*QUIET, "train.max_epoch=500", "train.num_workers=1"]]]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (out / "metrics.jsonl").is_file() or not records(out):  # training has started
+    while not (out / "metrics.jsonl").is_file() or not metric_records(out):  # training has started
         assert process.poll() is None, process.stderr.read() if process.poll() else ""
         assert time.monotonic() < deadline, process.stderr.read() if process.poll() else ""
         time.sleep(0.2)
@@ -148,20 +142,20 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path, data: Path)
     assert "interrupted; resume with --resume" in stdout
     assert "Traceback" not in stderr
     checkpoint = torch.load(out / "checkpoint_last.pth", weights_only=True)
-    assert checkpoint["iteration"] == checkpoint["step"] == records(out)[-1]["step"] > 0
+    assert checkpoint["iteration"] == checkpoint["step"] == metric_records(out)[-1]["step"] > 0
     assert set(checkpoint["model"]) == {"llama_proj.weight", "llama_proj.bias"}
     assert (out / "loss_curve.png").is_file()
 
 
 def test_loss_only_cli_reproduces_the_fixture(tmp_path: Path, samples_dir: Path, xraygpt_fixture_dir: Path,
-                                              capsys: pytest.CaptureFixture) -> None:
+                                              capsys: pytest.CaptureFixture, tiny_config) -> None:
     expected = json.loads((xraygpt_fixture_dir / "expected_train.json").read_text(encoding="utf-8"))
     lines = [line.split("</Img> ", 1)[1] for line in read_instructions()]
     for size, batches in ((1, expected["batches"][:2]), (2, expected["batches"][2:])):
         rows = [{"image": str(samples_dir / image), "answer": caption, "question": lines[batch["prompt_index"]]}
                 for batch in batches for image, caption in zip(batch["images"], batch["captions"], strict=True)]
         data = traindata.write_jsonl(tmp_path / f"fixture_{size}.jsonl", rows)
-        assert main(["finetune", "-c", str(CONFIG), "--loss-only", "--data", str(data), "--batch-size", str(size),
+        assert main(["finetune", "-c", str(tiny_config), "--loss-only", "--data", str(data), "--batch-size", str(size),
                      "--json"]) == 0
         got = json.loads(capsys.readouterr().out)["batches"]
         for mine, theirs in zip(got, batches, strict=True):
@@ -170,7 +164,7 @@ def test_loss_only_cli_reproduces_the_fixture(tmp_path: Path, samples_dir: Path,
                 assert mine["grad_norms"][name] == pytest.approx(norm, rel=1e-4)
 
 
-def test_two_processes_match_one(tmp_path: Path, samples_dir: Path) -> None:
+def test_two_processes_match_one(tmp_path: Path, samples_dir: Path, tiny_config) -> None:
     """torchrun + gloo (accelerate's CPU launcher needs MPI): 2 x 1 row per step = 1 x 2 rows per step.
 
     All rows share one caption, so both processes' mean token losses average to the global one.
@@ -179,7 +173,7 @@ def test_two_processes_match_one(tmp_path: Path, samples_dir: Path) -> None:
              "hannover_00870a9c_ap_bedside_640x524.png", "nih_cxr14_00000013_004_ap_1024.png"]
     data = traindata.write_jsonl(tmp_path / "same.jsonl", [{"image": str(samples_dir / n),
                                                            "caption": "The lungs are clear."} for n in names])
-    common = ["-m", "xraygpt_app.cli", "finetune", "-c", str(CONFIG), "--data", str(data), "--json",
+    common = ["-m", "xraygpt_app.cli", "finetune", "-c", str(tiny_config), "--data", str(data), "--json",
               *[f"--set={o}" for o in [*QUIET, "train.augment=false", "train.init_lr=1e-2"]]]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     with socket.socket() as sock:  # a free port for the rendezvous
@@ -189,7 +183,7 @@ def test_two_processes_match_one(tmp_path: Path, samples_dir: Path) -> None:
     subprocess.run([*launch, *common, "--output", str(tmp_path / "two"), "--set", "train.batch_size=1"],
                    check=True, env=env, capture_output=True, timeout=300)
     assert main([*common[2:], "--output", str(tmp_path / "one"), "--set", "train.batch_size=2"]) == 0
-    two, one = records(tmp_path / "two"), records(tmp_path / "one")
+    two, one = metric_records(tmp_path / "two"), metric_records(tmp_path / "one")
     assert len(two) == len(one) == 2
     for a, b in zip(two, one, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
@@ -200,10 +194,10 @@ def test_two_processes_match_one(tmp_path: Path, samples_dir: Path) -> None:
 
 
 def test_bad_rows_stop_the_cli_or_are_skipped(tmp_path: Path, samples_dir: Path, capsys: pytest.CaptureFixture
-                                              ) -> None:
+                                              , tiny_config) -> None:
     folder = traindata.caption_folder(tmp_path / "d", samples_dir, list(traindata.CAPTIONS)[:2],
                                       [{"image_id": "gone", "caption": "x"}])
-    args = ["finetune", "-c", str(CONFIG), "--data", str(folder), "--output", str(tmp_path / "out"), "--json",
+    args = ["finetune", "-c", str(tiny_config), "--data", str(folder), "--output", str(tmp_path / "out"), "--json",
             *[f"--set={o}" for o in QUIET]]
     assert main(args) == 2
     assert "filter_cap.json: annotation 2: no image named gone" in capsys.readouterr().err
@@ -214,16 +208,16 @@ def test_bad_rows_stop_the_cli_or_are_skipped(tmp_path: Path, samples_dir: Path,
     assert summary["val_loss"] > 0
 
 
-def test_qlora_is_refused_on_the_cpu(tmp_path: Path, data: Path, capsys: pytest.CaptureFixture) -> None:
-    code = main(["finetune", "-c", str(CONFIG), "--data", str(data), "--set", "train.lora.enabled=true",
+def test_qlora_is_refused_on_the_cpu(tmp_path: Path, data: Path, capsys: pytest.CaptureFixture, tiny_config) -> None:
+    code = main(["finetune", "-c", str(tiny_config), "--data", str(data), "--set", "train.lora.enabled=true",
                  "--set", "train.quantization=4bit"])
     assert code == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_unknown_train_key_is_an_error(tmp_path: Path) -> None:
+def test_unknown_train_key_is_an_error(tmp_path: Path, tiny_config) -> None:
     with pytest.raises(ConfigError, match="unknown key train.batchsize"):
-        load_train_config(CONFIG, ["train.batchsize=2"])
+        load_train_config(tiny_config, ["train.batchsize=2"])
     config, train = load_train_config(REPO / "train_configs" / "xraygpt_openi_finetune.yaml")
     assert (train.init_lr, train.min_lr, train.warmup_lr, train.warmup_steps, train.iters_per_epoch) == (
         3e-5, 1e-5, 1e-6, 200, 2501)

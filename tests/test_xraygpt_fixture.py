@@ -15,7 +15,6 @@ import torch
 from xraygpt_app.api import Assistant
 from xraygpt_app.imaging.loader import load_radiograph
 
-CONFIG = Path(__file__).resolve().parents[1] / "eval_configs" / "tiny_fixture.yaml"
 TENSORS = {  # ImageEncoding field -> key suffix in expected_tensors.pt
     "pixel_values": "pixel_values",
     "vit_after_ln_vision": "vit_ln",
@@ -35,8 +34,8 @@ def expected_tensors(xraygpt_fixture_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def model() -> Assistant:
-    return Assistant.from_config(CONFIG)
+def model(tiny_assistant: Assistant) -> Assistant:
+    return tiny_assistant
 
 
 @pytest.fixture(scope="module")

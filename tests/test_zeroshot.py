@@ -41,23 +41,18 @@ from xraygpt_app.zeroshot.prompts import (
     template_prompts,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-FIXTURE = SHARED / "fixtures" / "medclip_tiny"
-SAMPLES = SHARED / "xray-samples"
-TINY_CONFIG = REPO / "eval_configs" / "tiny_fixture.yaml"
 IMAGES = ["nih_cxr14_00000001_000_pa_512.png", "hannover_1479fa94_pa_640x755.png",
           "covidcxr_ARDSSevere_rgb_790x631.png"]
 
 
 @pytest.fixture(scope="module")
-def classifier() -> ZeroShotClassifier:
-    return ZeroShotClassifier.from_config(load_config(TINY_CONFIG), "medclip-vit")
+def classifier(tiny_config) -> ZeroShotClassifier:
+    return ZeroShotClassifier.from_config(load_config(tiny_config), "medclip-vit")
 
 
 @pytest.fixture(scope="module")
-def images() -> list[Image.Image]:
-    return [Image.open(SAMPLES / name) for name in IMAGES]
+def images(samples_dir) -> list[Image.Image]:
+    return [Image.open(samples_dir / name) for name in IMAGES]
 
 
 # --- prompts --------------------------------------------------------------------------------------
@@ -139,8 +134,8 @@ def test_text_embeddings_are_cached_per_prompt_set(classifier, images):
     assert classifier.cache_misses - misses == 2
 
 
-def test_cache_is_bounded(images):
-    small = ZeroShotClassifier.from_config(load_config(TINY_CONFIG, ["zeroshot.text_cache_size=1"]), "medclip-vit")
+def test_cache_is_bounded(images, tiny_config):
+    small = ZeroShotClassifier.from_config(load_config(tiny_config, ["zeroshot.text_cache_size=1"]), "medclip-vit")
     small.classify(images[:1], labels=["a", "b"])
     small.classify(images[:1], labels=["c", "d"])
     small.classify(images[:1], labels=["a", "b"])
@@ -157,9 +152,9 @@ def test_batching_does_not_change_scores(classifier, images):
         assert a.labels == ["Normal", "COVID"]
 
 
-def test_raw_pil_images_are_converted_as_the_loader_does(classifier):
+def test_raw_pil_images_are_converted_as_the_loader_does(classifier, samples_dir):
     """A 16-bit PIL image handed to the Python API scores like the loader's 8-bit image, not clipped to white."""
-    path = SAMPLES / "cr_nema_rg1_chest_pa_16bit_gray_15bit_range_DERIVED.png"
+    path = samples_dir / "cr_nema_rg1_chest_pa_16bit_gray_15bit_range_DERIVED.png"
     with Image.open(path) as raw:
         assert raw.mode == "I;16"
         (direct,) = classifier.classify([raw], labels=["a", "b"])
@@ -176,26 +171,26 @@ def test_request_errors(classifier, images):
         classifier.classify([], labels=["a"])
 
 
-def test_missing_weights_and_unknown_model(tmp_path):
-    config = load_config(TINY_CONFIG, [f"zeroshot.models.medclip-vit.weights={tmp_path / 'absent.bin'}"])
+def test_missing_weights_and_unknown_model(tmp_path, tiny_config):
+    config = load_config(tiny_config, [f"zeroshot.models.medclip-vit.weights={tmp_path / 'absent.bin'}"])
     status = available_models(config)
     assert status["medclip-vit"] is not None
     assert "absent.bin" in status["medclip-vit"]
     with pytest.raises(MissingWeightsError, match="absent.bin"):
         ZeroShotClassifier.from_config(config, "medclip-vit")
     with pytest.raises(BadInputError, match="unknown zero-shot model"):
-        ZeroShotClassifier.from_config(load_config(TINY_CONFIG), "nope")
-    assert available_models(load_config(TINY_CONFIG)) == {"medclip-vit": None}
+        ZeroShotClassifier.from_config(load_config(tiny_config), "nope")
+    assert available_models(load_config(tiny_config)) == {"medclip-vit": None}
     # Tower configs named by Hub id are read from the cache only: a clear missing-weights error, no download.
-    uncached = load_config(TINY_CONFIG, ["zeroshot.models.medclip-vit.text_config=hf-hub:xraygpt-test/absent-bert"])
+    uncached = load_config(tiny_config, ["zeroshot.models.medclip-vit.text_config=hf-hub:xraygpt-test/absent-bert"])
     with pytest.raises(MissingWeightsError, match="xraygpt-test/absent-bert"):
         ZeroShotClassifier.from_config(uncached, "medclip-vit")
 
 
 # --- MedCLIP checkpoint handling ------------------------------------------------------------------
 
-def test_remap_is_pure_and_rejects_unknown_keys():
-    released = torch.load(FIXTURE / "medclip_vit_tiny" / "pytorch_model.bin", weights_only=True)
+def test_remap_is_pure_and_rejects_unknown_keys(medclip_fixture_dir):
+    released = torch.load(medclip_fixture_dir / "medclip_vit_tiny" / "pytorch_model.bin", weights_only=True)
     before = dict(released)
     remapped = remap_medclip_state_dict(released)
     assert released.keys() == before.keys()
@@ -205,21 +200,21 @@ def test_remap_is_pure_and_rejects_unknown_keys():
         remap_medclip_state_dict({**released, "visual.proj": torch.zeros(1)})
 
 
-def test_truncated_checkpoint_fails_strictly(tmp_path):
-    released = torch.load(FIXTURE / "medclip_vit_tiny" / "pytorch_model.bin", weights_only=True)
+def test_truncated_checkpoint_fails_strictly(tmp_path, medclip_fixture_dir, tiny_config):
+    released = torch.load(medclip_fixture_dir / "medclip_vit_tiny" / "pytorch_model.bin", weights_only=True)
     released.pop("text_model.model.pooler.dense.bias")
     torch.save(released, tmp_path / "pytorch_model.bin")
-    config = load_config(TINY_CONFIG, [f"zeroshot.models.medclip-vit.weights={tmp_path / 'pytorch_model.bin'}"])
+    config = load_config(tiny_config, [f"zeroshot.models.medclip-vit.weights={tmp_path / 'pytorch_model.bin'}"])
     with pytest.raises(CheckpointKeyError, match="pooler.dense.bias"):
         ZeroShotClassifier.from_config(config, "medclip-vit")
 
 
-def test_resnet_variant_from_released_zip(tmp_path, images):
+def test_resnet_variant_from_released_zip(tmp_path, images, medclip_fixture_dir):
     archive, resnet = tinyzeroshot.medclip_resnet_zip(tmp_path)
     assert "vision_model.model.fc.weight" in read_medclip_file(archive)
     config_path = tmp_path / "zs.yaml"
     config_path.write_text(yaml.safe_dump({"zeroshot": {"default_model": "r", "models": {"r": {
-        "kind": "medclip-resnet", "weights": str(archive), "text_config": str(FIXTURE / "bert_tiny")}}}}))
+        "kind": "medclip-resnet", "weights": str(archive), "text_config": str(medclip_fixture_dir / "bert_tiny")}}}}))
     classifier = ZeroShotClassifier.from_config(load_config(config_path))
     assert classifier.encoder.logit_scale() == pytest.approx(float(torch.tensor(4.0).exp()))
     got = classifier.image_embeddings(images)
@@ -229,14 +224,14 @@ def test_resnet_variant_from_released_zip(tmp_path, images):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     with pytest.raises(BadInputError, match="MedCLIP-resnet checkpoint"):
         config_path.write_text(yaml.safe_dump({"zeroshot": {"models": {"r": {
-            "kind": "medclip-vit", "weights": str(archive), "text_config": str(FIXTURE / "bert_tiny"),
-            "vision_config": str(FIXTURE / "swin_tiny")}}}}))
+            "kind": "medclip-vit", "weights": str(archive), "text_config": str(medclip_fixture_dir / "bert_tiny"),
+            "vision_config": str(medclip_fixture_dir / "swin_tiny")}}}}))
         ZeroShotClassifier.from_config(load_config(config_path), "r")
 
 
-def test_logit_scale_is_clamped_like_medclip():
-    model = MedCLIP("vit", AutoConfig.from_pretrained(FIXTURE / "bert_tiny"), 64,
-                    AutoConfig.from_pretrained(FIXTURE / "swin_tiny"))
+def test_logit_scale_is_clamped_like_medclip(medclip_fixture_dir):
+    model = MedCLIP("vit", AutoConfig.from_pretrained(medclip_fixture_dir / "bert_tiny"), 64,
+                    AutoConfig.from_pretrained(medclip_fixture_dir / "swin_tiny"))
     with torch.no_grad():
         model.logit_scale.fill_(6.0)
         assert model.scale() == pytest.approx(float(np.exp(4.6052)), rel=1e-6)  # at most 100
@@ -245,9 +240,9 @@ def test_logit_scale_is_clamped_like_medclip():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_device_without_a_gpu_is_a_config_error():
+def test_cuda_device_without_a_gpu_is_a_config_error(tiny_config):
     with pytest.raises(ConfigError, match="no CUDA GPU"):
-        ZeroShotClassifier.from_config(load_config(TINY_CONFIG, ["runtime.device=cuda"]), "medclip-vit")
+        ZeroShotClassifier.from_config(load_config(tiny_config, ["runtime.device=cuda"]), "medclip-vit")
 
 
 def test_unusable_weights_files_are_clear_errors(tmp_path):
@@ -260,14 +255,14 @@ def test_unusable_weights_files_are_clear_errors(tmp_path):
         read_medclip_file(archive)
 
 
-def test_tower_configs_of_the_wrong_kind_are_clear_errors(tmp_path):
-    swapped = f"zeroshot.models.medclip-vit.vision_config={FIXTURE / 'bert_tiny'}"
+def test_tower_configs_of_the_wrong_kind_are_clear_errors(tmp_path, medclip_fixture_dir, tiny_config):
+    swapped = f"zeroshot.models.medclip-vit.vision_config={medclip_fixture_dir / 'bert_tiny'}"
     with pytest.raises(BadInputError, match="bert config; MedCLIP needs a swin one"):
-        ZeroShotClassifier.from_config(load_config(TINY_CONFIG, [swapped]), "medclip-vit")
+        ZeroShotClassifier.from_config(load_config(tiny_config, [swapped]), "medclip-vit")
     (tmp_path / "config.json").write_text("{}")
     empty = f"zeroshot.models.medclip-vit.text_config={tmp_path}"
     with pytest.raises(BadInputError, match="not a transformers bert config"):
-        ZeroShotClassifier.from_config(load_config(TINY_CONFIG, [empty]), "medclip-vit")
+        ZeroShotClassifier.from_config(load_config(tiny_config, [empty]), "medclip-vit")
 
 
 def test_preprocess_pads_to_a_grey_square():
