@@ -131,7 +131,8 @@ def test_entity_queries_are_cached_on_disk_by_file_hashes(config_path, tmp_path)
     config = load_config(config_path)
     first = load_classifier(config)
     cached = list((tmp_path / "cache" / "xraygpt-app" / CACHE_FOLDER).glob("*.pt"))
-    assert len(cached) == 1 and len(cached[0].stem) == 64
+    assert len(cached) == 1
+    assert len(cached[0].stem) == 64
     second = load_classifier(config)
     assert second.encoder._bert is None  # a cache hit never loads BERT
     prompt_set = first.prompt_set(labels=["all"])
@@ -141,8 +142,11 @@ def test_entity_queries_are_cached_on_disk_by_file_hashes(config_path, tmp_path)
 def test_token_ids_start_with_cls_and_have_no_sep(tmp_path, shared_dir):
     tokenizer = load_tokenizer(FIXTURE / "bert_tiny")
     ids, mask = medklip_token_ids(tokenizer, ["Effusion", "word " * 100])
-    assert ids[0, 0] == tokenizer.cls_token_id and tokenizer.sep_token_id not in ids.tolist()[0]
-    assert ids.shape == (2, 64) and mask[1].sum() == 64 and mask[0].sum() == 1 + len(tokenizer.tokenize("Effusion"))
+    assert ids[0, 0] == tokenizer.cls_token_id
+    assert tokenizer.sep_token_id not in ids.tolist()[0]
+    assert ids.shape == (2, 64)
+    assert mask[1].sum() == 64
+    assert mask[0].sum() == 1 + len(tokenizer.tokenize("Effusion"))
     (tmp_path / "vocab.txt").write_bytes((FIXTURE / "bert_tiny" / "vocab.txt").read_bytes())
     assert load_tokenizer(tmp_path).tokenize("Hello") == load_tokenizer(FIXTURE / "bert_tiny").tokenize("hello")
 
@@ -166,7 +170,8 @@ def test_resnet50_training_checkpoint_loads_strictly(tmp_path):
     torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "optimizer": optimizer.state_dict(),
                 "lr_scheduler": {"t_initial": 100}, "config": {"H": 8, "res_base_model": "resnet50"}, "epoch": 3}, path)
     loaded = build_medklip(path)
-    assert loaded.sizes == sizes and loaded.res_features[6][0].conv3.weight.shape[0] == 1024
+    assert loaded.sizes == sizes
+    assert loaded.res_features[6][0].conv3.weight.shape[0] == 1024
     pixels, queries = torch.randn(1, 3, 224, 224), torch.randn(5, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixels, queries).logits, model(pixels, queries).logits)
@@ -182,12 +187,13 @@ def test_stretched_map_geometry():
     grid = np.zeros((14, 14), dtype=np.float32)
     grid[row, col] = 1.0
     image_map = to_image(grid, medklip_geometry(Image.new("L", (width, height))))
-    assert image_map.shape == (height, width) and not np.isnan(image_map).any()  # nothing is cropped
+    assert image_map.shape == (height, width)
+    assert not np.isnan(image_map).any()  # nothing is cropped
     ys, xs = np.nonzero(image_map > 0.5)  # bilinear: the half-height contour spans exactly the cell
-    assert xs.min() == pytest.approx(col * width / 14, abs=1.5) and xs.max() == pytest.approx((col + 1) * width / 14,
-                                                                                               abs=1.5)
-    assert ys.min() == pytest.approx(row * height / 14, abs=1.5) and ys.max() == pytest.approx((row + 1) * height / 14,
-                                                                                                abs=1.5)
+    assert xs.min() == pytest.approx(col * width / 14, abs=1.5)
+    assert xs.max() == pytest.approx((col + 1) * width / 14, abs=1.5)
+    assert ys.min() == pytest.approx(row * height / 14, abs=1.5)
+    assert ys.max() == pytest.approx((row + 1) * height / 14, abs=1.5)
 
 
 def test_heatmap_dir_draws_the_grounding_maps(capsys, config_path, tmp_path, images):
@@ -208,9 +214,11 @@ def test_attention_heatmap_is_the_raw_grounding(config_path, expected, images):
     (heatmap,) = zeroshot_heatmaps(classifier, image, labels=["pneumonia"])
     raw = np.array(expected["cases"][1]["grounding_14x14"]["pneumonia"])
     np.testing.assert_allclose(heatmap.raw_grid, raw, atol=1e-5)
-    assert "cross-attention" in heatmap.method and heatmap.image_map.shape == (524, 640)
+    assert "cross-attention" in heatmap.method
+    assert heatmap.image_map.shape == (524, 640)
     (cam,) = zeroshot_heatmaps(classifier, image, labels=["pneumonia"], method="grad-cam")
-    assert cam.grid.shape == (14, 14) and "Grad-CAM" in cam.method
+    assert cam.grid.shape == (14, 14)
+    assert "Grad-CAM" in cam.method
 
 
 def test_evaluate_means_lie_within_the_per_class_aucs(capsys, config_path, tmp_path, images):
@@ -225,10 +233,12 @@ def test_evaluate_means_lie_within_the_per_class_aucs(capsys, config_path, tmp_p
                  "--out", str(out), "--bootstrap", "50"]) == 0
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     aucs = [entry["auc"] for entry in metrics["per_class"].values()]
-    assert len(aucs) == 4 and all(a is not None for a in aucs)
+    assert len(aucs) == 4
+    assert all(a is not None for a in aucs)
     assert min(aucs) <= metrics["macro_auc"] <= max(aucs)
     assert metrics["macro_auc"] == pytest.approx(np.mean(aucs))
-    assert (out / "roc.png").is_file() and (out / "auc_per_class.png").is_file()
+    assert (out / "roc.png").is_file()
+    assert (out / "auc_per_class.png").is_file()
 
 
 def test_the_real_config_says_where_each_file_comes_from(shared_dir):

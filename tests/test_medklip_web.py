@@ -53,7 +53,8 @@ zeroshot:
 def loaded(services) -> h.UserState:
     """The bundled 640 x 524 bedside example, loaded as its button does."""
     state, _, _, note = h.load_example(None, "Hannover AP bedside", services.config.image)
-    assert note == "" and state.image.size == (640, 524)
+    assert note == ""
+    assert state.image.size == (640, 524)
     return state
 
 
@@ -62,19 +63,24 @@ def test_medklip_is_listed_with_its_entities_and_presets(services):
     assert "absent.pth" in services.zeroshot_missing["medklip-absent"]
     assert "Google Drive" in services.zeroshot_missing["medklip-absent"]
     controls = labels.controls(services, "medklip")
-    assert len(controls["entities"]) == 75 and "pneumothorax" in controls["entities"]
+    assert len(controls["entities"]) == 75
+    assert "pneumothorax" in controls["entities"]
     assert [key for _, key in controls["presets"][:-1]] == ["cxr14", "chexpert5", "all"]
-    assert controls["preset"] == "chexpert5" and "present vs absent" in controls["chart"]
+    assert controls["preset"] == "chexpert5"
+    assert "present vs absent" in controls["chart"]
     clip = labels.controls(services, "medclip-vit")
-    assert clip["entities"] == [] and ("COVID", "covid") in clip["presets"]
+    assert clip["entities"] == []
+    assert ("COVID", "covid") in clip["presets"]
 
 
 def test_entities_and_described_findings_from_the_tab(services, loaded):
     _, rows, note = h.classify(loaded, services, "medklip", h.CUSTOM,
                                "lung cancer: A malignant tumour of the lung, seen as a mass.", ["effusion", "tube"])
-    assert note == "" and sorted(row[0] for row in rows) == ["effusion", "lung cancer", "tube"]
+    assert note == ""
+    assert sorted(row[0] for row in rows) == ["effusion", "lung cancer", "tube"]
     _, rows, note = h.classify(loaded, services, "medklip", h.CUSTOM, "lung cancer")
-    assert rows == [] and "'lung cancer' is not one of MedKLIP's 75 entities and has no description" in note
+    assert rows == []
+    assert "'lung cancer' is not one of MedKLIP's 75 entities and has no description" in note
     _, rows, _ = h.classify(loaded, services, "medklip", "all", "")
     assert len(rows) == 75
 
@@ -82,11 +88,14 @@ def test_entities_and_described_findings_from_the_tab(services, loaded):
 def test_show_map_uses_medklips_grounding_and_names_it(services, loaded):
     h.classify(loaded, services, "medklip", "cxr14", "")
     html_text, heatmap, note = maps.zeroshot_map(loaded, services, "medklip", "cxr14", "", "pneumonia", 0.5)
-    assert note == "" and heatmap.grid.shape == (14, 14)
+    assert note == ""
+    assert heatmap.grid.shape == (14, 14)
     assert "MedKLIP cross-attention (mean of the last 4 decoder layers)" in html_text
-    assert "attention, not a segmentation, not a diagnosis" in html_text and "most attended" in html_text
+    assert "attention, not a segmentation, not a diagnosis" in html_text
+    assert "most attended" in html_text
     _, cam, note = maps.zeroshot_map(loaded, services, "medklip", "cxr14", "", "pneumonia", 0.5, method="grad-cam")
-    assert note == "" and "Grad-CAM" in cam.method
+    assert note == ""
+    assert "Grad-CAM" in cam.method
 
 
 def _zeroshot_event(demo, button: str):
@@ -108,9 +117,12 @@ def test_classifying_again_never_leaves_the_previous_map(services, loaded):
     first = classify(loaded, "medclip-vit", "chexpert5", "", [])
     assert first[outputs.index("zs-notice")] == ""
     view, kept, _ = show(loaded, "medclip-vit", "chexpert5", "", [], "Cardiomegaly", "own", 0.5)
-    assert "Cardiomegaly" in view and kept is not None
+    assert "Cardiomegaly" in view
+    assert kept is not None
     again = classify(loaded, "medclip-vit", "covid", "", [])
     assert "zs-map" in outputs
-    assert again[outputs.index("zs-map")] == "" and again[outputs.index("zs-map-notice")] == ""
+    assert again[outputs.index("zs-map")] == ""
+    assert again[outputs.index("zs-map-notice")] == ""
     kept_index = [i for i, name in enumerate(outputs) if name is None]
-    assert kept_index and all(again[i] is None for i in kept_index)  # the kept Heatmap (gr.State) is dropped
+    assert kept_index
+    assert all(again[i] is None for i in kept_index)  # the kept Heatmap (gr.State) is dropped
