@@ -193,8 +193,8 @@ def test_two_processes_match_one(tmp_path: Path, samples_dir: Path, tiny_config)
         torch.testing.assert_close(weights[0][key], weights[1][key], rtol=0, atol=1e-6)
 
 
-def test_bad_rows_stop_the_cli_or_are_skipped(tmp_path: Path, samples_dir: Path, capsys: pytest.CaptureFixture
-                                              , tiny_config) -> None:
+def test_bad_rows_stop_the_cli_or_are_skipped(tmp_path: Path, samples_dir: Path, tiny_config: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
     folder = traindata.caption_folder(tmp_path / "d", samples_dir, list(traindata.CAPTIONS)[:2],
                                       [{"image_id": "gone", "caption": "x"}])
     args = ["finetune", "-c", str(tiny_config), "--data", str(folder), "--output", str(tmp_path / "out"), "--json",
