@@ -1,7 +1,7 @@
 """The steps of ``bench/device_check.sh``: one GPU check of the real-size model, one step per process.
 
-    python bench/device_check.py STEP --out DIR [--dry-run]
-    STEP: build | mode MODE | agreement | medclip | report | modes (prints the mode names)
+    python bench/device_check.py STEP --out DIR [--dry-run] [--quick] [--vllm-python PY]
+    STEP: build | mode MODE | agreement | medclip | vllm | report | modes (prints the mode names)
 
 Each step writes ``DIR/rows/<name>.json``; ``report`` merges them into ``DIR/device_check.json`` and
 ``DIR/device_check.md`` (a step that failed or was skipped says so in its row). ``--dry-run`` runs
@@ -25,6 +25,8 @@ REPO = realsize.midsize.REPO
 TINY_CONFIG = REPO / "eval_configs" / "tiny_fixture.yaml"
 DRY_SCALE = 0.1
 MODES = ("fp16", "fp16-compile", "4bit", "8bit", "low_resource")  # fast paths first
+QUICK_MODES = ("fp16", "8bit")  # --quick: the rows a short device loan must give (with vllm), in under 8 minutes
+QUICK_TURNS = 3  # --quick: turns per conversation instead of 8
 TURNS = ("Could you provide a detailed description of the given x-ray image?",
          "Is there evidence of pleural effusion?", "Is the heart size normal?", "Any pneumothorax?",
          "Are the costophrenic angles sharp?", "Is there consolidation in either lung?",
@@ -74,12 +76,14 @@ def weight_bytes_per_token(llm) -> int:
     return tensor_bytes(llm) - embedding.numel() * embedding.element_size()
 
 
-def conversation(xray, image, reuse_kv: bool, new_tokens: int) -> tuple[list[dict], list[list[int]]]:
-    """Eight greedy turns of ``new_tokens`` tokens each: per turn its prompt size, TTFT, decode speed; the ids."""
+def conversation(xray, image, reuse_kv: bool, new_tokens: int, turns: int = len(TURNS)
+                 ) -> tuple[list[dict], list[list[int]]]:
+    """Eight (or ``turns``) greedy turns of ``new_tokens`` tokens each: per turn its prompt size, TTFT, decode
+    speed; the ids."""
     session = xray.chat(image, reuse_kv=reuse_kv)
     greedy = {"do_sample": False, "max_new_tokens": new_tokens, "min_length": new_tokens}
     rows, ids = [], []
-    for question in TURNS:
+    for question in TURNS[:turns]:
         turn = session.ask(question, **greedy)
         t = turn.timings
         ids.append(turn.token_ids)
@@ -126,8 +130,9 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
     synchronize(device)
     load_s = time.perf_counter() - started
     new_tokens = 4 if args.dry_run else 16
-    reuse, reuse_ids = conversation(xray, image, True, new_tokens)
-    full, full_ids = conversation(xray, image, False, new_tokens)
+    turns = QUICK_TURNS if args.quick else len(TURNS)
+    reuse, reuse_ids = conversation(xray, image, True, new_tokens, turns)
+    full, full_ids = conversation(xray, image, False, new_tokens, turns)
     anon_peak = sampler.stop() - anon_baseline
     row = {"mode": mode, "runtime_mode": runtime, "device": device, "load_s": load_s,
            "ttft_reuse_s": [t["ttft_s"] for t in reuse], "ttft_full_s": [t["ttft_s"] for t in full],
@@ -238,6 +243,15 @@ def run_medclip(args: argparse.Namespace) -> dict:
             "cached_prompts_s": min(timings[1:]), "ms_per_image": 1000 * min(timings[1:]) / 20}
 
 
+def run_vllm_step(args: argparse.Namespace) -> dict:
+    """vLLM serving the built Vicuna folder: decode tokens/s at 1 and 8 users against the bandwidth bound."""
+    from device_vllm import run_vllm
+
+    device, scale, root = setup(args)
+    bandwidth = copy_bandwidth(device, 2**30 if device == "cuda" else 2**28, 20 if device == "cuda" else 5)
+    return run_vllm(root, scale, device, args.vllm_python, 16 if args.dry_run else 128, bandwidth)
+
+
 def build(args: argparse.Namespace) -> dict:
     _, scale, root = setup(args)
     started = time.perf_counter()
@@ -262,19 +276,22 @@ def environment(dry_run: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=("build", "mode", "agreement", "medclip", "report", "modes"))
+    parser.add_argument("step", choices=("build", "mode", "agreement", "medclip", "vllm", "report", "modes"))
     parser.add_argument("mode", nargs="?", choices=MODES)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="the short profile: fewer modes and turns")
+    parser.add_argument("--vllm-python", default="", help="a Python with vllm for the vllm step (empty: skipped)")
     args = parser.parse_args(argv)
+    modes = QUICK_MODES if args.quick else MODES
     if args.step == "modes":
-        print(" ".join(MODES))
+        print(" ".join(modes))
         return 0
     if args.step == "report":
         from device_report import write_report
 
-        return write_report(args.out, environment(args.dry_run), MODES)
-    steps = {"build": build, "agreement": run_agreement, "medclip": run_medclip}
+        return write_report(args.out, environment(args.dry_run), modes, args.quick)
+    steps = {"build": build, "agreement": run_agreement, "medclip": run_medclip, "vllm": run_vllm_step}
     name = args.mode if args.step == "mode" else args.step
     row = run_mode(args, args.mode) if args.step == "mode" else steps[args.step](args)
     write_row(args, name, row)

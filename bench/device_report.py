@@ -41,9 +41,21 @@ def mode_lines(modes: dict[str, dict]) -> list[str]:
     return lines
 
 
+def vllm_lines(row: dict) -> list[str]:
+    """The vLLM row: decode tokens/s at 1 and 8 users against the bandwidth bound."""
+    if "skipped" in row or "failed" in row:
+        return ["", f"- vLLM: {row.get('skipped') or 'failed: ' + row.get('failed', '')}"]
+    return ["", f"- vLLM ({row['dtype']} on {row['device']}, server up in {row['start_s']:.0f} s, {row['new_tokens']}"
+            f" greedy tokens a user): decode {row['decode_1_user_tokens_per_s']:.1f} tokens/s at 1 user"
+            f" ({row['decode_1_vs_bound']:.0%} of the bound {row['bandwidth_bound_1_user_tokens_per_s']:.1f}),"
+            f" {row['decode_8_users_tokens_per_s']:.1f} in total at 8 users"
+            f" ({row['decode_8_users_per_user_tokens_per_s']:.1f} each; {row['speedup_8_vs_1']:.1f}x one user;"
+            f" {row['decode_8_vs_8x_bound']:.0%} of 8x the bound)."]
+
+
 def other_lines(rows: dict[str, dict]) -> list[str]:
     agreement, medclip, build = rows["agreement"], rows["medclip"], rows["build"]
-    lines = [""]
+    lines = vllm_lines(rows["vllm"])
     if "compared" in agreement:
         verdict = ("identical" if agreement["identical"]
                    else f"first difference at generated token {agreement['first_difference']}")
@@ -64,14 +76,17 @@ def other_lines(rows: dict[str, dict]) -> list[str]:
     return lines
 
 
-def write_report(out: Path, environment: dict, mode_names: tuple[str, ...]) -> int:
+def write_report(out: Path, environment: dict, mode_names: tuple[str, ...], quick: bool = False) -> int:
     """Write ``device_check.json`` and ``device_check.md`` into ``out``; 0 when no step failed."""
     modes = {name: _row(out, name) for name in mode_names}
-    rows = {name: _row(out, name) for name in ("build", "agreement", "medclip")}
+    rows = {name: _row(out, name) for name in ("build", "agreement", "medclip", "vllm")}
+    if quick:  # the short profile leaves these out on purpose
+        rows.update({name: {"skipped": "not in --quick"} for name in ("agreement", "medclip")})
     report = {"environment": environment, "modes": modes, **rows}
     (out / "device_check.json").write_text(json.dumps(report, indent=1))
     env = environment
     title = "Device check (DRY RUN on the CPU, mid-size dims)" if env["dry_run"] else "Device check"
+    title += " (--quick)" if quick else ""
     lines = [f"# {title}", "",
              f"{env['gpu'] or 'CPU'}; torch {env['torch']} (CUDA {env['cuda']}), transformers {env['transformers']},"
              f" bitsandbytes {env['bitsandbytes'] or 'absent'}, Python {env['python']}.", "",

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Creates .venv with the app, its test tools and the browser the tests drive. Idempotent.
+# With --vllm: creates .venv-vllm, the vLLM server's environment, instead (scripts/setup-vllm.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--vllm" ]; then
+  # The vLLM server's own environment (.venv-vllm), for runtime.llm_backend: vllm; see docs/deployment-vllm.md.
+  exec bash scripts/setup-vllm.sh
+fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

@@ -155,7 +155,8 @@ def test_stop_cancels_the_running_answer(services, loaded):
     h.stop(first[1])
     messages, state, note, _ = list(stream)[-1]
     assert state.session.turns[-1].cancelled and "stopped" in note.lower()
-    assert messages[-1]["content"] == state.session.turns[-1].answer
+    assert messages[-1]["content"] == state.session.turns[-1].answer + h.STOPPED_MARK  # a cut answer says so
+    assert f"**Answer:** {state.session.turns[-1].answer}{h.STOPPED_MARK}" in h.conversation_markdown(state)
 
 
 def test_bad_questions_and_missing_image_are_notices(services, loaded):

@@ -33,7 +33,8 @@ import tinymodels  # noqa: E402
 BERT_TINY = tinymodels.SHARED / "fixtures" / "medclip_tiny" / "bert_tiny"
 PUBMEDBERT = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"  # what BiomedCLIP's config names
 TOWER_WIDTH = 192  # vit_tiny_patch16_224
-LLM_DIMS = tinymodels.TinyDims(llm_hidden=64, llm_layers=2, llm_heads=4, llm_intermediate=128)
+# Head size 32 (64 / 2 heads): the smallest vLLM's CPU build serves, so the tiny model runs with the vllm backend too.
+LLM_DIMS = tinymodels.TinyDims(llm_hidden=64, llm_layers=2, llm_heads=2, llm_intermediate=128)
 # TinyLlama-1.1B-Chat-v1.0's template (Zephyr style): the end of a turn is the EOS token </s>.
 TINYLLAMA_TEMPLATE = (
     "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "

@@ -6,6 +6,10 @@ Better than the reference in three ways, with the same answers:
 - answers stream token by token and can be cancelled;
 - when the conversation outgrows the context, the oldest turns are dropped (never the system
   text or the image) and the caller is told, instead of the reference's silent front crop.
+
+With ``runtime.llm_backend: vllm`` only the token source changes: the same prompt embeddings go to
+a vLLM server (``remote_llm``), whose prefix cache does the reuse, and the same stop rules and
+clean-up apply to the token ids that stream back.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from .errors import BadInputError, ModelMemoryError
 from .families import ChatModel, ImageEmbedding, Turn
 from .generation import StopOnEvent, StopOnSequences, ends_with_any, logits_processors, next_token, settings_with
 from .kvcache import new_kv_cache
+from .remote_llm import RemoteLLM, remote_tokens
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +65,9 @@ class ChatSession:
         self.reuse_kv = reuse_kv  # False re-runs the whole prompt every turn, as the reference does
         self.turns: list[TurnResult] = []
         self._history: list[Turn] = []  # stored answers, as later prompts carry them
-        self._kv = new_kv_cache(model.llm, model.config.runtime.compile, model.context_length)
+        self._remote = model.llm if isinstance(model.llm, RemoteLLM) else None  # the LLM runs on a vLLM server
+        self._kv = None if self._remote else new_kv_cache(model.llm, model.config.runtime.compile,
+                                                          model.context_length)
         self._cached_ids: list[int] = []
         self._stops = model.stop_sequences()
 
@@ -76,12 +83,13 @@ class ChatSession:
         settings = settings_with(self.model.config.generation, **generation)
         prompt = self._prepare(question, settings.max_new_tokens)
         try:
-            if settings.num_beams > 1:
+            if settings.num_beams > 1 and self._remote is None:
                 yield from self._beam_search(question, prompt, settings, cancel)
             else:
                 yield from self._decode(question, prompt, settings, cancel)
         except torch.OutOfMemoryError:
-            self._kv.clear()  # a forward may have stopped half-way through the cache
+            if self._kv is not None:
+                self._kv.clear()  # a forward may have stopped half-way through the cache
             self._cached_ids = []
             if self.model.placement.llm_device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -118,37 +126,65 @@ class ChatSession:
             f"The question and answer length do not fit the model's context of {self.context_limit} tokens"
             f" ({len(ids)} prompt tokens + {max_new_tokens} new): shorten the question or lower max_new_tokens.")
 
-    @torch.inference_mode()
     def _decode(self, question: str, prompt: _PreparedPrompt, settings, cancel) -> Iterator[str]:
         started = time.perf_counter()
-        reused = self._reuse_cache(prompt.ids)
-        logits = self._forward(inputs_embeds=prompt.embeds[:, reused:])
-        timings = {"reused_tokens": reused, "prefilled_tokens": len(prompt.ids) - reused}
-        generator = None
-        if settings.seed is not None:  # on the logits' device, as multinomial requires
-            generator = torch.Generator(device=logits.device).manual_seed(settings.seed)
-        processors = logits_processors(settings, self.model.tokenizer.eos_token_id, self.model.suppressed_ids)
+        timings: dict[str, float] = {}
+        tokens = (self._remote_tokens(prompt, settings, timings) if self._remote is not None
+                  else self._local_tokens(prompt, settings, timings))
         generated: list[int] = []
         emitted, cancelled = "", False
-        while not (cancelled := cancel is not None and cancel.is_set()):
-            history = torch.tensor([generated], dtype=torch.long, device=logits.device)
-            generated.append(next_token(logits[:, -1], history, processors, settings, generator))
-            if len(generated) == 1:  # picking the token waits for the device, so this is the real TTFT
-                timings["time_to_first_token_s"] = time.perf_counter() - started
-            if self._finished(generated) or len(generated) >= settings.max_new_tokens:
-                break
-            piece = self._stable_text(self.model.answer_text(generated))[len(emitted):]
-            if piece:
-                emitted += piece
-                yield piece
-            logits = self._forward(input_ids=torch.tensor([generated[-1:]], device=logits.device))
-        # What the cache now holds: the prompt and every generated token that was fed back.
-        self._cached_ids = (prompt.ids + generated)[: self._kv.length()]
+        try:
+            while not (cancelled := cancel is not None and cancel.is_set()):
+                token = next(tokens, None)
+                if token is None:  # the server ended the answer (its max_tokens or EOS)
+                    break
+                generated.append(token)
+                if len(generated) == 1:  # picking the token waits for the device, so this is the real TTFT
+                    timings["time_to_first_token_s"] = time.perf_counter() - started
+                if self._finished(generated) or len(generated) >= settings.max_new_tokens:
+                    break
+                piece = self._stable_text(self.model.answer_text(generated))[len(emitted):]
+                if piece:
+                    emitted += piece
+                    yield piece
+        finally:
+            tokens.close()  # a remote answer's connection closes: the server aborts the request
+        if self._remote is None:  # what the cache now holds: the prompt and every generated token fed back
+            self._cached_ids = (prompt.ids + generated)[: self._kv.length()]
         ttft = timings.setdefault("time_to_first_token_s", time.perf_counter() - started)
         timings.update(prefill_s=ttft, decode_s=time.perf_counter() - started - ttft, new_tokens=len(generated))
         answer = self._finish_turn(question, prompt, generated, cancelled, timings)
         if answer.startswith(emitted) and answer != emitted:
             yield answer[len(emitted):]
+
+    @torch.inference_mode()
+    def _local_tokens(self, prompt: _PreparedPrompt, settings, timings: dict) -> Iterator[int]:
+        """The in-process LLM's tokens: prefill after the reused prefix, then one forward per token."""
+        reused = self._reuse_cache(prompt.ids)
+        logits = self._forward(inputs_embeds=prompt.embeds[:, reused:])
+        timings.update(reused_tokens=reused, prefilled_tokens=len(prompt.ids) - reused)
+        generator = None
+        if settings.seed is not None:  # on the logits' device, as multinomial requires
+            generator = torch.Generator(device=logits.device).manual_seed(settings.seed)
+        processors = logits_processors(settings, self.model.tokenizer.eos_token_id, self.model.suppressed_ids)
+        generated: list[int] = []
+        while True:
+            history = torch.tensor([generated], dtype=torch.long, device=logits.device)
+            generated.append(next_token(logits[:, -1], history, processors, settings, generator))
+            yield generated[-1]
+            logits = self._forward(input_ids=torch.tensor([generated[-1:]], device=logits.device))
+
+    def _remote_tokens(self, prompt: _PreparedPrompt, settings, timings: dict) -> Iterator[int]:
+        """The vLLM server's tokens for the same prompt embeddings (its prefix cache reuses earlier turns).
+
+        Single-token stops go to the server, so it ends the answer itself, unless ``min_length`` is set:
+        vLLM's min_tokens would then hold back those ids too, where transformers holds back EOS only.
+        Longer stop sequences are found here, as in process, and end the request.
+        """
+        singles = [seq[0] for seq in self._stops if len(seq) == 1] if settings.min_length == 0 else []
+        suppressed = self.model.suppressed_ids
+        return remote_tokens(self._remote, prompt.embeds[0], settings, singles,
+                             suppressed[0] if suppressed else None, timings)
 
     def _beam_search(self, question: str, prompt: _PreparedPrompt, settings, cancel) -> Iterator[str]:
         """Beams go through ``generate`` (no streaming, no KV reuse), as the reference does."""

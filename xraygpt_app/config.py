@@ -1,9 +1,8 @@
 """Typed, validated configuration loaded from YAML in ``eval_configs/``.
 
-Every architecture dimension is a field whose default is the real XrayGPT value, so a tiny
-test model runs through exactly the same code path as the real one. Unknown keys are errors
-that name the file and the key (the reference's ``cfg.get(key, default)`` silently ignores
-typos).
+Every architecture dimension is a field whose default is the real XrayGPT value, so a tiny test model
+runs through exactly the same code path as the real one. Unknown keys are errors that name the file
+and the key (the reference's ``cfg.get(key, default)`` silently ignores typos). ``llm_server``: serverconfig.py.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .families.registry import FAMILIES, family_spec
+from .serverconfig import LLMServerConfig, check_backend
 from .yamlconfig import absolute_path, build_section, read_raw_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "eval_configs" / "xraygpt_eval.yaml"
@@ -146,6 +146,7 @@ class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     vision_device: str = "auto"  # auto (as the mode says) | cpu: the ViT in float32 on the CPU, saving GPU memory
     compile: bool = False  # static KV cache + torch.compile'd decode step (see xraygpt_app/kvcache.py)
+    llm_backend: str = "transformers"  # transformers (in process) | vllm (a vLLM server: section llm_server)
 
 
 @dataclass
@@ -241,7 +242,7 @@ class AppConfig:
     port: int = 7860
     share: bool = False
     max_file_size: str = "50mb"
-    generation_concurrency: int = 1
+    generation_concurrency: int | None = None  # None: 1 in process, 16 with the vllm backend (it batches them)
     queue_max_size: int = 32
     delete_cache_seconds: int = 600  # Gradio's delete_cache (frequency, age); uploads are deleted at once anyway
     session_idle_seconds: int = 1800  # a session untouched this long is forgotten: image, chat, KV cache
@@ -265,6 +266,7 @@ class Config:
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     app: AppConfig = field(default_factory=AppConfig)
+    llm_server: LLMServerConfig = field(default_factory=LLMServerConfig)
     source: str = ""  # the file this config was read from (set by load_config)
     overrides: list[str] = field(default_factory=list)  # its --set items, to print commands that reproduce it
 
@@ -273,10 +275,8 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config, apply ``key.path=value`` overrides, validate, and return it.
-
-    Relative local weight paths are resolved against the config file's folder.
-    """
+    """Read a YAML config, apply ``key.path=value`` overrides, validate, and return it (relative local weight
+    paths are resolved against the config file's folder)."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     raw = read_raw_config(path, overrides)
     raw.pop("train", None)  # a training config's own section, read (and checked) by xraygpt_app.train.config
@@ -291,6 +291,7 @@ def config_from_raw(raw: dict, path: Path) -> Config:
     config.source = str(path)
     _resolve_relative_sources(config, path.parent)
     _validate(config, str(path))
+    check_backend(config, str(path), path.parent)
     return config
 
 

@@ -33,3 +33,9 @@ class MissingWeightsError(XrayGPTError):
 
 class ModelMemoryError(XrayGPTError):
     """The device ran out of memory during an answer; the conversation is left as it was."""
+
+
+class LLMServerError(XrayGPTError):
+    """The vLLM server behind ``runtime.llm_backend: vllm`` failed, refused or cannot be reached."""
+
+    exit_code = 4

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from .checkpoints import CheckpointKeyError
-from .config import LLMConfig
+from .config import Config, LLMConfig
 from .errors import ConfigError
 from .placement import Placement
 
@@ -140,6 +140,17 @@ def peft_without_deprecation_notice() -> Iterator[None]:
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
                                 module=r"transformers\.modeling_utils")
         yield
+
+
+def load_backend_llm(config: Config, folder: Path, llm_config: LLMConfig, placement: Placement) -> torch.nn.Module:
+    """The LLM where ``runtime.llm_backend`` says: loaded here (transformers), or served by vLLM with only its token
+    embeddings here (``remote_llm.RemoteLLM``; the server is reached or launched before this returns)."""
+    if config.runtime.llm_backend == "vllm":
+        from .remote_llm import load_remote_llm
+
+        check_llm_config(folder, llm_config)
+        return load_remote_llm(config, folder, placement.llm_dtype, placement.llm_device, llm_config.max_length)
+    return load_llm(folder, llm_config, placement)
 
 
 def apply_lora_adapter(llm: torch.nn.Module, folder: str | Path, placement: Placement) -> torch.nn.Module:

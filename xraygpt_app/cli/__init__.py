@@ -1,6 +1,6 @@
 """The ``xraygpt`` command line: one parser, one sub-command module per concern.
 
-Exit codes: 0 ok; 2 bad input (config, file, question); 3 missing weights.
+Exit codes: 0 ok; 2 bad input (config, file, question); 3 missing weights; 4 the vLLM server failed.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from ..config import load_config
 from ..errors import BadInputError, ImageLoadError
 from ..families import DEFAULT_REPORT_QUESTION
 from ..imaging.loader import load_radiograph
+from ..llm_server import progress_to
 from .heatmaps import MEANING_LINE, add_heatmap_option, output_folder, write_report_maps
 from .options import add_config_options
 
@@ -80,7 +81,8 @@ def _converse(args: argparse.Namespace, questions: list[str]) -> int:
         radiograph = load_radiograph(args.image, config.image)
     except ImageLoadError as exc:
         raise ImageLoadError(f"{args.image}: {exc}") from None
-    model = Assistant.from_config(config)
+    with progress_to(lambda line: print(line, file=sys.stderr, flush=True)):  # a vLLM server's start-up
+        model = Assistant.from_config(config)
     session = model.chat(radiograph.image, reuse_kv=not args.no_kv_reuse)
     if not args.json:
         print(DISCLAIMER, file=sys.stderr)

@@ -225,6 +225,7 @@ def _print_check(config: Config, statuses: list[WeightStatus], memory: dict[str,
         print(f"memory estimate on this machine (runtime.mode {config.runtime.mode}), peak per device:")
         for device, size in memory.items():
             print(f"  {device}: {size / 2**30:.2f} GiB")
+    print(f"LLM backend: {config.runtime.llm_backend}: {_backend(config, statuses)['detail']}")
 
 
 def _check_json(config: Config, statuses: list[WeightStatus], memory: dict[str, int] | None,
@@ -238,7 +239,16 @@ def _check_json(config: Config, statuses: list[WeightStatus], memory: dict[str, 
         "memory_bytes": memory,
         "memory_note": note,
         "memory_gpu_estimate": _gpu_json(config),
+        "llm_backend": _backend(config, statuses),
     }
+
+
+def _backend(config: Config, statuses: list[WeightStatus]) -> dict[str, Any]:
+    """The LLM backend and whether its server answers (or how it would be launched)."""
+    from ..llm_server import backend_status
+
+    llm = next((s.path for s in statuses if s.name == "weights.llama_model"), None)
+    return backend_status(config, llm)
 
 
 def _gpu_json(config: Config) -> dict[str, Any] | None:

@@ -40,6 +40,7 @@ SUGGESTED_QUESTIONS = (
     "Is there a pneumothorax?",
 )
 NO_IMAGE = "Upload a radiograph first (or pick an example)."
+STOPPED_MARK = " *[stopped]*"  # after an answer cut by Stop, in the chat and the downloaded conversation
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 EXAMPLES = {
     "NIH PA (512 px)": "nih_cxr14_00000001_000_pa_512.png",
@@ -211,7 +212,7 @@ def _stream(state: UserState, start: Callable[[], Iterator[str]], question: str,
 
 def _finish_turn(state: UserState, began: float) -> ChatOutput:
     turn = state.session.turns[-1]
-    state.messages[-1] = {"role": "assistant", "content": turn.answer}
+    state.messages[-1] = {"role": "assistant", "content": turn.answer + (STOPPED_MARK if turn.cancelled else "")}
     logger.info("answer: %d tokens in %.2f s%s", len(turn.token_ids), time.perf_counter() - began,
                 " (stopped)" if turn.cancelled else "")
     notes = []
@@ -333,7 +334,8 @@ def vqa_answer(state: UserState | None, services: Services, question: str, setti
     state.vqa_cancel.clear()  # this Stop was for this answer
     state.vqa_turn = turn
     logger.info("vqa answer: %d tokens in %.2f s", len(turn.token_ids), time.perf_counter() - began)
-    yield turn.answer, notice("Generation stopped." if turn.cancelled else "")
+    stopped = turn.cancelled
+    yield turn.answer + (STOPPED_MARK if stopped else ""), notice("Generation stopped." if stopped else "")
 
 
 # ---- zero-shot ----------------------------------------------------------------------------

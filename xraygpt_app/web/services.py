@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ZEROSHOT_KINDS, Config, iter_weight_specs
-from ..errors import MissingWeightsError, XrayGPTError
+from ..errors import LLMServerError, MissingWeightsError, XrayGPTError
 from ..families.registry import family_spec
 
 logger = logging.getLogger(__name__)
@@ -67,12 +67,17 @@ def _load_assistant(config: Config, say: Callable[[str], None], download: bool) 
     start = time.perf_counter()
     try:
         from ..api import Assistant
+        from ..llm_server import progress_to
 
-        model = Assistant.from_config(config, download=download)
+        with progress_to(say):  # a vLLM server's start-up (runtime.llm_backend: vllm)
+            model = Assistant.from_config(config, download=download)
     except MissingWeightsError as exc:
         reason = _every_missing_file(config, exc)
         say(f"{spec.title} is unavailable: {reason}")
         return None, reason
+    except LLMServerError as exc:  # the chat tabs say why; zero-shot still works
+        say(f"{spec.title} is unavailable: {exc}")
+        return None, str(exc)
     except ImportError as exc:  # an optional dependency missing on this install
         say(f"{spec.title} is unavailable: {exc}")
         return None, f"{spec.title} could not be imported on this install: {exc}"

@@ -80,6 +80,19 @@ def _armed(trigger: Callable, state: gr.State) -> Any:
     return trigger(_arm, [state], None, queue=False, api_visibility="private")
 
 
+def _generating(trigger: Callable, state: gr.State, stop: gr.Button, handler: Callable, inputs: list,
+                outputs: list, options: dict[str, Any]) -> None:
+    """``trigger`` -> arm the Stop switches -> Stop pressable -> ``handler`` (queued) -> Stop greyed out again,
+    so Stop is live only while an answer waits or is being written."""
+    def live(on: bool) -> Callable[[], gr.Button]:
+        return lambda: gr.Button(interactive=on)
+
+    armed = _armed(trigger, state)
+    armed.then(live(True), None, stop, queue=False, api_visibility="private")
+    armed.then(handler, inputs, outputs, **options).then(live(False), None, stop, queue=False,
+                                                         api_visibility="private")
+
+
 def _queued(services: Services, group: str) -> dict[str, Any]:
     """Options of a UI event that runs a model: its queue group and limit, and no public API."""
     return {"concurrency_id": group, "concurrency_limit": services.config.app.generation_concurrency,
@@ -222,7 +235,7 @@ def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Res
         ask_button = gr.Button("Ask", scale=1, elem_id="ask", interactive=ready)
     with gr.Row():
         report_button = gr.Button("Generate report", variant="primary", elem_id="generate-report", interactive=ready)
-        stop_button = gr.Button("Stop", variant="stop", elem_id="stop")
+        stop_button = gr.Button("Stop", variant="stop", elem_id="stop", interactive=False)  # live while writing
         regenerate_button = gr.Button("Regenerate", elem_id="regenerate", interactive=ready)
         clear_button = gr.Button("Clear", elem_id="clear")
     chat_notice = gr.Markdown(elem_id="chat-notice")
@@ -245,10 +258,10 @@ def _chat_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Res
     def on_regenerate(st: h.UserState | None, *values: Any):
         yield from h.regenerate(st, services, h.generation_kwargs(*values))
 
-    _armed(report_button.click, state).then(on_report, [state, *sliders], outputs, **group)
+    _generating(report_button.click, state, stop_button, on_report, [state, *sliders], outputs, group)
     for trigger in (ask_button.click, question.submit):
-        _armed(trigger, state).then(on_ask, [state, question, *sliders], [*outputs, question], **group)
-    _armed(regenerate_button.click, state).then(on_regenerate, [state, *sliders], outputs, **group)
+        _generating(trigger, state, stop_button, on_ask, [state, question, *sliders], [*outputs, question], group)
+    _generating(regenerate_button.click, state, stop_button, on_regenerate, [state, *sliders], outputs, group)
     stop_button.click(h.stop, [state], None, queue=False, api_visibility="private")
     def on_clear(st: h.UserState | None) -> tuple:
         messages, st, note, link = h.clear_chat(st)
@@ -301,7 +314,7 @@ def _vqa_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Rese
                             api_visibility="private")
     with gr.Row():
         ask_button = gr.Button("Answer", variant="primary", elem_id="vqa-ask", interactive=ready)
-        stop_button = gr.Button("Stop", variant="stop", elem_id="vqa-stop")
+        stop_button = gr.Button("Stop", variant="stop", elem_id="vqa-stop", interactive=False)
     answer = gr.Markdown(elem_id="vqa-answer", container=True, min_height=80)
     vqa_notice = gr.Markdown(elem_id="vqa-notice")
 
@@ -313,8 +326,8 @@ def _vqa_tab(services: Services, state: gr.State, image: dict[str, Any]) -> Rese
 
     # one click on a suggested question fills the box and asks it
     for trigger in (ask_button.click, question.submit, suggested.load_input_event.then):
-        _armed(trigger, state).then(on_answer, [state, question, *image["sliders"]], [answer, vqa_notice],
-                                    **_queued(services, GENERATION))
+        _generating(trigger, state, stop_button, on_answer, [state, question, *image["sliders"]],
+                    [answer, vqa_notice], _queued(services, GENERATION))
     stop_button.click(h.stop, [state], None, queue=False, api_visibility="private")
     return [(answer, ""), (vqa_notice, ""), *_answer_map_block(services, state, "vqa")]
 

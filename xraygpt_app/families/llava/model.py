@@ -32,7 +32,7 @@ from ...llm import (
     apply_lora_adapter,
     check_vocabulary,
     embed_ids,
-    load_llm,
+    load_backend_llm,
     load_tokenizer,
     stop_token_sequences,
     undecodable_ids,
@@ -163,7 +163,8 @@ class LlavaModel:
         check_vocabulary(paths["llama_model"], tokenizer)  # before gigabytes of weights are read
         tower = load_tower(paths["vision_tower"], config.tower, placement.vision_device, placement.vision_dtype)
         hidden = AutoConfig.from_pretrained(paths["llama_model"]).hidden_size  # the projector is sized from it
-        llm = load_llm(paths["llama_model"], dataclasses.replace(config.llm, hidden_size=hidden), placement)
+        llm = load_backend_llm(config, paths["llama_model"], dataclasses.replace(config.llm, hidden_size=hidden),
+                               placement)
         if config.weights.lora:  # stage 2 of `xraygpt finetune`
             llm = apply_lora_adapter(llm, config.weights.lora, placement)
         projector = (build_projector(config.projector.type, tower.width, hidden) if fresh else

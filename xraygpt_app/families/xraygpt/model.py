@@ -21,7 +21,7 @@ from ...llm import (
     check_llm_config,
     check_vocabulary,
     embed_ids,
-    load_llm,
+    load_backend_llm,
     load_tokenizer,
     make_decoder,
     stop_token_sequences,
@@ -137,8 +137,9 @@ class XrayGPTModel:
         tokenizer = load_tokenizer(paths.llama_model)
         check_vocabulary(paths.llama_model, tokenizer)  # before gigabytes of weights are read
         vision, bridge, inv_freq = load_vision_and_bridge(config, paths)
-        llm = load_llm(paths.llama_model, config.llm, placement)
-        check_rotary_buffers(llm, inv_freq)
+        llm = load_backend_llm(config, paths.llama_model, config.llm, placement)
+        if config.runtime.llm_backend == "transformers":  # a vLLM server computes its own rotary tables
+            check_rotary_buffers(llm, inv_freq)
         if config.weights.lora:
             llm = apply_lora_adapter(llm, config.weights.lora, placement)
         vision = place_vision(vision, placement)
