@@ -290,3 +290,21 @@ def test_a_one_model_config_needs_no_default_model(capsys, tmp_path, shared_dir,
         "  default_model: medklip\n", "").replace("    medklip:\n", "    medklip-tiny:\n"), encoding="utf-8")
     assert main(["classify", images[0], "-c", str(config), "--preset", "cxr14", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["model"] == "medklip-tiny"
+
+
+def test_chart_shows_one_probability_per_label(capsys, config_path, tmp_path, images):
+    """MedKLIP's probabilities do not compete across labels: the chart draws them as one series."""
+    from matplotlib.figure import Figure
+
+    from xraygpt_app.charts import _score_panel
+    from xraygpt_app.zeroshot.medklip_classifier import EntityResult
+
+    chart = tmp_path / "chart.png"
+    assert main(["classify", images[0], "-c", str(config_path), "--preset", "cxr14", "--chart", str(chart)]) == 0
+    assert chart.read_bytes().startswith(b"\x89PNG")
+    result = EntityResult(["effusion", "tube"], [0.1, -0.2], [0.52, 0.45], "effusion")
+    assert not result.across_labels
+    ax = Figure().subplots()
+    _score_panel(ax, result.labels, result.probabilities, None, result.predicted, "one series")
+    assert len(ax.patches) == 2
+    assert [t.get_label() for t in ax.containers] == ["probability present (per label)"]

@@ -27,15 +27,20 @@ def _render(fig: Figure, path: str | Path | None) -> bytes:
     return data
 
 
-def _score_panel(ax, labels: Sequence[str], probabilities: Sequence[float], scores: Sequence[float],
+def _score_panel(ax, labels: Sequence[str], probabilities: Sequence[float], scores: Sequence[float] | None,
                  predicted: str, title: str) -> None:
+    """Probability and score bars per label; ``scores`` None: one bar of per-label probabilities (MedKLIP)."""
     y = np.arange(len(labels))
-    height = 0.38
-    ax.barh(y - height / 2, probabilities, height, label="probability (softmax across labels)", color="#3b75af")
-    ax.barh(y + height / 2, scores, height, label="score (sigmoid of logit)", color="#ef8636")
-    for i, (p, s) in enumerate(zip(probabilities, scores, strict=True)):
-        ax.text(p + 0.01, i - height / 2, f"{p:.2f}", va="center", fontsize=8)
-        ax.text(s + 0.01, i + height / 2, f"{s:.2f}", va="center", fontsize=8)
+    height = 0.38 if scores is not None else 0.6
+    shift = height / 2 if scores is not None else 0.0
+    meaning = "probability (softmax across labels)" if scores is not None else "probability present (per label)"
+    ax.barh(y - shift, probabilities, height, label=meaning, color="#3b75af")
+    for i, p in enumerate(probabilities):
+        ax.text(p + 0.01, i - shift, f"{p:.2f}", va="center", fontsize=8)
+    if scores is not None:
+        ax.barh(y + shift, scores, height, label="score (sigmoid of logit)", color="#ef8636")
+        for i, s in enumerate(scores):
+            ax.text(s + 0.01, i + shift, f"{s:.2f}", va="center", fontsize=8)
     ax.set_yticks(y, [f"{label}  \u25c0" if label == predicted else label for label in labels])
     ax.invert_yaxis()  # first label at the top
     ax.set_xlim(0, 1.12)
@@ -55,7 +60,8 @@ def score_chart(results: Sequence, titles: Sequence[str] | None = None, path: st
     fig = Figure(figsize=(7.5, (0.55 * n_labels + 1.2) * len(results) + 0.6), layout="constrained")
     axes = fig.subplots(len(results), 1, squeeze=False)[:, 0]
     for ax, result, title in zip(axes, results, titles, strict=False):
-        _score_panel(ax, result.labels, result.probabilities, result.scores, result.predicted,
+        scores = result.scores if result.across_labels else None  # MedKLIP: scores equal its probabilities
+        _score_panel(ax, result.labels, result.probabilities, scores, result.predicted,
                      f"{title}: predicted {result.predicted}")
     axes[0].legend(loc="lower right", fontsize=8)
     fig.suptitle(f"Zero-shot scores ({DISCLAIMER})", fontsize=10)

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 from PIL import Image
@@ -54,6 +54,7 @@ class ZeroShotResult:
     probabilities: list[float]  # softmax across labels
     scores: list[float]  # sigmoid(logit) per label
     predicted: str
+    across_labels: ClassVar[bool] = True  # ``probabilities`` compete (softmax); MedKLIP's EntityResult: False
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict."""

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from PIL import Image
@@ -43,6 +44,7 @@ class EntityResult:
     probabilities: list[float]  # positive-class probability of each label on its own (not a softmax across)
     predicted: str
     grounding: dict[str, list[list[float]]] = field(default_factory=dict)  # label -> raw h x w attention map
+    across_labels: ClassVar[bool] = False  # each label has its own present/absent softmax
 
     @property
     def scores(self) -> list[float]:
