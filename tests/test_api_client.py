@@ -15,9 +15,10 @@ NIH = "nih_cxr14_00000001_000_pa_512.png"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_config):
     command = ["-m", "xraygpt_app.cli", "--verbose", "serve"]  # INFO logs on, to check what they carry
-    with running_app(tmp_path_factory.mktemp("api"), command, {"XRAYGPT_AUTH": ":".join(AUTH)}) as app:
+    with running_app(tmp_path_factory.mktemp("api"), command, {"XRAYGPT_AUTH": ":".join(AUTH)},
+                     config=tiny_config) as app:
         yield app
 
 

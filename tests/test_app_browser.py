@@ -37,8 +37,8 @@ def _chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_app(tmp_path_factory.mktemp("app"), ["app.py"]) as app:
+def server(tmp_path_factory, tiny_config):
+    with running_app(tmp_path_factory.mktemp("app"), ["app.py"], config=tiny_config) as app:
         yield app
 
 

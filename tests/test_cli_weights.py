@@ -6,13 +6,13 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
 import yaml
+from helpers import SHARED, TINY_CONFIG
 
 from xraygpt_app.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO / "eval_configs" / "tiny_fixture.yaml"
-FIXTURE = REPO.parent / "shared" / "fixtures" / "xraygpt_tiny"
+FIXTURE = SHARED / "fixtures" / "xraygpt_tiny"  # tests that read it take the xraygpt_fixture_dir fixture
 MANUAL_HOW_TO = "Download it by hand from the XrayGPT README into checkpoints/"
 
 
@@ -32,6 +32,7 @@ def _absolute_fixture_weights() -> dict:
         ("eva_vit_g", "eva_vit_tiny.pth"), ("blip2_qformer", "blip2_tiny.pth"))}
 
 
+@pytest.mark.usefixtures("xraygpt_fixture_dir")  # reads ../shared/fixtures/xraygpt_tiny
 def test_check_all_present(capsys):
     assert main(["check", "--config", str(TINY_CONFIG)]) == 0
     out = capsys.readouterr().out
@@ -41,6 +42,7 @@ def test_check_all_present(capsys):
     assert "cpu: " in out and "GiB" in out  # the estimate for this machine (fp32 on the CPU)
 
 
+@pytest.mark.usefixtures("xraygpt_fixture_dir")  # reads ../shared/fixtures/xraygpt_tiny
 def test_check_missing_file_exit_3_with_message(tmp_path, capsys):
     absent = tmp_path / "checkpoints" / "xraygpt_pretrained.pth"
     config = _config(tmp_path, {**_absolute_fixture_weights(),
@@ -53,6 +55,7 @@ def test_check_missing_file_exit_3_with_message(tmp_path, capsys):
     assert "1 weights entry is missing" in captured.err
 
 
+@pytest.mark.usefixtures("xraygpt_fixture_dir")  # reads ../shared/fixtures/xraygpt_tiny
 def test_check_json_and_set_override(tmp_path, capsys):
     absent = tmp_path / "nothing_here.pth"
     code = main(["check", "-c", str(TINY_CONFIG), "--set", f"weights.eva_vit_g={absent}", "--json"])
@@ -71,6 +74,7 @@ def test_check_bad_config_exit_2(tmp_path, capsys):
     assert main(["check", "-c", str(tmp_path / "no_such.yaml")]) == 2
 
 
+@pytest.mark.usefixtures("xraygpt_fixture_dir")  # reads ../shared/fixtures/xraygpt_tiny
 def test_fetch_downloads_url_and_explains_manual(server, tmp_path, capsys):
     base, root = server
     data = (FIXTURE / "eva_vit_tiny.pth").read_bytes()

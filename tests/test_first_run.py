@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 import yaml
 from _app_server import running_app
-from test_cli_weights import FIXTURE, TINY_CONFIG  # the 127.0.0.1 `server` fixture is in conftest
+from helpers import SHARED, TINY_CONFIG
 from test_weights import _put_in_hub_cache, hf_cache  # noqa: F401  (hf_cache: the offline Hub cache fixture)
 
 from xraygpt_app.cli.serve import fetch_on_start
 from xraygpt_app.config import load_config
 from xraygpt_app.weights import human_size
 
-MEDCLIP = FIXTURE.parent / "medclip_tiny"
+FIXTURE = SHARED / "fixtures" / "xraygpt_tiny"  # tests that read it take a fixture of ../shared
+MEDCLIP = SHARED / "fixtures" / "medclip_tiny"
 LICENCE = "MIT (MedCLIP's repository, which links it)"
 pytestmark = pytest.mark.timeout(600)
 
@@ -80,6 +81,7 @@ def test_first_start_fetches_public_weights_and_zero_shot_works(server, tmp_path
     assert "downloading" not in capsys.readouterr().out
 
 
+@pytest.mark.usefixtures("xraygpt_fixture_dir")  # reads ../shared/fixtures/xraygpt_tiny
 def test_unreachable_sources_and_offline_download_nothing_and_say_so(tmp_path, capsys):
     config = load_config(first_run_config(tmp_path, "http://127.0.0.1:9"))  # port 9: nothing listens
     assert fetch_on_start(config, offline=False) == 3
@@ -93,6 +95,7 @@ def test_unreachable_sources_and_offline_download_nothing_and_say_so(tmp_path, c
     assert not [path for path in (tmp_path / "cache").rglob("*") if path.is_file()]  # no half-written files
 
 
+@pytest.mark.usefixtures("xraygpt_fixture_dir")  # reads ../shared/fixtures/xraygpt_tiny
 def test_hub_files_from_the_cache_and_an_offline_hub(hf_cache, tmp_path, capsys):  # noqa: F811
     _put_in_hub_cache(hf_cache, "lavis/blip2", {"blip2_tiny.pth": (FIXTURE / "blip2_tiny.pth").read_bytes()})
     extra = {"blip2_qformer": "hf-hub:lavis/blip2/blip2_tiny.pth", "eva_vit_g": "hf-hub:lavis/eva/eva_vit_tiny.pth"}

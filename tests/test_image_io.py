@@ -24,6 +24,8 @@ from xraygpt_app.errors import ImageLoadError
 from xraygpt_app.imaging.loader import Radiograph, describe_content, load_radiograph, looks_like_dicom, model_ready
 
 ROWS = sample_rows()
+# Tests that read ../shared/xray-samples (through SAMPLES) skip with samples_dir's reason when it is missing.
+needs_samples = pytest.mark.usefixtures("samples_dir")
 PNG_8BIT = "nih_cxr14_00000001_000_pa_512.png"
 JPEG_8BIT = "covidcxr_2168a917_pa_2000.jpg"
 J2K_MONO1 = "cr_nema_rg1_chest_pa_mono1_15bit_j2k_lossy.dcm"
@@ -80,11 +82,13 @@ def _dicom_bytes(ds: pydicom.Dataset) -> bytes:
 # ------------------------------------------------------------------ every sample, checked against the manifest
 
 
+@needs_samples
 def test_manifest_lists_samples():
     assert len(ROWS) >= 10, "manifest.csv of ../shared/xray-samples not found or nearly empty"
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[row["filename"] for row in ROWS])
+@needs_samples
 def test_sample_loads_as_manifest_says(row):
     radiograph = _load(row["filename"])
     info, image = radiograph.info, radiograph.image
@@ -111,6 +115,7 @@ ORDINARY_8BIT = [r for r in ROWS if r["file_format"] in ("PNG", "JPEG") and r["b
 
 
 @pytest.mark.parametrize("row", ORDINARY_8BIT, ids=lambda row: row["filename"])
+@needs_samples
 def test_ordinary_8bit_files_keep_pil_pixels_exactly(row):
     """The model references opened these files with PIL directly: same mode, same values."""
     with Image.open(SAMPLES / row["filename"]) as reference:
@@ -121,6 +126,7 @@ def test_ordinary_8bit_files_keep_pil_pixels_exactly(row):
     np.testing.assert_array_equal(np.asarray(image), expected)
 
 
+@needs_samples
 def test_path_and_bytes_give_the_same_image():
     from_bytes = load_radiograph(_bytes(JPEG_DICOM))
     assert from_bytes.info == _load(JPEG_DICOM).info
@@ -129,6 +135,7 @@ def test_path_and_bytes_give_the_same_image():
 
 
 @pytest.mark.parametrize("name", [J2K_MONO1, RAW_MONO1, PNG_16BIT, JPEG_DICOM, DX_8BIT, PNG_8BIT])
+@needs_samples
 def test_frontal_chests_have_dark_lungs_and_bright_mediastinum(name):
     grey = _grey(name)
     mediastinum = _box(grey, 0.5, 0.4, 0.04)
@@ -136,6 +143,7 @@ def test_frontal_chests_have_dark_lungs_and_bright_mediastinum(name):
         assert mediastinum - lung > 40, (name, lung, mediastinum)
 
 
+@needs_samples
 def test_monochrome1_lateral_shows_air_dark():
     grey = _grey(CANINE)  # MONOCHROME1 with Presentation LUT Shape INVERSE: inverted once, not twice
     air = grey[: grey.shape[0] // 12].mean()
@@ -143,6 +151,7 @@ def test_monochrome1_lateral_shows_air_dark():
     assert any("MONOCHROME1" in notice for notice in _load(CANINE).info.notices)
 
 
+@needs_samples
 def test_16bit_png_uses_full_8bit_range_and_matches_the_dicom_it_came_from():
     grey = _grey(PNG_16BIT)
     assert grey.min() == 0 and grey.max() == 255
@@ -151,17 +160,20 @@ def test_16bit_png_uses_full_8bit_range_and_matches_the_dicom_it_came_from():
     assert np.corrcoef(grey.ravel(), _grey(J2K_MONO1).ravel())[0, 1] > 0.99
 
 
+@needs_samples
 def test_j2k_and_uncompressed_monochrome1_agree():
     difference = np.abs(_grey(J2K_MONO1) - _grey(RAW_MONO1))
     assert difference.max() <= 1
 
 
+@needs_samples
 def test_grey_stored_as_rgb_is_kept_as_rgb_with_a_notice():
     radiograph = _load("covidcxr_X-ray_of_cyst_in_pneumocystis_pneumonia_1_rgb_943x751.jpg")
     assert radiograph.image.mode == "RGB"
     assert any("Grey image stored as RGB" in notice for notice in radiograph.info.notices)
 
 
+@needs_samples
 def test_colour_ultrasound_loads_with_a_warning():
     radiograph = _load("us_rgb_colour_explicit_vr.dcm")
     assert radiograph.image.mode == "RGB"
@@ -177,6 +189,7 @@ def chest_l() -> Image.Image:
     return _load(PNG_8BIT).image
 
 
+@needs_samples
 def test_palette_image_becomes_rgb_with_palette_colours(chest_l):
     palette = chest_l.convert("P")
     radiograph = load_radiograph(_png(palette))
@@ -184,6 +197,7 @@ def test_palette_image_becomes_rgb_with_palette_colours(chest_l):
     np.testing.assert_array_equal(np.asarray(radiograph.image), np.asarray(palette.convert("RGB")))
 
 
+@needs_samples
 def test_opaque_alpha_is_dropped(chest_l):
     radiograph = load_radiograph(_png(chest_l.convert("RGBA")))
     np.testing.assert_array_equal(np.asarray(radiograph.image), np.asarray(chest_l.convert("RGB")))
@@ -192,6 +206,7 @@ def test_opaque_alpha_is_dropped(chest_l):
     np.testing.assert_array_equal(np.asarray(grey.image), np.asarray(chest_l))
 
 
+@needs_samples
 def test_transparent_areas_become_black(chest_l):
     rgba = chest_l.convert("RGBA")
     rgba.putalpha(Image.new("L", rgba.size, 255))
@@ -201,6 +216,7 @@ def test_transparent_areas_become_black(chest_l):
     assert pixels[:100, :100].max() == 0 and pixels[200:, 200:].max() > 0
 
 
+@needs_samples
 def test_cmyk_jpeg_is_converted_without_inversion(chest_l):
     radiograph = load_radiograph(_encode(chest_l.convert("CMYK"), "JPEG", quality=95))
     grey = np.asarray(radiograph.image.convert("L"), dtype=np.float64)
@@ -209,6 +225,7 @@ def test_cmyk_jpeg_is_converted_without_inversion(chest_l):
 
 
 @pytest.mark.parametrize("bits", [12, 15, 16])
+@needs_samples
 def test_16bit_grey_scaled_by_actual_range(chest_l, bits):
     values = np.asarray(chest_l, dtype=np.uint16) * ((2**bits - 1) // 255)
     radiograph = load_radiograph(_png(Image.fromarray(values)))
@@ -218,6 +235,7 @@ def test_16bit_grey_scaled_by_actual_range(chest_l, bits):
     np.testing.assert_allclose(pixels, np.asarray(chest_l), atol=1)
 
 
+@needs_samples
 def test_exif_orientation_applied(chest_l):
     wide = chest_l.crop((0, 0, 512, 300))
     exif = Image.Exif()
@@ -230,6 +248,7 @@ def test_exif_orientation_applied(chest_l):
     assert radiograph.image.size == (512, 300) and not any("EXIF" in n for n in radiograph.info.notices)
 
 
+@needs_samples
 def test_model_ready_keeps_loader_images_and_converts_raw_pil_images_its_way():
     path = SAMPLES / "cr_nema_rg1_chest_pa_16bit_gray_15bit_range_DERIVED.png"
     loaded = load_radiograph(path).image
@@ -239,6 +258,7 @@ def test_model_ready_keeps_loader_images_and_converts_raw_pil_images_its_way():
         np.testing.assert_array_equal(np.asarray(model_ready(raw)), np.asarray(loaded))
 
 
+@needs_samples
 def test_file_metadata_is_not_carried_with_the_image(chest_l):
     """PNG text chunks and EXIF (names, dates, phone details) stay behind: only pixels go on."""
     from PIL import PngImagePlugin
@@ -252,6 +272,7 @@ def test_file_metadata_is_not_carried_with_the_image(chest_l):
         assert image.info == {} and not image.getexif()
 
 
+@needs_samples
 def test_multi_frame_tiff_first_frame_with_notice(chest_l):
     first, second = chest_l, Image.eval(chest_l, lambda v: 255 - v)
     radiograph = load_radiograph(_encode(first, "TIFF", save_all=True, append_images=[second]))
@@ -260,6 +281,7 @@ def test_multi_frame_tiff_first_frame_with_notice(chest_l):
 
 
 @pytest.mark.parametrize("fmt", ["BMP", "WEBP", "TIFF", "PPM"])
+@needs_samples
 def test_other_lossless_formats_load_unchanged(chest_l, fmt):
     params = {"lossless": True} if fmt == "WEBP" else {}
     radiograph = load_radiograph(_encode(chest_l, fmt, **params))
@@ -270,6 +292,7 @@ def test_other_lossless_formats_load_unchanged(chest_l, fmt):
 # ------------------------------------------------------------------ DICOM variants built from the samples
 
 
+@needs_samples
 def test_dicom_without_preamble_or_file_meta_loads():
     data = _bytes(CANINE)
     assert data[128:132] == b"DICM"
@@ -284,6 +307,7 @@ def test_dicom_without_preamble_or_file_meta_loads():
         np.testing.assert_array_equal(np.asarray(load_radiograph(variant).image), expected)
 
 
+@needs_samples
 def test_dicom_voi_lut_sequence_is_applied():
     ds = pydicom.dcmread(SAMPLES / DX_8BIT)
     item = pydicom.Dataset()
@@ -297,6 +321,7 @@ def test_dicom_voi_lut_sequence_is_applied():
     assert np.corrcoef(original.ravel(), inverted.ravel())[0, 1] < -0.99
 
 
+@needs_samples
 def test_dicom_rescale_then_window():
     ds = pydicom.dcmread(SAMPLES / DX_8BIT)
     ds.RescaleSlope, ds.RescaleIntercept = 2, -1000  # stored 0..252 -> -1000..-496
@@ -305,6 +330,7 @@ def test_dicom_rescale_then_window():
     np.testing.assert_allclose(grey, np.asarray(_load(DX_8BIT).image, dtype=np.int16), atol=3)
 
 
+@needs_samples
 def test_dicom_header_warnings_do_not_refuse():
     ds = pydicom.dcmread(SAMPLES / DX_8BIT)
     ds.BodyPartExamined, ds.ViewPosition, ds.PresentationIntentType = "HIP", "LL", "FOR PROCESSING"
@@ -312,6 +338,7 @@ def test_dicom_header_warnings_do_not_refuse():
     assert "Body part HIP" in notices and "Lateral view" in notices and "For Processing" in notices
 
 
+@needs_samples
 def test_multi_frame_dicom_uses_first_frame():
     ds = pydicom.dcmread(SAMPLES / DX_8BIT)
     first = ds.PixelData
@@ -333,6 +360,7 @@ def small_mono1_15bit() -> bytes:
 
 
 @pytest.mark.parametrize("syntax", [pydicom.uid.RLELossless, pydicom.uid.JPEG2000Lossless])
+@needs_samples
 def test_lossless_compressed_dicom_matches_uncompressed(small_mono1_15bit, syntax):
     ds = pydicom.dcmread(io.BytesIO(small_mono1_15bit))
     ds.compress(syntax)  # pydicom's own RLE encoder / pylibjpeg-openjpeg
@@ -342,6 +370,7 @@ def test_lossless_compressed_dicom_matches_uncompressed(small_mono1_15bit, synta
     np.testing.assert_array_equal(np.asarray(radiograph.image), expected)
 
 
+@needs_samples
 def test_palette_colour_dicom():
     ds = pydicom.dcmread(SAMPLES / DX_8BIT)
     stored = ds.pixel_array
@@ -356,6 +385,7 @@ def test_palette_colour_dicom():
     assert pixels[..., 2].max() == 0
 
 
+@needs_samples
 def test_ybr_dicom_becomes_rgb():
     ds = pydicom.dcmread(SAMPLES / "us_rgb_colour_explicit_vr.dcm")
     rgb = ds.pixel_array
@@ -377,12 +407,14 @@ def test_empty_and_zero_bytes():
 @pytest.mark.parametrize("name, fmt", [(PNG_8BIT, "PNG"), (JPEG_8BIT, "JPEG"),
                                        ("hannover_00870a9c_ap_bedside_640x524.png", "PNG")])
 @pytest.mark.parametrize("fraction", [0.2, 0.6, 0.98])
+@needs_samples
 def test_truncated_pillow_files(name, fmt, fraction):
     data = _bytes(name)
     _refuse(data[:int(len(data) * fraction)], f"The {fmt} file is truncated")
 
 
 @pytest.mark.parametrize("cut", [6, 20, 60])
+@needs_samples
 def test_header_cut_png_and_jpeg(cut):
     _refuse(_bytes(PNG_8BIT)[:cut + 4], "PNG file is truncated or damaged")
     _refuse(_bytes(JPEG_8BIT)[:cut], "JPEG file is truncated or damaged")
@@ -405,6 +437,7 @@ def test_huge_png_refused_before_decoding():
     assert "81 megapixels" in message and "image.max_pixels" in message
 
 
+@needs_samples
 def test_configurable_limits():
     small = ImageConfig(max_pixels=100_000)
     assert "1024x1024" in _refuse(_bytes(DX_8BIT), "not decoded", small)
@@ -428,6 +461,7 @@ def test_non_images_say_what_they_look_like(data, looks_like):
     _refuse(data, f"not an image: it looks like .*{looks_like}")
 
 
+@needs_samples
 def test_zip_renamed_png(tmp_path):
     import zipfile
 
@@ -439,10 +473,12 @@ def test_zip_renamed_png(tmp_path):
     assert describe_content(b"\x1f\x8b\x08rest") == "a gzip-compressed file"
 
 
+@needs_samples
 def test_other_pillow_format_not_accepted(chest_l):
     _refuse(_encode(chest_l.resize((64, 64)), "ICO"), "ICO image, which is not accepted")
 
 
+@needs_samples
 def test_dicom_without_pixel_data():
     ds = pydicom.dcmread(SAMPLES / CANINE)
     del ds.PixelData
@@ -451,6 +487,7 @@ def test_dicom_without_pixel_data():
 
 @pytest.mark.parametrize("name", [J2K_MONO1, JPEG_DICOM, RAW_MONO1, DX_8BIT, CANINE])
 @pytest.mark.parametrize("where", [0.5, 0.999])
+@needs_samples
 def test_dicom_cut_inside_pixel_data(name, where):
     """Encapsulated data cut short parses as an empty data set with only a warning: detect it."""
     data = _bytes(name)
@@ -460,12 +497,14 @@ def test_dicom_cut_inside_pixel_data(name, where):
     _refuse(data[:start + 6], "truncated")  # inside the Pixel Data element header
 
 
+@needs_samples
 def test_undecodable_compressed_dicom():
     data = _bytes(JPEG_DICOM)
     soi = data.find(b"\xff\xd8\xff", data.rfind(b"\xe0\x7f\x10\x00"))
     _refuse(data[:soi] + b"\x00\x00" + data[soi + 2:], r"JPEG Baseline.*damaged")
 
 
+@needs_samples
 def test_unknown_transfer_syntax():
     ds = pydicom.dcmread(SAMPLES / CANINE)
     buffer = _dicom_bytes(ds)
@@ -474,6 +513,7 @@ def test_unknown_transfer_syntax():
     _refuse(_dicom_bytes(ds2), "transfer syntax that cannot be decoded")
 
 
+@needs_samples
 def test_missing_paths_folders_and_permissions(tmp_path, monkeypatch):
     with pytest.raises(ImageLoadError, match="No such file"):
         load_radiograph(tmp_path / "absent.png")
@@ -501,6 +541,7 @@ def test_unreadable_file(tmp_path):
 
 @pytest.mark.parametrize("name", [PNG_8BIT, "covidcxr_41182_2020_203_Fig3_photo_of_film_rgb.jpg", JPEG_DICOM, DX_8BIT,
                                   CANINE, "us_rgb_colour_explicit_vr.dcm"])
+@needs_samples
 def test_random_damage_gives_a_radiograph_or_a_load_error(name):
     """Seeded corruptions (cuts, flipped header bytes, zeroed runs): never another exception or a warning."""
     rng = np.random.default_rng(sum(name.encode()))
@@ -527,6 +568,7 @@ def test_random_damage_gives_a_radiograph_or_a_load_error(name):
 # ------------------------------------------------------------------ privacy
 
 
+@needs_samples
 def test_nothing_written_and_nothing_identifying_logged(monkeypatch, caplog):
     def guard(opener):
         def wrapped(file, mode="r", *args, **kwargs):

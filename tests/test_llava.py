@@ -289,7 +289,7 @@ def test_cli_ask_on_the_family_names_the_model(tiny, samples_dir, capsys) -> Non
     assert payload["turns"][1]["timings"]["reused_tokens"] > 196
 
 
-def test_bench_runs_on_the_tiny_model(capsys) -> None:
+def test_bench_runs_on_the_tiny_model(capsys, shared_dir) -> None:
     """bench/bench_llava.py end to end on the tiny model (figures are printed, never asserted)."""
     import json
     import sys

@@ -23,8 +23,9 @@ NIH = "nih_cxr14_00000001_000_pa_512.png"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_app(tmp_path_factory.mktemp("mcp"), ["-m", "xraygpt_app.cli", "serve", "--mcp"]) as app:
+def server(tmp_path_factory, tiny_config):
+    with running_app(tmp_path_factory.mktemp("mcp"), ["-m", "xraygpt_app.cli", "serve", "--mcp"],
+                     config=tiny_config) as app:
         yield app
 
 

@@ -31,7 +31,7 @@ def test_scale_one_is_the_real_default_config() -> None:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
+def built(tmp_path_factory, shared_dir) -> Path:
     messages: list[str] = []
     root = realsize.build(tmp_path_factory.mktemp("realsize"), scale=0.05, log=messages.append)
     assert "GB of disk" in messages[0]
