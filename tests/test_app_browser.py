@@ -357,6 +357,13 @@ def test_maps_in_the_chat_vqa_and_zero_shot_tabs(server, browser, samples_dir, u
     assert "Grad-CAM" in zs_map and "not a segmentation, not a diagnosis" in zs_map
     assert page.locator("#zs-table").inner_text() == table
     _shot(page, "6-zero-shot-map")
+    page.get_by_role("radio", name="COVID", exact=True).check()  # classify again: the Cardiomegaly map must go
+    page.locator("#zs-run").click()
+    page.wait_for_function("document.querySelector('#zs-table').innerText.includes('COVID')")
+    page.wait_for_function("!document.querySelector('#zs-map img')")  # no map of the previous result stays
+    page.locator("#zs-map-show").click()  # the new result's own map
+    page.wait_for_selector("#zs-map img")
+    assert page.locator("#zs-map").inner_text().split(" — ")[0] in ("Normal", "COVID")  # a label of this result
     page.locator(".xr-example").nth(1).click()  # another image: the old maps go
     page.wait_for_function("document.querySelector('#description').innerText.includes('640 × 755')")
     page.wait_for_function("!document.querySelector('#zs-map img')")
