@@ -353,9 +353,8 @@ def _zeroshot_tab(services: Services, state: gr.State) -> Resets:
     with gr.Row():
         model = gr.Dropdown(choices, value=first, label="Model", elem_id="zs-model")
         preset = gr.Radio(controls["presets"], value=controls["preset"], label="Labels", elem_id="zs-preset")
-    entities = gr.Dropdown(controls["entities"], value=[], multiselect=True, filterable=True,
-                           visible=bool(controls["entities"]), elem_id="zs-entities",
-                           label="MedKLIP entities (type to search; scored with “Custom labels”)")
+    entities = gr.Dropdown(controls["entities"], value=[], multiselect=True, visible=bool(controls["entities"]),
+                           label="MedKLIP entities (type to search; with “Custom labels”)", elem_id="zs-entities")
     labels = gr.Textbox(label="Custom labels (comma-separated, used with “Custom labels”; MedKLIP: a new finding as"
                               " 'name: what it looks like' on its own line)",
                         placeholder="e.g. pneumonia, pleural effusion, no finding", elem_id="zs-labels", lines=2)
@@ -389,8 +388,7 @@ def _zeroshot_tab(services: Services, state: gr.State) -> Resets:
 
     def on_show(st: h.UserState | None, name: str, chosen: str, text: str, picked: list[str], label: str | None,
                 how: str, alpha: float):
-        return maps.zeroshot_map(st, services, name, chosen, text, label, alpha, picked,
-                                 None if how == "own" else how)
+        return maps.zeroshot_map(st, services, name, chosen, text, label, alpha, picked, None if how == "own" else how)
 
     model.change(on_model, [model], [preset, entities, chart], queue=False, api_visibility="private")
     run.click(on_classify, [state, model, preset, labels, entities],
