@@ -2,6 +2,7 @@
 
     python bench/bench_app_load.py [--users 8] [--sessions 50] [--midsize | --config CFG]
                                    [--max-new-tokens 20] [--idle-seconds 30] [--json]
+    python bench/bench_app_load.py --llm vllm --midsize [--users 8] [--max-new-tokens 48]
 
 Starts the app (``xraygpt serve``, the tiny real-format model by default) in a subprocess, then:
 
@@ -17,6 +18,13 @@ The clients are ``gradio_client`` sessions calling the same queued events the br
 UI's events are private, left out of the API docs; the bench marks them callable in its own
 client). Queue wait is from submit (an upload includes sending the file) until the server starts
 the event; end-to-end is from submit until the last output. Memory is the server process's RSS from ``/proc``.
+
+``--llm vllm`` compares the LLM backends in one run instead: the same app and users, first with the LLM
+in process (``runtime.llm_backend: transformers``, one generation at a time), then on a vLLM server the
+app launches from ``.venv-vllm`` (``runtime.llm_backend: vllm``, ``app.generation_concurrency`` 16). Per
+backend: steps 1 and 2, then aggregate tokens/s (tokens of every answer in step 2, from the app's log, over
+its wall time), time to first token (submit until the first streamed text) and end-to-end p50/p95 of the
+report and ask requests, and whether every answer equals the solo run's (and the other backend's).
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ class Request:
     kind: str
     queue_wait: float
     end_to_end: float
+    first_output: float | None = None  # submit until the first streamed output (text of a report or answer)
 
 
 @dataclass
@@ -81,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heartbeat", type=float, default=None,
                         help="GRADIO_HEARTBEAT_INTERVAL of the server: how soon a closed client is noticed "
                              "(Gradio's default 15 s)")
+    parser.add_argument("--llm", choices=("transformers", "vllm"), default="transformers",
+                        help="vllm: compare the in-process LLM with a vLLM server in one run (see above)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     return parser.parse_args(argv)
 
@@ -118,14 +129,16 @@ def timed(client: Any, fn_index: int, kind: str, *args: Any) -> tuple[Any, Reque
     """Submit one event and wait for it, noting when the server started it."""
     start = time.perf_counter()
     job = client.submit(*args, fn_index=fn_index)
-    started = None
+    started = first = None
     while not job.done():
         if started is None and job.status().code.name not in WAITING:
             started = time.perf_counter()
+        if first is None and job.outputs():
+            first = time.perf_counter() - start
         time.sleep(0.005)
     result = job.result()
     end = time.perf_counter()
-    return result, Request(kind, (started or end) - start, end - start)
+    return result, Request(kind, (started or end) - start, end - start, first)
 
 
 def last_answer(messages: list[Any]) -> str:
@@ -292,14 +305,68 @@ def print_tables(result: dict[str, Any]) -> None:
           f"{result['sessions_opened']} sessions opened ({result['closed_total']} seen closed by the server first)")
 
 
+ANSWER_LOG = re.compile(r"answer: (\d+) tokens in")  # what web/handlers.py logs per answer (--verbose)
+
+
+def backend_run(args: argparse.Namespace, workdir: Path, config: Path, backend: str) -> dict[str, Any]:
+    """Solo and at-once conversations against an app whose LLM runs as ``backend`` says."""
+    settings = [args.max_new_tokens, 1.0, 0.9, 1, False]
+    samples = chest_samples(args.users)
+    command = ["-m", "xraygpt_app.cli", "--verbose", "serve", "--set", f"runtime.llm_backend={backend}"]
+    env = {"VLLM_CACHE_ROOT": str(workdir / "vllm-cache")}
+    with running_app(workdir / backend, command, env, config=config) as server:
+        alone = [conversation(server.url, sample, settings) for sample in samples]
+        logged = len(ANSWER_LOG.findall(server.log()))
+        runs, wall = at_once(server.url, samples, settings)
+        tokens = sum(int(n) for n in ANSWER_LOG.findall(server.log())[logged:])
+    answers = [r for run in runs for r in run.requests if r.kind != "upload"]
+    firsts = [r.first_output for r in answers if r.first_output is not None] or [float("nan")]
+    ends = [r.end_to_end for r in answers]
+    return {"backend": backend, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+            "ttft_p50": percentile(firsts, 50), "ttft_p95": percentile(firsts, 95),
+            "e2e_p50": percentile(ends, 50), "e2e_p95": percentile(ends, 95), **_compare(alone, runs),
+            "answers": [run.answers for run in alone]}
+
+
+def compare_backends(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The in-process LLM and a vLLM server behind the same app, one after the other, in this run."""
+    import midsize
+
+    config = args.config or (midsize.build_midsize(workdir / "midsize") if args.midsize else None)
+    config = config or REPO / "eval_configs" / "tiny_fixture.yaml"
+    rows = [backend_run(args, workdir, config, backend) for backend in ("transformers", "vllm")]
+    return {"users": args.users, "model": str(config), "max_new_tokens": args.max_new_tokens, "rows": rows,
+            "same_across_backends": rows[0]["answers"] == rows[1]["answers"]}
+
+
+def print_backends(result: dict[str, Any]) -> None:
+    print(f"model: {result['model']}; {result['users']} users at once, each: upload, report, 2 follow-ups "
+          f"(greedy, max {result['max_new_tokens']} new tokens)")
+    print("\n| LLM backend | tokens | wall | aggregate tokens/s | TTFT p50 | TTFT p95 | end-to-end p50 | p95 |"
+          " equal to solo |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in result["rows"]:
+        print(f"| {row['backend']} | {row['tokens']} | {row['wall_s']:.1f} s | {row['tokens_per_s']:.1f} |"
+              f" {row['ttft_p50']:.2f} s | {row['ttft_p95']:.2f} s | {row['e2e_p50']:.2f} s | {row['e2e_p95']:.2f} s |"
+              f" {row['same_as_alone']}/{result['users']} |")
+    speedup = result["rows"][1]["tokens_per_s"] / result["rows"][0]["tokens_per_s"]
+    print(f"\nvLLM / in process, aggregate tokens/s: {speedup:.2f}x; answers equal across backends:"
+          f" {result['same_across_backends']}")
+    for row in result["rows"]:
+        for error in row["errors"]:
+            print(f"  {row['backend']}: {error}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    run, show = (compare_backends, print_backends) if args.llm == "vllm" else (bench, print_tables)
     with tempfile.TemporaryDirectory(prefix="bench-load-") as folder:
-        result = bench(args, Path(folder))
+        result = run(args, Path(folder))
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print_tables(result)
+        show(result)
+    if args.llm == "vllm":
+        return 0 if all(not r["errors"] and r["same_as_alone"] == args.users for r in result["rows"]) else 1
     ok = not result["errors"] and result["same_as_alone"] == result["users"]
     return 0 if ok and result["released_total"] == result["sessions_opened"] else 1
 
