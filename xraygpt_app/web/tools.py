@@ -82,7 +82,9 @@ def describe(services: Services, report: Callable, ask: Callable, classify: Call
          "labels": "Your own labels instead of the preset, comma-separated (e.g. 'pneumonia, pleural effusion, no "
                    "finding'); leave empty to use the preset.",
          "heatmaps": "True adds one heatmap per label (its grid of values and a small overlay PNG as a data URL): "
-                     "where the label's score is most sensitive; not a segmentation, not a diagnosis (default false)."},
+                     "for MedCLIP and BiomedCLIP where the label's score is most sensitive (Grad-CAM), for MedKLIP "
+                     "where its entity query attended (its own grounding maps); each map names its method. "
+                     "Not a segmentation, not a diagnosis (default false)."},
         "A JSON object: labels; probabilities (softmax across the labels: which label fits best); logits (the "
         "ensemble image-text logits); scores (sigmoid of each logit, for ranking images, not a chance of disease); "
         "with heatmaps=true also heatmaps, one per label.")
