@@ -19,6 +19,7 @@ def layout(tmp_path: Path, shared_dir: Path) -> Path:
     repo = tmp_path / "repo"
     venv_scripts(repo)
     (repo / "eval_configs").symlink_to(REPO / "eval_configs")
+    (repo / "train_configs").symlink_to(REPO / "train_configs")
     return repo
 
 
@@ -29,9 +30,19 @@ def test_readme_finetune_commands_run_as_written(layout: Path) -> None:
     report = json.loads((layout / "runs" / "tiny" / "report_metrics.json").read_text(encoding="utf-8"))
     assert set(report["overall"]) == {"bleu1", "bleu2", "bleu3", "bleu4", "rougeL"} and len(report["reports"]) == 1
     assert (layout / "runs" / "tiny" / "loss_curve.png").is_file()
+    plain, lora = (_val_losses(layout / "runs" / run / "metrics.jsonl") for run in ("tiny", "tiny_lora"))
+    assert plain[-1] < plain[0]  # the demo schedule leaves warm-up: the validation loss falls
+    assert lora[-1] < lora[0]
+    assert abs(lora[-1] - plain[-1]) > 1e-4 * plain[-1]  # LoRA learns something the projection alone does not
+    assert "inside warm-up" not in done.stderr
     assert (layout / "runs" / "tiny_lora" / "lora_adapter_1" / "adapter_config.json").is_file()
     loss_only = json.loads(done.stdout[done.stdout.rindex('{\n  "batches"'):])
     assert len(loss_only["batches"]) == 2 and loss_only["rows"] == 4
     line = served_model_line(serve, layout, env)
     assert "checkpoint tiny_lora/checkpoint_1.pth" in line and "LoRA lora_adapter_1" in line
 
+
+
+def _val_losses(path: Path) -> list[float]:
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [r["val_loss"] for r in records if r["type"] == "val"]

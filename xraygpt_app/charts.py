@@ -117,9 +117,9 @@ def auc_chart(per_class: Mapping[str, Mapping], macro: float | None = None, path
 
 
 def loss_chart(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]] = (),
-               path: str | Path | None = None) -> bytes:
+               path: str | Path | None = None, ylabel: str = "training loss") -> bytes:
     """Training loss per optimiser step, with the validation loss at the end of each epoch."""
-    fig = Figure(figsize=(6.4, 3.6))
+    fig = Figure(figsize=(6.4, 4.0))
     ax = fig.add_subplot()
     steps, losses = zip(*train, strict=True) if train else ((), ())
     ax.plot(steps, losses, color="#1f77b4", linewidth=1.2, label="training loss")
@@ -127,10 +127,29 @@ def loss_chart(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, floa
         val_steps, val_losses = zip(*val, strict=True)
         ax.plot(val_steps, val_losses, "o-", color="#d62728", label="validation loss")
     ax.set_xlabel("optimiser step")
-    ax.set_ylabel("mean token cross-entropy")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=8)  # below the axes: covers no line
     ax.set_title("Fine-tuning loss")
+    fig.subplots_adjust(bottom=0.28)
+    return _render(fig, path)
+
+
+def curve_chart(series: Mapping[str, Sequence[tuple[int, float]]], ylabel: str, title: str,
+                path: str | Path | None = None) -> bytes:
+    """One line per named series of (step, value) points; the legend sits to the right, outside the axes."""
+    fig = Figure(figsize=(7.6, 4.0))
+    ax = fig.add_subplot()
+    for i, (name, points) in enumerate(series.items()):
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, "o-", linewidth=2.2 if i == 0 else 1.0, markersize=3, label=name)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7)
+    fig.subplots_adjust(right=0.7)
     return _render(fig, path)
 
 

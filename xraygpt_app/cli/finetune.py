@@ -1,6 +1,8 @@
 """``xraygpt finetune``: train the config's model family on report / VQA pairs (or only compute the loss).
 
-XrayGPT with XrayGPT's objective; the llava family's projector (stage 1) or projector + LoRA (stage 2).
+XrayGPT with XrayGPT's objective; the llava family's projector (stage 1) or projector + LoRA (stage 2);
+with ``--model NAME`` a zero-shot model of ``zeroshot.models`` with its own loss (MedCLIP, MedKLIP,
+BiomedCLIP; see docs/fine-tuning-zeroshot.md).
 
 Exit codes: 0 done; 2 bad config or data; 3 missing weights; 130 interrupted (a checkpoint was saved).
 """
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from ..config import DEFAULT_CONFIG
 from .options import add_config_options
@@ -21,15 +22,21 @@ EXIT_INTERRUPTED = 130
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``finetune``."""
     parser = subparsers.add_parser(
-        "finetune", help="fine-tune the config's model family (XrayGPT or llava) on your report or VQA pairs",
+        "finetune", help="fine-tune the config's chat family (XrayGPT, llava), or with --model a zero-shot model",
         description="Fine-tune the config's model.family on report / VQA pairs. XrayGPT: its own objective on "
                     "llama_proj, optionally the Q-Former or LoRA adapters; checkpoints in XrayGPT's format that "
                     "`serve --set weights.ckpt=...` loads. llava: LLaVA-1.5's objective on the projector (stage 1) "
                     "or the projector and LoRA adapters (stage 2); `serve --set weights.projector=...` loads them. "
+                    "With --model NAME: a zero-shot model of zeroshot.models (MedCLIP, MedKLIP, BiomedCLIP) with its "
+                    "own loss on image-text or labelled rows, saved each epoch in its released format for `classify`. "
                     "Run it under `accelerate launch` for several GPUs or processes.")
     add_config_options(parser)  # a model config, with an optional train: section (XrayGPT's run settings)
     parser.set_defaults(config=str(DEFAULT_TRAIN_CONFIG))
-    parser.add_argument("--data", required=True, help="a folder with filter_cap.json, or a .jsonl / .csv file")
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="fine-tune this zero-shot model of the config's zeroshot.models (MedCLIP, MedKLIP,"
+                             " BiomedCLIP) with its own loss instead of the chat family (sets train.model)")
+    parser.add_argument("--data", required=True, help="a folder with filter_cap.json, or a .jsonl / .csv file"
+                        " (zero-shot models: .jsonl / .csv rows, see docs/fine-tuning-zeroshot.md)")
     parser.add_argument("--val", default=None, help="validation data (default: train.val_fraction of --data)")
     parser.add_argument("--output", "-o", default=None, help="output folder (default: train.output_dir)")
     parser.add_argument("--resume", default=None, metavar="CKPT", help="continue the run that wrote CKPT")
@@ -45,6 +52,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     from ..train.config import load_train_config  # torch and friends load only when the command runs
 
     config, train = load_train_config(args.config, args.overrides)
+    if args.model:
+        train.model = args.model
     if args.loss_only:
         return _loss_only(args, config, train)
     from ..train.trainer import Trainer
@@ -60,22 +69,25 @@ def run_finetune(args: argparse.Namespace) -> int:
                "train_rows": len(trainer.train_samples), "val_rows": len(trainer.val_samples),
                "skipped_rows": trainer.skipped, "val_loss": result.val_loss,
                "report_metrics": (result.report_metrics or {}).get("overall"),
-               "chexbert_f1": _chexbert_summary(result.report_metrics)}
+               "chexbert_f1": _chexbert_summary(result.report_metrics),
+               "auc_comparison": (result.report_metrics or {}).get("auc_comparison"),
+               "export": str(result.export) if result.export else None}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        _print_summary(summary, args, train.lora.enabled, trainer.family.checkpoint_weight)
+        use = trainer.family.use_command(args.config, result.checkpoint, result.export) if checkpoint else None
+        _print_summary(summary, use)
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
 def _loss_only(args: argparse.Namespace, config, train) -> int:
-    from ..train.data import read_samples
     from ..train.evaluate import loss_only
-    from ..train.trainer import load_family, make_accelerator
+    from ..train.trainer import make_accelerator, trainable_class
 
     make_accelerator(config, train)
-    rows = read_samples(args.data, skip_bad=args.skip_bad, limits=config.image)
-    family = load_family(config, train)
+    family_class = trainable_class(config, train)
+    rows = family_class.read_data(args.data, skip_bad=args.skip_bad, limits=config.image)
+    family = family_class.from_config(config, train)
     result = loss_only(family, rows.samples, config, train, args.batch_size or train.batch_size)
     result.update(rows=len(rows.samples), skipped_rows=len(rows.skipped))
     if args.json:
@@ -89,7 +101,7 @@ def _loss_only(args: argparse.Namespace, config, train) -> int:
     return 0
 
 
-def _print_summary(summary: dict, args: argparse.Namespace, lora: bool, weight: str) -> None:
+def _print_summary(summary: dict, use: str | None) -> None:
     state = "interrupted; resume with --resume " + str(summary["checkpoint"]) if summary["interrupted"] else "done"
     print(f"fine-tuning {state}: {summary['iterations']} iterations, {summary['train_rows']} training rows,"
           f" {summary['val_rows']} validation rows, {summary['skipped_rows']} skipped")
@@ -102,13 +114,13 @@ def _print_summary(summary: dict, args: argparse.Namespace, lora: bool, weight: 
     if summary["chexbert_f1"]:
         print("CheXbert F1 on the validation split: "
               + ", ".join(f"{k} {v:.4f}" for k, v in summary["chexbert_f1"].items()))
-    if summary["checkpoint"] and not summary["interrupted"]:
-        serve = f"xraygpt serve -c {args.config} --set {weight}={summary['checkpoint']}"
-        if lora:
-            adapter = Path(summary["checkpoint"]).with_name(Path(summary["checkpoint"]).stem.replace(
-                "checkpoint", "lora_adapter"))
-            serve += f" --set weights.lora={adapter}"
-        print(f"serve it: {serve}")
+    if summary["auc_comparison"]:
+        from ..train.zeroshot_eval import format_comparison
+
+        print("AUC on the validation split, starting model vs fine-tuned (auc_comparison.json):")
+        print(format_comparison(summary["auc_comparison"]))
+    if use and not summary["interrupted"]:
+        print(f"use it: {use}" if use.startswith("xraygpt classify") else f"serve it: {use}")
 
 
 def _chexbert_summary(metrics: dict | None) -> dict | None:

@@ -30,7 +30,7 @@ class FamilySpec:
     title: str  # for people: the app's and CLI's messages
     parts: str  # what loading it means, e.g. "vision encoder, Q-Former, language model"
     model: str  # the loaded chat model (implements families.ChatModel), with a ``load(config, download)``
-    trainable: str  # the fine-tuning wrapper (a train.base subclass), with a ``from_config(config, train)``
+    trainable: str  # the fine-tuning wrapper (a train.family subclass), with a ``from_config(config, train)``
     image_memory: str  # (config, placement, llm_config, notes) -> (vision, bridge, activation) bytes
     train_memory: str  # (config, placement, llm_config, shape, notes) -> memory.TrainImageSide
     weights: tuple[str, ...]  # the WeightSpec fields of ``weights:`` it reads

@@ -1,7 +1,7 @@
 """Fine-tuning: ``xraygpt finetune``, the :class:`~xraygpt_app.train.trainer.Trainer` API, data and objectives.
 
 Modules: ``data`` (read and check pairs, split, image transforms), ``config`` (the ``train:``
-section), ``family`` (what a model family gives the trainer), ``xraygpt_objective`` (XrayGPT's
+section), ``base`` (the base every trainable model derives from), ``xraygpt_objective`` (XrayGPT's
 ``MiniGPT4.forward`` on our model), ``llava_objective`` (the llava family: the projector, then the
 projector + LoRA), ``lora`` (peft adapters), ``schedule`` (XrayGPT's learning-rate schedule),
 ``trainer`` (the ``accelerate`` loop), ``outputs`` (checkpoints, metrics, charts).
@@ -19,4 +19,7 @@ helper. A family gives only its prompt (``row_ids``) and what trains; the image 
 model's own ``image_tokens``.
 
 The trainer picks the class by ``model.family`` from the family registry (``families/registry.py``, ``trainable``).
+With ``train.model`` (``finetune --model NAME``) it fine-tunes that zero-shot model of
+``zeroshot.models`` instead (``trainer.ZEROSHOT_TRAINABLES`` by kind: ``zeroshot_objectives`` for
+MedCLIP's and open_clip's losses, ``medklip_objective`` for MedKLIP's; docs/fine-tuning-zeroshot.md).
 """

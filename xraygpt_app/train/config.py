@@ -35,6 +35,8 @@ class LoraSettings:
 class TrainConfig:
     """XrayGPT's model and run settings for fine-tuning, plus ours (marked)."""
 
+    # ours: which model trains
+    model: str | None = None  # a zeroshot.models name (finetune --model NAME); None: the config's model.family
     # XrayGPT's model section
     max_txt_len: int = 160
     end_sym: str = "###"

@@ -16,10 +16,11 @@ out and counted in the summary. Nothing is dropped silently.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,10 +77,16 @@ def read_samples(path: str | Path, skip_bad: bool = False, check_images: bool = 
         raise DataError(f"Training data not found: {path}")
     else:
         raise DataError(f"{path}: expected a folder with {CAPTION_FILE}, a .jsonl or a .csv file")
+    return collect_rows(path, (functools.partial(_checked, row, check_images, limits) for row in rows), skip_bad)
+
+
+def collect_rows(path: Path, checks: Iterable[Callable[[], object]], skip_bad: bool) -> DataSummary:
+    """Run each row's check (it returns the row, or raises DataError): a bad row stops the read, or with
+    ``skip_bad`` is left out and counted; no usable row at all is an error."""
     summary = DataSummary()
-    for row in rows:
+    for check in checks:
         try:
-            summary.samples.append(_checked(row, check_images, limits))
+            summary.samples.append(check())
         except DataError as exc:
             if not skip_bad:
                 raise DataError(f"{exc} (use --skip-bad to leave such rows out)") from None

@@ -83,6 +83,7 @@ class TrainableFamily(nn.Module):
     family: str  # a short name, written into the checkpoint's config
     checkpoint_weight: str  # the config key that serves its checkpoints (weights.ckpt, weights.projector...)
     count_name = "rows"  # what forward's count counts, as ``--loss-only`` names it
+    loss_name = "training loss"  # the loss curve's axis
     loss_only_training_mode = False  # ``--loss-only`` runs in evaluation mode (deterministic) unless set
 
     def __init__(self, settings: TrainConfig):
@@ -154,9 +155,17 @@ class TrainableFamily(nn.Module):
         return None
 
     # --- evaluation ---------------------------------------------------------------------------------
+    def validation_metrics(self, val_samples: Sequence[Sample], config: Config) -> dict[str, Any] | None:
+        """Numbers beyond the loss for the curves, at the start and after each epoch (zero-shot models: AUC)."""
+        return None
+
     def end_of_run(self, val_samples: Sequence[Sample], config: Config, output_dir: Path) -> dict | None:
         """Metrics on the validation rows after training (written into ``output_dir``), or None."""
         return None
+
+    def use_command(self, config_path: str, checkpoint: Path, export: Path | None) -> str:
+        """The command that uses what the run wrote (printed at the end of ``finetune``)."""
+        return f"xraygpt serve -c {config_path} --set {self.checkpoint_weight}={checkpoint}"
 
 
 class ChatTrainable(TrainableFamily):
@@ -171,6 +180,7 @@ class ChatTrainable(TrainableFamily):
     tokenizer: Any
     instructions: list[str]  # drawn from (one per batch, seeded) for rows without a question
     count_name = "target_tokens"
+    loss_name = "mean token cross-entropy"
     loss_only_training_mode = True  # XrayGPT's fixture was recorded with forward in training mode
     mask_pad_targets = False  # XrayGPT masks labels by pad id, so a target token equal to pad carries no loss
 
@@ -252,6 +262,10 @@ class ChatTrainable(TrainableFamily):
         """A greedy first-turn report through the app's chat engine (for the end-of-run metrics)."""
         session = ChatSession(self.model, self.model.encode_image(image), reuse_kv=False)
         return session.ask(DEFAULT_REPORT_QUESTION, do_sample=False, max_new_tokens=max_new_tokens).answer
+
+    def use_command(self, config_path: str, checkpoint: Path, export: Path | None) -> str:
+        command = super().use_command(config_path, checkpoint, export)
+        return command + (f" --set weights.lora={export}" if export else "")
 
     def end_of_run(self, val_samples: Sequence[Sample], config: Config, output_dir: Path) -> dict | None:
         from .evaluate import report_scores

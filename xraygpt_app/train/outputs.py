@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..charts import loss_chart
+from ..charts import curve_chart, loss_chart
 from ..errors import XrayGPTError
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,22 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line]
 
 
-def write_loss_curve(metrics: MetricsLog, path: Path) -> None:
+def write_loss_curve(metrics: MetricsLog, path: Path, ylabel: str = "training loss") -> None:
     """The training loss per step and the validation loss per epoch, as a PNG."""
     records = metrics.records()
     train = [(r["step"], r["loss"]) for r in records if r["type"] == "train"]
     val = [(r["step"], r["val_loss"]) for r in records if r["type"] == "val"]
     if train:
-        loss_chart(train, val, path=path)
+        loss_chart(train, val, path=path, ylabel=ylabel)
+
+
+def write_curves(metrics: MetricsLog, output_dir: Path, loss_name: str = "training loss") -> None:
+    """``loss_curve.png``, and ``auc_curve.png`` when the family logs validation AUCs (zero-shot models)."""
+    write_loss_curve(metrics, output_dir / "loss_curve.png", loss_name)
+    points = [r for r in metrics.records() if r["type"] == "val_metrics" and "auc" in r]
+    if points:
+        series = {"macro AUC": [(r["step"], r["macro_auc"]) for r in points if r["macro_auc"] is not None]}
+        for name in points[-1]["auc"]:
+            series[name] = [(r["step"], r["auc"][name]) for r in points if r["auc"].get(name) is not None]
+        curve_chart(series, "validation AUC", "Validation AUC per epoch (step 0: the starting model)",
+                    path=output_dir / "auc_curve.png")

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import math
 import signal
@@ -30,19 +31,33 @@ from .config import TrainConfig, load_train_config
 from .data import Sample, split_samples
 from .evaluate import validation_loss
 from .family import TrainableFamily
-from .outputs import MetricsLog, TrainingError, load_checkpoint, save_atomically, write_loss_curve
+from .outputs import MetricsLog, TrainingError, load_checkpoint, save_atomically, write_curves
 from .schedule import build_optimizer, learning_rate, set_learning_rate
 
 log = logging.getLogger(__name__)
 
+
+# zeroshot.models.<name>.kind -> "module:class" of its trainable (``train.model`` / ``finetune --model NAME``)
+ZEROSHOT_TRAINABLES = {"medclip-vit": "xraygpt_app.train.zeroshot_objectives:MedCLIPTrainable",
+                       "medclip-resnet": "xraygpt_app.train.zeroshot_objectives:MedCLIPTrainable",
+                       "biomedclip": "xraygpt_app.train.zeroshot_objectives:BiomedCLIPTrainable",
+                       "medklip": "xraygpt_app.train.medklip_objective:MedKLIPTrainable"}
+
+
 def trainable_class(config: Config, train: TrainConfig) -> type[TrainableFamily]:
-    """The trainable class of the config's ``model.family``, from the family registry."""
-    return family_spec(config.model.family).load("trainable")
-
-
-def load_family(config: Config, train: TrainConfig) -> TrainableFamily:
-    """The trainable model this run fine-tunes, loaded through the app's own path."""
-    return trainable_class(config, train).from_config(config, train)
+    """The trainable class of ``train.model`` (a zero-shot model) if set, else of the config's ``model.family``."""
+    if train.model is None:
+        return family_spec(config.model.family).load("trainable")  # the config has checked the name
+    models = config.zeroshot.models
+    if train.model not in models:
+        raise ConfigError(f"{config.source}: --model / train.model {train.model!r} is not a zeroshot.models entry"
+                          f" (configured: {', '.join(models) or 'none'})")
+    kind = models[train.model].kind
+    if kind not in ZEROSHOT_TRAINABLES:
+        raise ConfigError(f"fine-tuning is not available for zero-shot kind {kind!r} yet"
+                          f" (trainable kinds: {', '.join(ZEROSHOT_TRAINABLES)})")
+    module, name = ZEROSHOT_TRAINABLES[kind].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 class _StopRequested(Exception):
@@ -78,7 +93,8 @@ class RunResult:
     interrupted: bool
     output_dir: Path
     val_loss: float | None = None
-    report_metrics: dict | None = None
+    report_metrics: dict | None = None  # the family's end-of-run evaluation (report metrics, AUC before/after)
+    export: Path | None = None  # what the last epoch wrote beside its checkpoint (adapter, released-format folder)
 
 
 @dataclass
@@ -94,6 +110,7 @@ class _Run:
     iteration: int = 0  # next iteration to run
     step: int = 0  # optimiser steps done
     last_checkpoint: Path | None = None
+    last_export: Path | None = None
     window: _Window = field(default_factory=lambda: _Window())
 
 
@@ -153,9 +170,15 @@ class Trainer:
         model = acc.prepare_model(self.family, device_placement=False)
         optimizer = acc.prepare_optimizer(build_optimizer(self.family.named_trainable(), self.train))
         run = _Run(model, optimizer, stop_after=stop_after)
+        if self.total_iterations <= self.train.warmup_steps:
+            log.warning("this run ends inside warm-up (%d iterations, train.warmup_steps %d): the learning rate never"
+                        " reaches train.init_lr %g and the model barely changes; lower train.warmup_steps or train"
+                        " longer", self.total_iterations, self.train.warmup_steps, self.train.init_lr)
         if resume:
             self._resume(resume, run)
         run.metrics = MetricsLog(self.output_dir / "metrics.jsonl", run.step if resume else None)
+        if not resume:
+            self._validation_metrics(run, epoch=-1)  # the starting model's point on the curves
         run.progress = tqdm(total=self.total_iterations, initial=run.iteration, unit="it", dynamic_ncols=True,
                             disable=not acc.is_local_main_process, desc="fine-tuning")
         model.train()
@@ -166,7 +189,7 @@ class Trainer:
             run.progress.close()
             path = self._save(run, self.output_dir / "checkpoint_last.pth")
             if self.accelerator.is_main_process:
-                write_loss_curve(run.metrics, self.output_dir / "loss_curve.png")
+                write_curves(run.metrics, self.output_dir, self.family.loss_name)
             log.warning("interrupted at iteration %d; saved %s", run.iteration, path)
             return RunResult(run.iteration, path, True, self.output_dir)
         except KeyboardInterrupt:  # the second Ctrl-C: mid-step, so nothing consistent to save
@@ -234,10 +257,18 @@ class Trainer:
         if val is not None and self.accelerator.is_main_process:
             run.metrics.write({"type": "val", "step": run.step, "epoch": epoch, "val_loss": val})
             log.info("epoch %d: validation loss %.4f", epoch, val)
+        self._validation_metrics(run, epoch)
         self.family.train()
         self._save(run, self.output_dir / f"checkpoint_{epoch}.pth")
         if self.accelerator.is_main_process:
-            self.family.save_epoch(self.output_dir, epoch)
+            run.last_export = self.family.save_epoch(self.output_dir, epoch)
+
+    def _validation_metrics(self, run: _Run, epoch: int) -> None:
+        """The family's per-epoch numbers beyond the loss (zero-shot models: AUC per label), into metrics.jsonl."""
+        if self.accelerator.is_main_process and self.val_samples:
+            found = self.family.validation_metrics(self.val_samples, self.config)
+            if found:
+                run.metrics.write({"type": "val_metrics", "step": run.step, "epoch": epoch, **found})
 
     def _save(self, run: _Run, path: Path) -> Path:
         """The family's checkpoint layout, plus what an exact resume needs (iteration, step, adapter weights)."""
@@ -275,9 +306,9 @@ class Trainer:
                              f" to keep the global batch), or train LoRA with gradient checkpointing / QLoRA.")
 
     def _finish(self, run: _Run) -> RunResult:
-        result = RunResult(run.iteration, run.last_checkpoint, False, self.output_dir)
+        result = RunResult(run.iteration, run.last_checkpoint, False, self.output_dir, export=run.last_export)
         if self.accelerator.is_main_process:
-            write_loss_curve(run.metrics, self.output_dir / "loss_curve.png")
+            write_curves(run.metrics, self.output_dir, self.family.loss_name)
             vals = [r["val_loss"] for r in run.metrics.records() if r["type"] == "val"]
             result.val_loss = vals[-1] if vals else None
             result.report_metrics = self.family.end_of_run(self.val_samples, self.config, self.output_dir)

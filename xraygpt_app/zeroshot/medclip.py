@@ -86,6 +86,43 @@ def _rename_key(key: str) -> str | None:
     return key
 
 
+# The way back (5.x -> 4.24 names), for saving in the released layout; the position index is a buffer again.
+RELEASED_BLOCK_NAMES: dict[str, str] = {
+    **{new: old for old, new in SWIN_BLOCK_RENAMES.items() if new is not None},
+    "attention.relative_position_bias.relative_position_index": "attention.self.relative_position_index",
+}
+# Buffers the released file holds that today's modules keep out of their state dict (non-persistent).
+RELEASED_BUFFERS = re.compile(r"(relative_position_index|^text_model\.model\.embeddings\.position_ids)$")
+
+
+def released_key(key: str) -> str:
+    """The released file's (transformers 4.24) name of one of this module's parameter or buffer names."""
+    match = _BLOCK.match(key)
+    if not match:
+        return key
+    prefix, rest = match.groups()
+    for new, old in RELEASED_BLOCK_NAMES.items():
+        if rest.startswith(new):
+            return prefix + old + rest[len(new):]
+    return key
+
+
+def export_medclip_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors as MedCLIP's ``pytorch_model.bin`` holds them (its names, its buffers), on the CPU.
+
+    The inverse of :func:`remap_medclip_state_dict`: what it returns loads into MedCLIP's own
+    ``MedCLIPModel`` (transformers 4.24) and back through :func:`build_medclip`.
+    """
+    tensors = dict(model.state_dict())
+    tensors.update({name: buffer for name, buffer in model.named_buffers() if RELEASED_BUFFERS.search(name)})
+    out = {released_key(name): value.detach().cpu().clone() for name, value in tensors.items()}
+    for key, value in out.items():
+        if key.endswith("relative_position_index") and value.ndim == 1:  # 4.24 kept it (window², window²)
+            side = int(round(value.numel() ** 0.5))
+            out[key] = value.reshape(side, side)
+    return out
+
+
 def detect_variant(state_dict: Mapping[str, torch.Tensor]) -> str:
     """``vit`` or ``resnet`` from sentinel keys of the released file."""
     if "vision_model.projection_head.weight" in state_dict:
