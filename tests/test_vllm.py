@@ -148,6 +148,19 @@ def test_old_turns_leave_the_context_with_notice(remote, image) -> None:
     assert turns[0].dropped_turns == 0 and turns[-1].dropped_turns >= 1
 
 
+def test_web_chat_and_answer_map_through_the_server(remote, image) -> None:
+    """The app's handlers on the vLLM backend: the chat streams; an answer's heatmap says what it needs."""
+    from xraygpt_app.web import handlers as h
+    from xraygpt_app.web import maps
+    from xraygpt_app.web.services import Services
+
+    services, state = Services(config=remote.config, assistant=remote), h.UserState(image=image)
+    messages, state, note, _ = list(h.ask(state, services, QUESTIONS[1], GREEDY))[-1]
+    assert note == "" and messages[-1]["content"] == state.session.turns[-1].answer
+    _, kept, note = maps.report_map(state, services, 0, "", 0.5)
+    assert kept is None and "need the language model's layers in this process" in note
+
+
 def test_too_long_prompt_is_a_plain_message(files, server, image) -> None:
     model = Assistant.from_config(files["llava"], ["runtime.llm_backend=vllm", f"llm_server.url={server.url}"])
     session = model.chat(image)
@@ -216,7 +229,9 @@ def test_check_reports_backend_and_reachability(files, server, capsys) -> None:
 
     assert main(["check", "-c", str(files["xraygpt"]), "--set", "runtime.llm_backend=vllm",
                  "--set", f"llm_server.url={server.url}"]) == 0
-    assert f"LLM backend: vllm: server at {server.url}: reachable, serving xraygpt-llm" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"LLM backend: vllm: server at {server.url}: reachable, serving xraygpt-llm" in out
+    assert "of the LLM only its token embeddings are counted" in out  # the memory estimate leaves the server's out
     assert main(["check", "-c", str(files["xraygpt"]), "--set", "runtime.llm_backend=vllm", "--set",
                  f"llm_server.url=http://127.0.0.1:{free_port()}"]) == 0
     assert "NOT reachable" in capsys.readouterr().out

@@ -353,11 +353,13 @@ def progress_to(say: Callable[[str], None]):
         def emit(self, record: logging.LogRecord) -> None:
             say(record.getMessage())
 
-    handler, level = Forward(logging.INFO), log.level
+    handler, level, propagate = Forward(logging.INFO), log.level, log.propagate
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    log.propagate = False  # said once, here; not again by the root logger's handler
     try:
         yield
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
+        log.propagate = propagate

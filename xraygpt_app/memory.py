@@ -100,8 +100,14 @@ def estimate(config: Config, assume_cuda: bool | None = None) -> MemoryEstimate:
     llm_config, notes = llm_architecture(config)
     vision_bytes, bridge_bytes, vision_activations = family_spec(config.model.family).load("image_memory")(
         config, placement, llm_config, notes)
-    llm_bytes = llm_weight_bytes(llm_config, placement)
-    context = min(config.llm.max_length, llm_config.max_position_embeddings)
+    remote = config.runtime.llm_backend == "vllm"  # the LLM's layers and KV cache are the vLLM server's
+    if remote:
+        llm_bytes = llm_config.vocab_size * llm_config.hidden_size * placement.llm_dtype.itemsize
+        notes.append("runtime.llm_backend vllm: of the LLM only its token embeddings are counted (the app keeps those);"
+                     " its weights and KV cache are the vLLM server's (llm_server.launch.kv_cache_bytes)")
+    else:
+        llm_bytes = llm_weight_bytes(llm_config, placement)
+    context = 0 if remote else min(config.llm.max_length, llm_config.max_position_embeddings)  # KV held here
     llm_device, vision_device = str(placement.llm_device), str(placement.vision_device)  # CUDA always indexed
     breakdown: dict[str, dict[str, int]] = {}
 
