@@ -273,3 +273,17 @@ def test_biomedclip_loss_is_open_clips_own_and_the_saved_folder_loads(three_kind
     saved = torch.load(folder / "open_clip_pytorch_model.bin", weights_only=True)
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, saved[key]), key
+
+
+def test_loss_chart_legend_covers_no_line() -> None:
+    """The legend sits outside the axes, so it cannot hide the validation line (it did in the upper right)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from xraygpt_app.charts import loss_figure
+
+    fig = loss_figure([(1, 2.0), (2, 1.5), (3, 1.2)], [(1, 2.1), (3, 1.9)])
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    axes = ax.get_window_extent(renderer)
+    assert legend.y1 < axes.y0  # entirely below the plotting area

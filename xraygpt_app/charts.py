@@ -119,6 +119,12 @@ def auc_chart(per_class: Mapping[str, Mapping], macro: float | None = None, path
 def loss_chart(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]] = (),
                path: str | Path | None = None, ylabel: str = "training loss") -> bytes:
     """Training loss per optimiser step, with the validation loss at the end of each epoch."""
+    return _render(loss_figure(train, val, ylabel), path)
+
+
+def loss_figure(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, float]] = (),
+                ylabel: str = "training loss") -> Figure:
+    """The figure :func:`loss_chart` renders."""
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.add_subplot()
     steps, losses = zip(*train, strict=True) if train else ((), ())
@@ -132,18 +138,24 @@ def loss_chart(train: Sequence[tuple[int, float]], val: Sequence[tuple[int, floa
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=8)  # below the axes: covers no line
     ax.set_title("Fine-tuning loss")
     fig.subplots_adjust(bottom=0.28)
-    return _render(fig, path)
+    return fig
 
 
 def curve_chart(series: Mapping[str, Sequence[tuple[int, float]]], ylabel: str, title: str,
-                path: str | Path | None = None) -> bytes:
-    """One line per named series of (step, value) points; the legend sits to the right, outside the axes."""
+                path: str | Path | None = None, max_named: int = 10) -> bytes:
+    """One line per named series of (step, value) points, the first drawn bold; the legend sits to the right,
+    outside the axes. Past ``max_named`` series the others are faint grey lines under one legend entry."""
     fig = Figure(figsize=(7.6, 4.0))
     ax = fig.add_subplot()
-    for i, (name, points) in enumerate(series.items()):
-        if points:
-            steps, values = zip(*points, strict=True)
-            ax.plot(steps, values, "o-", linewidth=2.2 if i == 0 else 1.0, markersize=3, label=name)
+    items = [(name, points) for name, points in series.items() if points]
+    crowded = len(items) - 1 > max_named
+    for i, (name, points) in enumerate(items):
+        steps, values = zip(*points, strict=True)
+        if i == 0 or not crowded:
+            ax.plot(steps, values, "o-", linewidth=2.4 if i == 0 else 1.0, markersize=3, label=name, zorder=3)
+        else:
+            ax.plot(steps, values, "-", color="0.6", alpha=0.4, linewidth=0.8,
+                    label=f"each of the {len(items) - 1} labels" if i == 1 else None)
     ax.set_xlabel("optimiser step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
