@@ -287,3 +287,25 @@ def test_loss_chart_legend_covers_no_line() -> None:
     legend = ax.get_legend().get_window_extent(renderer)
     axes = ax.get_window_extent(renderer)
     assert legend.y1 < axes.y0  # entirely below the plotting area
+
+
+def test_medclip_resumed_run_equals_an_uninterrupted_one(medclip_expected, samples_dir, tmp_path) -> None:
+    """Stopped after two steps (as Ctrl-C stops) and resumed from its checkpoint, the run ends where one run ends:
+    the same saved weights and the same logged losses (dropout is seeded per iteration)."""
+    from xraygpt_app.train.trainer import Trainer
+
+    data = _write(tmp_path / "pairs.jsonl", _medclip_rows(medclip_expected, samples_dir, labels=False))
+    overrides = ["train.max_epoch=4", "train.batch_size=2"]
+    whole = Trainer.from_config(MEDCLIP_CONFIG, data=data, overrides=overrides, output=tmp_path / "whole").fit()
+    cut = Trainer.from_config(MEDCLIP_CONFIG, data=data, overrides=overrides, output=tmp_path / "cut").fit(stop_after=2)
+    assert cut.interrupted
+    resumed = Trainer.from_config(MEDCLIP_CONFIG, data=data, overrides=overrides, output=tmp_path / "cut").fit(
+        resume=cut.checkpoint)
+    assert resumed.iterations_done == whole.iterations_done == 8
+    first = torch.load(whole.export / "pytorch_model.bin", weights_only=True)
+    second = torch.load(resumed.export / "pytorch_model.bin", weights_only=True)
+    for key, value in first.items():
+        torch.testing.assert_close(second[key], value, rtol=0, atol=0, msg=key)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+               if json.loads(line)["type"] == "train"] for run in ("whole", "cut")]
+    assert losses[0] == losses[1]
