@@ -309,3 +309,27 @@ def test_medclip_resumed_run_equals_an_uninterrupted_one(medclip_expected, sampl
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
                if json.loads(line)["type"] == "train"] for run in ("whole", "cut")]
     assert losses[0] == losses[1]
+
+
+def test_medclip_resnet_export_is_the_released_file(tmp_path) -> None:
+    """The ResNet variant written back (BatchNorm statistics included) equals the released-style file."""
+    import tinyzeroshot
+
+    from xraygpt_app.zeroshot.medclip import read_medclip_file
+
+    archive, _ = tinyzeroshot.medclip_resnet_zip(tmp_path)
+    released = read_medclip_file(archive)
+    exported = export_medclip_state_dict(build_medclip(archive, str(tinyzeroshot.BERT_TINY), variant="resnet"))
+    assert set(exported) == set(released)
+    for key, value in released.items():
+        assert torch.equal(exported[key], value), key
+
+
+def test_a_run_that_ends_inside_warm_up_is_warned_about(medclip_expected, samples_dir, tmp_path, caplog) -> None:
+    from xraygpt_app.train.trainer import Trainer
+
+    data = _write(tmp_path / "pairs.jsonl", _medclip_rows(medclip_expected, samples_dir, labels=False))
+    overrides = ["train.max_epoch=1", "train.warmup_steps=5"]  # one batch of 4: iteration 0 of 5 warm-up steps
+    with caplog.at_level("WARNING", logger="xraygpt_app.train.trainer"):
+        Trainer.from_config(MEDCLIP_CONFIG, data=data, overrides=overrides, output=tmp_path / "run").fit()
+    assert "ends inside warm-up (1 iterations, train.warmup_steps 5)" in caplog.text
