@@ -149,7 +149,8 @@ def test_old_turns_leave_the_context_with_notice(remote, image) -> None:
 
 
 def test_web_chat_and_answer_map_through_the_server(remote, image) -> None:
-    """The app's handlers on the vLLM backend: the chat streams; an answer's heatmap says what it needs."""
+    """The app's handlers on the vLLM backend: the chat streams, Regenerate re-asks; an answer's heatmap says
+    what it needs."""
     from xraygpt_app.web import handlers as h
     from xraygpt_app.web import maps
     from xraygpt_app.web.services import Services
@@ -157,6 +158,9 @@ def test_web_chat_and_answer_map_through_the_server(remote, image) -> None:
     services, state = Services(config=remote.config, assistant=remote), h.UserState(image=image)
     messages, state, note, _ = list(h.ask(state, services, QUESTIONS[1], GREEDY))[-1]
     assert note == "" and messages[-1]["content"] == state.session.turns[-1].answer
+    first = state.session.turns[-1].token_ids
+    messages, state, note, _ = list(h.regenerate(state, services, GREEDY))[-1]  # greedy: the same answer again
+    assert note == "" and len(messages) == 2 and state.session.turns[-1].token_ids == first
     _, kept, note = maps.report_map(state, services, 0, "", 0.5)
     assert kept is None and "need the language model's layers in this process" in note
 
