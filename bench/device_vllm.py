@@ -2,7 +2,7 @@
 
     python bench/device_check.py vllm --out DIR [--dry-run] [--vllm-python PY]
 
-The server is started the way the app starts it (``xraygpt_app.llm_server``: OpenAI server module,
+The server is started the way the app starts it (``xraygpt_app.serving.server``: OpenAI server module,
 prompt embeddings on) from ``--vllm-python`` (a Python that has ``vllm``; none: the row says skipped).
 Each user sends 64 prompt-embedding rows of the checkpoint's own token embeddings and asks for exactly
 ``NEW_TOKENS`` greedy tokens. Decode tokens/s: tokens after the first over the time from the first
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from xraygpt_app.config import GenerationConfig, load_config
-from xraygpt_app.llm_server import LLMServer, launch_command
-from xraygpt_app.remote_llm import read_embedding_matrix, request_body, stream_tokens
+from xraygpt_app.serving.remote import read_embedding_matrix, request_body, stream_tokens
+from xraygpt_app.serving.server import LLMServer, launch_command
 
 PROMPT_ROWS = 64
 USERS = 8

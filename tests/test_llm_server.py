@@ -13,8 +13,8 @@ import torch
 
 from xraygpt_app.config import GenerationConfig, load_config
 from xraygpt_app.errors import BadInputError, ConfigError
-from xraygpt_app.llm_server import SERVER_MODULE, check_servable, launch_command
-from xraygpt_app.remote_llm import read_embedding_matrix, request_body
+from xraygpt_app.serving.remote import read_embedding_matrix, request_body
+from xraygpt_app.serving.server import SERVER_MODULE, check_servable, launch_command
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "eval_configs" / "tiny_fixture.yaml"
@@ -99,6 +99,6 @@ def test_backend_section_is_validated_and_sets_concurrency() -> None:
     with pytest.raises(ConfigError, match="runtime.mode 8bit quantises the in-process LLM"):
         load_config(TINY, ["runtime.llm_backend=vllm", "runtime.mode=8bit"])
     with pytest.raises(ConfigError, match="llm_server.url must be http"):
-        from xraygpt_app.llm_server import LLMServer
+        from xraygpt_app.serving.server import LLMServer
 
         LLMServer("ftp://127.0.0.1:1")

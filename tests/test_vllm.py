@@ -26,7 +26,7 @@ from xraygpt_app.api import Assistant
 from xraygpt_app.config import load_config
 from xraygpt_app.errors import BadInputError, ConfigError, LLMServerError
 from xraygpt_app.imaging.loader import load_radiograph
-from xraygpt_app.llm_server import LLMServer, free_port, launch_command
+from xraygpt_app.serving.server import LLMServer, free_port, launch_command
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"

@@ -26,7 +26,7 @@ from .errors import BadInputError, ModelMemoryError
 from .families import ChatModel, ImageEmbedding, Turn
 from .generation import StopOnEvent, StopOnSequences, ends_with_any, logits_processors, next_token, settings_with
 from .kvcache import new_kv_cache
-from .remote_llm import RemoteLLM, remote_tokens
+from .serving.remote import RemoteLLM, remote_tokens
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .families.registry import FAMILIES, family_spec
-from .serverconfig import LLMServerConfig, check_backend
+from .serving.config import LLMServerConfig, check_backend
 from .yamlconfig import absolute_path, build_section, read_raw_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "eval_configs" / "xraygpt_eval.yaml"

@@ -146,7 +146,7 @@ def load_backend_llm(config: Config, folder: Path, llm_config: LLMConfig, placem
     """The LLM where ``runtime.llm_backend`` says: loaded here (transformers), or served by vLLM with only its token
     embeddings here (``remote_llm.RemoteLLM``; the server is reached or launched before this returns)."""
     if config.runtime.llm_backend == "vllm":
-        from .remote_llm import load_remote_llm
+        from .serving.remote import load_remote_llm
 
         check_llm_config(folder, llm_config)
         return load_remote_llm(config, folder, placement.llm_dtype, placement.llm_device, llm_config.max_length)

@@ -16,7 +16,7 @@ from ..config import load_config
 from ..errors import BadInputError, ImageLoadError
 from ..families import DEFAULT_REPORT_QUESTION
 from ..imaging.loader import load_radiograph
-from ..llm_server import progress_to
+from ..serving.server import progress_to
 from .heatmaps import MEANING_LINE, add_heatmap_option, output_folder, write_report_maps
 from .options import add_config_options
 

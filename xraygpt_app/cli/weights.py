@@ -245,7 +245,7 @@ def _check_json(config: Config, statuses: list[WeightStatus], memory: dict[str, 
 
 def _backend(config: Config, statuses: list[WeightStatus]) -> dict[str, Any]:
     """The LLM backend and whether its server answers (or how it would be launched)."""
-    from ..llm_server import backend_status
+    from ..serving.server import backend_status
 
     llm = next((s.path for s in statuses if s.name == "weights.llama_model"), None)
     return backend_status(config, llm)

@@ -67,7 +67,7 @@ def _load_assistant(config: Config, say: Callable[[str], None], download: bool) 
     start = time.perf_counter()
     try:
         from ..api import Assistant
-        from ..llm_server import progress_to
+        from ..serving.server import progress_to
 
         with progress_to(say):  # a vLLM server's start-up (runtime.llm_backend: vllm)
             model = Assistant.from_config(config, download=download)

@@ -28,8 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .config import Config, LLMServerConfig
-from .errors import ConfigError, LLMServerError
+from ..config import Config, LLMServerConfig
+from ..errors import ConfigError, LLMServerError
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,11 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, GenerationConfig
 
-from .config import Config
-from .config import GenerationConfig as Settings
-from .errors import BadInputError, ConfigError, LLMServerError, XrayGPTError
-from .generation import HF_DEFAULT_TOP_K
-from .llm_server import LLMServer, server_for
+from ..config import Config
+from ..config import GenerationConfig as Settings
+from ..errors import BadInputError, ConfigError, LLMServerError, XrayGPTError
+from ..generation import HF_DEFAULT_TOP_K
+from .server import LLMServer, server_for
 
 log = logging.getLogger(__name__)
 

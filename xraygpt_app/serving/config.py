@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .yamlconfig import absolute_path
+from ..errors import ConfigError
+from ..yamlconfig import absolute_path
 
 LLM_BACKENDS = ("transformers", "vllm")
 CONCURRENCY = {"transformers": 1, "vllm": 16}  # app.generation_concurrency's default per backend
@@ -20,7 +20,7 @@ SERVER_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 @dataclass
 class LaunchConfig:
-    """The vLLM server the app starts itself when ``llm_server.url`` is empty (see xraygpt_app/llm_server.py)."""
+    """The vLLM server the app starts itself when ``llm_server.url`` is empty (see xraygpt_app/serving/server.py)."""
 
     command: list[str] = field(default_factory=list)  # Python with vllm; empty: .venv-vllm/bin/python (setup.sh --vllm)
     model: str = ""  # the LLM folder it serves; empty: weights.llama_model
