@@ -13,8 +13,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "eval_configs" / "tiny_fixture.yaml"
+from helpers import REPO, TINY_CONFIG
+
+TINY = TINY_CONFIG
 ARTIFACTS = REPO / "test-artifacts"
 START_TIMEOUT_S = 300  # model loading on 2 busy cores
 

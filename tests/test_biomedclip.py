@@ -17,6 +17,7 @@ import open_clip
 import pytest
 import torch
 import yaml
+from helpers import REPO
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from tinyllava import PUBMEDBERT, open_clip_config
@@ -25,8 +26,6 @@ from xraygpt_app.config import load_config
 from xraygpt_app.errors import BadInputError, MissingWeightsError
 from xraygpt_app.zeroshot.biomedclip import HUB_ID
 from xraygpt_app.zeroshot.classifier import ZeroShotClassifier
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import SAMPLES, sample_rows
+from helpers import REPO, SAMPLES, sample_rows
 from PIL import Image
 
 from xraygpt_app.cli import main
 from xraygpt_app.imaging.loader import load_radiograph
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("samples_dir")  # every test reads ../shared/xray-samples: skip without it
 SAMPLE_FILES = [str(SAMPLES / row["filename"]) for row in sample_rows()]
 SMALL = [str(SAMPLES / name) for name in ("nih_cxr14_00000001_000_pa_512.png",

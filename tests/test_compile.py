@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from helpers import GREEDY
 from torch._dynamo.utils import counters
 
 from xraygpt_app import kvcache
@@ -13,7 +14,6 @@ from xraygpt_app.imaging.loader import load_radiograph
 
 IMAGE = Path(__file__).resolve().parents[1] / "examples" / "nih_cxr14_00000001_000_pa_512.png"
 QUESTIONS = ("Describe the image.", "Any effusion?", "Is the heart size normal?")
-GREEDY = {"do_sample": False, "max_new_tokens": 12}
 
 
 def _conversation(xray: Assistant, image) -> tuple[list[list[int]], list[int]]:

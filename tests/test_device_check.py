@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 def test_dry_run_writes_the_report(tmp_path: Path, shared_dir: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import greedy
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from safetensors.torch import load_file
@@ -25,7 +26,7 @@ from xraygpt_app.imaging.loader import load_radiograph
 
 QUESTIONS = ("Describe the given chest x-ray image in detail.", "Is there pleural effusion?",
              "Is the heart size normal?", "Any pneumothorax?")
-GREEDY = {"do_sample": False, "max_new_tokens": 10}
+GREEDY = greedy(10)
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 

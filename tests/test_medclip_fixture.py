@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 from PIL import Image
 
 from xraygpt_app.config import load_config
@@ -20,7 +21,6 @@ from xraygpt_app.zeroshot.classifier import ZeroShotClassifier
 from xraygpt_app.zeroshot.medclip import medclip_preprocess
 from xraygpt_app.zeroshot.prompts import CHEXPERT_CLASS_PARTS, chexpert_prompts, generate_prompts
 
-REPO = Path(__file__).resolve().parents[1]
 TOL = {"atol": 1e-4, "rtol": 1e-4}
 
 

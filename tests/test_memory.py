@@ -8,6 +8,7 @@ import bitsandbytes as bnb
 import pytest
 import tinymodels
 import torch
+from helpers import REPO, TINY_CONFIG
 
 from xraygpt_app.cli import main
 from xraygpt_app.config import load_config
@@ -16,9 +17,7 @@ from xraygpt_app.llm import load_llm
 from xraygpt_app.memory import estimate, estimate_breakdown, estimate_peak_memory, memory_fit
 from xraygpt_app.placement import plan_placement
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = ROOT / "eval_configs" / "tiny_fixture.yaml"
-REAL_CONFIG = ROOT / "eval_configs" / "xraygpt_eval.yaml"
+REAL_CONFIG = REPO / "eval_configs" / "xraygpt_eval.yaml"
 LLAMA_7B_PARAMS = 6_738_415_616  # LLaMA-7B / Vicuna-7B parameter count (published)
 
 

@@ -3,12 +3,9 @@ requirements-old.txt (the oldest tested versions, .ci/run-old-versions) must bot
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import tomllib
+from helpers import REPO
 from packaging.requirements import Requirement
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _declared() -> dict[str, Requirement]:

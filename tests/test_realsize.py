@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from xraygpt_app.api import Assistant
 from xraygpt_app.config import Config
 from xraygpt_app.imaging.loader import load_radiograph
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 import realsize  # noqa: E402

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import tinymodels
 import torch
+from helpers import greedy
 
 from xraygpt_app.api import Assistant
 from xraygpt_app.checkpoints import CheckpointKeyError
@@ -18,7 +19,7 @@ from xraygpt_app.cli import main
 from xraygpt_app.imaging.loader import load_radiograph
 from xraygpt_app.llm import load_tokenizer, make_decoder
 
-GREEDY = {"do_sample": False, "max_new_tokens": 8, "min_length": 8}
+GREEDY = greedy(8, min_length=8)
 QUESTIONS = ("Describe the image.", "Any effusion?")
 IMAGE = Path(__file__).resolve().parents[1] / "examples" / "nih_cxr14_00000001_000_pa_512.png"
 PIECES = tinymodels.TinyDims().llm_vocab  # the fixture tokenizer's 1000 pieces

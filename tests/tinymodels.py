@@ -28,10 +28,10 @@ from pathlib import Path
 import timm.models.eva
 import torch
 import yaml
+from helpers import SHARED
 from transformers import LlamaConfig, LlamaForCausalLM
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-FIXTURE = SHARED / "fixtures" / "xraygpt_tiny"
+FIXTURE = SHARED / "fixtures" / "xraygpt_tiny"  # callers hold the shared_dir fixture (conftest)
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 StateDict = dict[str, torch.Tensor]
 

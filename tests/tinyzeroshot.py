@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 import torchvision
 import yaml
+from helpers import SHARED
 from torch import nn
 from transformers import AutoConfig, BertModel
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-FIXTURE = SHARED / "fixtures" / "medclip_tiny"
+FIXTURE = SHARED / "fixtures" / "medclip_tiny"  # callers hold the shared_dir fixture (conftest)
 BERT_TINY = FIXTURE / "bert_tiny"
 
 
