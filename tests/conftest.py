@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import importlib.util
 import os
 import threading
 from pathlib import Path
@@ -21,6 +22,14 @@ from helpers import SHARED, TINY_CONFIG
 # tiny models' operations are too small to split, and on a busy 2-core machine OpenMP's waiting threads made a
 # chat test 17x slower (27 s against 1.6 s). Set before any test module imports torch.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """pyproject's addopts run the suite on 2 pytest-xdist workers; without xdist those options do nothing."""
+    if importlib.util.find_spec("xdist") is None:  # e.g. an environment made before requirements-dev had it
+        group = parser.getgroup("xdist stand-in")
+        group.addoption("--numprocesses", default=None, help="ignored: pytest-xdist is not installed")
+        group.addoption("--dist", default=None, help="ignored: pytest-xdist is not installed")
 
 
 @pytest.fixture(scope="session")
