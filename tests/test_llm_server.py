@@ -21,7 +21,7 @@ TINY = REPO / "eval_configs" / "tiny_fixture.yaml"
 
 
 @pytest.fixture(scope="module")
-def llm():
+def llm(shared_dir):  # the tiny LLaMA folders copy the fixture tokenizer from ../shared
     import tinymodels
 
     return tinymodels.llama(tinymodels.with_dims(llm_heads=2))

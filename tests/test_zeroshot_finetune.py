@@ -311,6 +311,7 @@ def test_medclip_resumed_run_equals_an_uninterrupted_one(medclip_expected, sampl
     assert losses[0] == losses[1]
 
 
+@pytest.mark.usefixtures("medclip_fixture_dir")  # the tiny BERT of ../shared/fixtures/medclip_tiny
 def test_medclip_resnet_export_is_the_released_file(tmp_path) -> None:
     """The ResNet variant written back (BatchNorm statistics included) equals the released-style file."""
     import tinyzeroshot
