@@ -205,7 +205,8 @@ def test_what_a_new_user_sees_after_an_upload_and_clear(server, browser, samples
     _upload(page, samples_dir / NIH, uploaded)
     # the drop box gives way to the loaded file's name and one "Replace image…" button
     page.wait_for_selector("#upload", state="hidden")
-    assert page.locator("#replace").is_visible() and NIH in page.locator("#loaded-file").inner_text()
+    page.wait_for_selector("#replace", state="visible")  # the same update, but the browser may draw it a frame later
+    assert NIH in page.locator("#loaded-file").inner_text()
     settings, preview = page.get_by_text("Generation settings").bounding_box(), page.locator("#preview").bounding_box()
     assert settings["y"] < preview["y"], "the generation settings sit above the preview, not under the details"
     assert "Image loaded" in page.locator("#chatbot").inner_text()
