@@ -12,8 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from _app_server import free_port
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 def readme_commands(page: str, section: str) -> tuple[str, str]:

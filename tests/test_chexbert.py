@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
+from helpers import TINY_CONFIG as TINY
 from sklearn.metrics import classification_report
 
 from xraygpt_app.cli import main
@@ -201,8 +203,6 @@ def test_metrics_option_and_comparison_table():
     assert "B: tuned.yaml" in table and "+0.200" in table and "0.100 [0.050, 0.150]" in table
 
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "eval_configs" / "tiny_fixture.yaml"
 IMAGES = ["nih_cxr14_00000001_000_pa_512.png", "hannover_1479fa94_pa_640x755.png"]
 
 

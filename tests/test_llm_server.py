@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_CONFIG as TINY
 
 from xraygpt_app.config import GenerationConfig, load_config
 from xraygpt_app.errors import BadInputError, ConfigError
 from xraygpt_app.serving.remote import read_embedding_matrix, request_body
 from xraygpt_app.serving.server import SERVER_MODULE, check_servable, launch_command
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "eval_configs" / "tiny_fixture.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
 from PIL import Image
 
 from xraygpt_app.cli import main
@@ -20,7 +21,6 @@ from xraygpt_app.errors import BadInputError
 from xraygpt_app.zeroshot.medklip import MedKLIP, MedKLIPSizes, build_medklip, remap_medklip_state_dict
 from xraygpt_app.zeroshot.medklip_text import CACHE_FOLDER, load_tokenizer, medklip_token_ids
 
-REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "fixtures" / "medklip_tiny"  # read only through the shared_dir fixture
 
 

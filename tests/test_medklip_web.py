@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from helpers import SHARED
 
 from xraygpt_app.config import load_config
 from xraygpt_app.web import handlers as h
 from xraygpt_app.web import labels, maps
 from xraygpt_app.web.services import build_services
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"  # read only through the shared_dir fixture
 MEDCLIP = SHARED / "fixtures" / "medclip_tiny"
 MEDKLIP = SHARED / "fixtures" / "medklip_tiny"
 

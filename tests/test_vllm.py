@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import GREEDY, REPO
 
 from xraygpt_app.api import Assistant
 from xraygpt_app.config import load_config
@@ -28,7 +29,6 @@ from xraygpt_app.errors import BadInputError, ConfigError, LLMServerError
 from xraygpt_app.imaging.loader import load_radiograph
 from xraygpt_app.serving.server import LLMServer, free_port, launch_command
 
-REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 if not VLLM_PYTHON.is_file():
     pytest.skip(f"{VLLM_PYTHON} is missing: `bash scripts/setup.sh --vllm` makes the vLLM environment",
@@ -37,7 +37,6 @@ pytestmark = pytest.mark.vllm
 
 QUESTIONS = ("Describe the given chest x-ray image in detail.", "Is there pleural effusion?",
              "Is the heart size normal?")
-GREEDY = {"do_sample": False, "max_new_tokens": 12}
 CONTEXT = 512  # the launched server's --max-model-len (llm.max_length of the launching config)
 SERVER = ["runtime.llm_backend=vllm", f"llm.max_length={CONTEXT}", "llm_server.launch.kv_cache_bytes=67108864"]
 

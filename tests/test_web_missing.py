@@ -4,12 +4,12 @@ buttons, and commands that repeat the user's own config and --set options."""
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
+
+from helpers import REPO
 
 from xraygpt_app.config import load_config
 from xraygpt_app.web.services import build_services
 
-REPO = Path(__file__).resolve().parents[1]
 LLAVA_TINY = REPO / "eval_configs" / "llava_tiny.yaml"
 
 
