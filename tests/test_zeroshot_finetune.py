@@ -28,10 +28,6 @@ from xraygpt_app.zeroshot.medclip import build_medclip, export_medclip_state_dic
 MEDCLIP_CONFIG = REPO / "train_configs" / "medclip_tiny_finetune.yaml"
 MEDKLIP_CONFIG = REPO / "train_configs" / "medklip_tiny_finetune.yaml"
 LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4
-# MedKLIP: the loss and the classifier's gradient are exact, the gradients below it 0.4-1.02e-4 off (the
-# in_proj weight of the first cross-attention 1.02e-4), the same at 1 and 2 threads and with the math
-# attention path: a difference of MedKLIP's backward we have not found, so 2e-4 (see the report).
-MEDKLIP_GRAD_RTOL = 2e-4
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +170,9 @@ def test_medklip_loss_and_gradients_match_medklips_own(medklip_expected, samples
     assert batch["labelled_pairs"] == int(((labels == 0) | (labels == 1)).sum())  # the pairs that carry loss
     assert batch["loss"] == pytest.approx(expected["loss"], rel=LOSS_RTOL)
     for name, norm in expected["grad_norms"].items():
-        assert batch["grad_norms"][name] == pytest.approx(norm, rel=MEDKLIP_GRAD_RTOL), name
+        # one FFN ReLU input sits 4e-9 from zero in this batch: met only because our decoder rounds as
+        # MedKLIP's does (see zeroshot.medklip._decoder_layer); the other side of zero is 1e-4 off
+        assert batch["grad_norms"][name] == pytest.approx(norm, rel=GRAD_RTOL), name
 
 
 def test_medklip_finetune_saves_the_released_format_and_classify_serves_it(medklip_expected, shared_dir, samples_dir,

@@ -6,7 +6,9 @@
   description (see :mod:`.medklip_text`); they are inputs, not weights.
 - Decoder: torch's ``nn.TransformerDecoder`` of pre-norm (``norm_first``) layers with a final
   LayerNorm: the same parameter names and maths as MedKLIP's DETR-style decoder (no positional
-  encodings). We run its layers step by step only to keep each cross-attention map.
+  encodings). We run its layers step by step to keep each cross-attention map, sequence-first and
+  with the same ``nn.MultiheadAttention`` calls as MedKLIP, so that float32 rounds as MedKLIP's
+  does: a ReLU input a few 1e-9 from zero takes the reference's side (see :func:`_decoder_layer`).
 - ``classifier``: 2 logits per entity; softmax index 1 = present.
 
 Module names equal the released ones without DataParallel's ``module.``, so gradient norms and saved
@@ -97,7 +99,7 @@ class MedKLIP(nn.Module):
         # MedKLIP's contrastive head: unused for scores, kept so the released file loads strictly and saves back
         self.cl_fc = nn.Linear(sizes.d_model, sizes.text_dim)
         layer = nn.TransformerDecoderLayer(sizes.d_model, sizes.heads, sizes.ffn, DECODER_DROPOUT, activation="relu",
-                                           batch_first=True, norm_first=True)
+                                           batch_first=False, norm_first=True)
         self.decoder = nn.TransformerDecoder(layer, sizes.layers, norm=nn.LayerNorm(sizes.d_model))
         self.dropout_feas = nn.Dropout(dropout)
         self.classifier = nn.Linear(sizes.d_model, sizes.classes)
@@ -119,21 +121,32 @@ class MedKLIP(nn.Module):
     def decode(self, memory: torch.Tensor, entity_embeddings: torch.Tensor) -> MedKLIPOutput:
         """The decoder and classifier on image tokens from :meth:`image_tokens` (reused across query sets)."""
         queries = self.disease_embedding_layer(entity_embeddings.to(memory.dtype))
-        x = queries.unsqueeze(0).expand(memory.shape[0], -1, -1)
+        # sequence-first (entities, batch, d_model) and (tokens, batch, d_model), laid out as MedKLIP's own
+        # forward lays them out (repeated queries, transposed image tokens): see _decoder_layer
+        x = queries.unsqueeze(1).repeat(1, memory.shape[0], 1)
+        memory = memory.transpose(0, 1)
         attentions = []
         for layer in self.decoder.layers:
             x, weights = _decoder_layer(layer, x, memory)
             attentions.append(weights)
         x = self.decoder.norm(x)
-        return MedKLIPOutput(self.classifier(self.dropout_feas(x)), attentions)
+        return MedKLIPOutput(self.classifier(self.dropout_feas(x)).transpose(0, 1), attentions)
 
 
 def _decoder_layer(layer: nn.TransformerDecoderLayer, x: torch.Tensor, memory: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pre-norm layer as ``nn.TransformerDecoderLayer(norm_first=True)`` computes it, keeping the
-    cross-attention weights (torch's own forward asks for none)."""
+    cross-attention weights (torch's own forward asks for none); ``x`` and ``memory`` sequence-first.
+
+    Both attentions go through the explicit-softmax path (``need_weights=True``) in MedKLIP's layout,
+    as MedKLIP's decoder calls them: the maths is the same as torch's fused path, the float32 rounding
+    is not. It matters for training: in the fixture's batch one FFN ReLU input of layer 2 is -4e-9 in
+    float64, so float32 puts it on either side of zero by summation order, and whether it passes gradient
+    moves every gradient below the classifier by up to 1e-4 (relative). Computing as MedKLIP does puts
+    it on MedKLIP's side: its recorded gradient norms are then met within 5e-7.
+    """
     h = layer.norm1(x)
-    x = x + layer.dropout1(layer.self_attn(h, h, h, need_weights=False)[0])
+    x = x + layer.dropout1(layer.self_attn(h, h, h)[0])
     h = layer.norm2(x)
     attended, weights = layer.multihead_attn(h, memory, memory, need_weights=True, average_attn_weights=True)
     x = x + layer.dropout2(attended)
