@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score, roc_curve
 
 from ..errors import BadInputError
 
@@ -103,6 +102,7 @@ def _binary_columns(path: Path, rows: list[dict], images: list[str], label_cols:
 
 
 def _auc_or_none(truth: np.ndarray, score: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score  # imported when used: the CLI loads without it
     if truth.min() == truth.max():
         return None
     return float(roc_auc_score(truth, score))
@@ -114,6 +114,7 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
 
 def accuracy(targets: np.ndarray, logits: np.ndarray, single_label: bool) -> float:
     """Argmax accuracy (single label) or mean per-label accuracy at sigmoid >= 0.5 (multi-label)."""
+    from sklearn.metrics import accuracy_score  # imported when used: the CLI loads without it
     if single_label:
         return float(accuracy_score(targets.argmax(axis=1), logits.argmax(axis=1)))
     predicted = (_sigmoid(logits) >= 0.5).astype(int)
@@ -195,6 +196,7 @@ def zeroshot_metrics(table: LabelTable, logits: np.ndarray, n_resamples: int = 1
 
 def _confusion(targets: np.ndarray, logits: np.ndarray, single_label: bool) -> dict:
     """Rows = truth, columns = prediction; per label 2x2 [[TN, FP], [FN, TP]] for multi-label data."""
+    from sklearn.metrics import confusion_matrix  # imported when used: the CLI loads without it
     if single_label:
         matrix = confusion_matrix(targets.argmax(axis=1), logits.argmax(axis=1), labels=range(targets.shape[1]))
         return {"matrix": matrix.tolist()}
@@ -205,6 +207,7 @@ def _confusion(targets: np.ndarray, logits: np.ndarray, single_label: bool) -> d
 
 def roc_curves(table: LabelTable, logits: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
     """label -> (false positive rates, true positive rates, AUC) for labels where AUC is defined."""
+    from sklearn.metrics import roc_curve  # imported when used: the CLI loads without it
     curves = {}
     for c, label in enumerate(table.labels):
         auc = _auc_or_none(table.targets[:, c], logits[:, c])
