@@ -1,4 +1,4 @@
-"""The small interface every model family gives the chat engine, and the family table.
+"""The small interface every model family gives the chat engine, and what all families share.
 
 The chat engine (``chat.py``), the Python API and through them the CLI and the web app talk to a
 loaded model only through :class:`ChatModel`: encode an image into LLM input embeddings once,
@@ -24,8 +24,6 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..placement import Placement
 
-
-
 # XrayGPT's own example prompts (its demo's "Prompt Examples"); the first is the default question.
 DEFAULT_REPORT_QUESTION = "Describe the given chest x-ray image in detail."
 EXAMPLE_QUESTIONS = (
@@ -44,6 +42,8 @@ EXAMPLE_QUESTIONS = (
 
 @dataclass(frozen=True)
 class Turn:
+    """One finished exchange of a conversation, as later prompts carry it."""
+
     question: str
     answer: str  # the stored (cleaned) answer, as later prompts carry it
 
