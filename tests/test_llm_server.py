@@ -8,6 +8,7 @@ import base64
 import io
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from helpers import TINY_CONFIG as TINY
@@ -100,3 +101,10 @@ def test_backend_section_is_validated_and_sets_concurrency() -> None:
         from xraygpt_app.serving.server import LLMServer
 
         LLMServer("ftp://127.0.0.1:1")
+
+
+def test_default_server_environment_is_the_repositorys() -> None:
+    """Without llm_server.launch.command the server starts from <repository>/.venv-vllm (setup.sh --vllm)."""
+    from xraygpt_app.serving.server import REPO
+
+    assert REPO == helpers.REPO
